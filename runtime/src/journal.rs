@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The journal hook of the send path.
+//!
+//! Every message that goes through a [`Sender`](crate::Sender) is shown to the
+//! runtime's journal (if one is installed) twice: once when it is sent
+//! ([`Journal::sent`]) and once when its reply is sent ([`Journal::replied`]).
+//! A message that an actor forwards to another actor without answering it
+//! itself (the bus forwarding an access to a device) is recorded as a new send
+//! that names the sequence number it continues, and only the final reply is
+//! recorded.
+//!
+//! Payloads and replies are shown as [`Recordable`] so that a journal decides
+//! whether, when and how to serialize them; without a journal nothing is
+//! serialized and the hook costs one branch.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::ids::{ActorId, Seq};
+
+/// A value a journal can turn into JSON. Implemented for every `Serialize` type.
+pub trait Recordable {
+    /// The value as JSON.
+    fn to_json(&self) -> serde_json::Value;
+}
+
+impl<T: Serialize + ?Sized> Recordable for T {
+    fn to_json(&self) -> serde_json::Value {
+        // A payload that cannot be represented is recorded as such rather than
+        // aborting the run: the journal is a debugging aid, not a data path.
+        serde_json::to_value(self)
+            .unwrap_or_else(|e| serde_json::Value::String(format!("<unserializable: {e}>")))
+    }
+}
+
+/// A message as it leaves the send path.
+pub struct Sent<'a> {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// The sequence number of the message this one continues, when an actor
+    /// forwarded a request instead of answering it.
+    pub forwarded_from: Option<Seq>,
+    /// The sending actor.
+    pub from: &'a ActorId,
+    /// The receiving actor.
+    pub to: &'a ActorId,
+    /// The message type, such as `read` or `write`.
+    pub kind: &'static str,
+    /// The message itself.
+    pub payload: &'a dyn Recordable,
+}
+
+impl std::fmt::Debug for Sent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sent")
+            .field("seq", &self.seq)
+            .field("forwarded_from", &self.forwarded_from)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply as it is sent back.
+pub struct Replied<'a> {
+    /// The sequence number of the message being answered.
+    pub seq: Seq,
+    /// The reply, including a refusal (`Gone`, `Draining`, ...).
+    pub reply: &'a dyn Recordable,
+}
+
+impl std::fmt::Debug for Replied<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replied")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Receives every send and every reply of a [`Runtime`](crate::Runtime).
+///
+/// Called on the sending and replying threads, inside the data path: an
+/// implementation must not block for long (hand the record to a writer thread
+/// through a bounded buffer).
+pub trait Journal: Send + Sync + 'static {
+    /// A message was sent.
+    fn sent(&self, record: &Sent<'_>);
+    /// A reply was sent.
+    fn replied(&self, record: &Replied<'_>);
+}
+
+/// One record kept by [`MemoryJournal`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum JournalRecord {
+    /// A send.
+    Sent {
+        /// Sequence number.
+        seq: Seq,
+        /// Sequence number this one continues, if forwarded.
+        forwarded_from: Option<Seq>,
+        /// Time since the journal was created.
+        time: Duration,
+        /// Sender.
+        from: ActorId,
+        /// Receiver.
+        to: ActorId,
+        /// Message type.
+        kind: String,
+        /// Message payload.
+        payload: serde_json::Value,
+    },
+    /// A reply.
+    Replied {
+        /// Sequence number answered.
+        seq: Seq,
+        /// Time since the journal was created.
+        time: Duration,
+        /// The reply.
+        reply: serde_json::Value,
+    },
+}
+
+/// A journal that keeps every record in memory, in the order the hook saw them.
+#[derive(Debug)]
+pub struct MemoryJournal {
+    start: Instant,
+    records: Mutex<Vec<JournalRecord>>,
+}
+
+impl Default for MemoryJournal {
+    fn default() -> Self {
+        MemoryJournal {
+            start: Instant::now(),
+            records: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl MemoryJournal {
+    /// An empty journal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of the records so far.
+    pub fn records(&self) -> Vec<JournalRecord> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<JournalRecord>> {
+        // A panic while holding this lock can only come from an allocation
+        // failure inside `push`; the records are still well formed.
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Journal for MemoryJournal {
+    fn sent(&self, r: &Sent<'_>) {
+        let rec = JournalRecord::Sent {
+            seq: r.seq,
+            forwarded_from: r.forwarded_from,
+            time: self.start.elapsed(),
+            from: r.from.clone(),
+            to: r.to.clone(),
+            kind: r.kind.to_string(),
+            payload: r.payload.to_json(),
+        };
+        self.lock().push(rec);
+    }
+
+    fn replied(&self, r: &Replied<'_>) {
+        let rec = JournalRecord::Replied {
+            seq: r.seq,
+            time: self.start.elapsed(),
+            reply: r.reply.to_json(),
+        };
+        self.lock().push(rec);
+    }
+}
