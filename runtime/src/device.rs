@@ -528,13 +528,17 @@ impl<D: Device> DeviceActor<D> {
     }
 }
 
+/// Room for control messages in the mailbox; accesses do not count.
+const CONTROL_MAILBOX_CAPACITY: usize = 4096;
+
 impl<D: Device> Actor for DeviceActor<D> {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Accesses are never refused for lack of mailbox room: the bus has
-        // already accepted them, and back-pressure belongs at the queue.
-        ctx.set_mailbox_capacity(usize::MAX);
+        // Accesses use `do_send`, which ignores the capacity; control
+        // messages (drain, status, region changes) are sent eagerly while
+        // fewer than this many wait, and when polled after that.
+        ctx.set_mailbox_capacity(CONTROL_MAILBOX_CAPACITY);
     }
 }
 
