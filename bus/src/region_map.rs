@@ -1221,9 +1221,47 @@ mod tests {
         }
 
         #[derive(Clone, Debug)]
+        enum Target {
+            /// The n-th existing region (modulo their count), else id 0.
+            Existing(usize),
+            /// Any id, which may be missing.
+            Any(u64),
+        }
+
+        #[derive(Clone, Debug)]
+        enum Offset {
+            Raw(u64),
+            /// Line the window up with the target when both sit in the same
+            /// parent, so that the target's sections continue through it.
+            Follow,
+        }
+
+        impl Offset {
+            fn pick(&self, model: &Model, target: u64, alias_at: Placement) -> u64 {
+                match (
+                    self,
+                    alias_at,
+                    model.nodes.get(&target).map(|n| n.placement),
+                ) {
+                    (Offset::Raw(offset), _, _) => *offset,
+                    (
+                        Offset::Follow,
+                        Placement::Mapped { parent, base, .. },
+                        Some(Placement::Mapped {
+                            parent: target_parent,
+                            base: target_base,
+                            ..
+                        }),
+                    ) if parent == target_parent => base.saturating_sub(target_base),
+                    (Offset::Follow, _, _) => 0,
+                }
+            }
+        }
+
+        #[derive(Clone, Debug)]
         enum What {
             Leaf,
-            Alias(u64, u64),
+            Alias(Target, Offset),
             Container,
         }
 
@@ -1240,16 +1278,27 @@ mod tests {
             Remove(u64),
         }
 
-        /// Below `limit`; half the time a multiple of 16, so that windows
-        /// line up with their targets and sections of one leaf meet.
-        fn aligned(limit: u64) -> impl Strategy<Value = u64> {
-            prop_oneof![0..limit, (0..limit.div_ceil(16)).prop_map(|n| n * 16)]
+        /// In `[lo, hi)`; half the time a multiple of 16, so that alias
+        /// windows line up with their targets and sections of a leaf meet.
+        fn aligned(lo: u64, hi: u64) -> impl Strategy<Value = u64> {
+            prop_oneof![
+                lo..hi,
+                (lo.div_ceil(16)..hi.div_ceil(16)).prop_map(|n| n * 16)
+            ]
         }
 
         fn op() -> impl Strategy<Value = Op> {
+            let target = prop_oneof![
+                any::<usize>().prop_map(Target::Existing),
+                (0..IDS).prop_map(Target::Any),
+            ];
+            let offset = prop_oneof![
+                2 => aligned(0, 80).prop_map(Offset::Raw),
+                1 => Just(Offset::Follow),
+            ];
             let what = prop_oneof![
                 3 => Just(What::Leaf),
-                3 => (0..IDS, aligned(80)).prop_map(|(t, o)| What::Alias(t, o)),
+                3 => (target, offset).prop_map(|(t, o)| What::Alias(t, o)),
                 2 => Just(What::Container),
             ];
             let at = prop_oneof![
@@ -1259,7 +1308,7 @@ mod tests {
                 1 => (0..IDS).prop_map(Where::Any),
             ];
             prop_oneof![
-                4 => (0..IDS, what, aligned(63).prop_map(|s| s + 1), at, aligned(256), -2i32..=2).prop_map(
+                4 => (0..IDS, what, aligned(1, 64), at, aligned(0, 256), -2i32..=2).prop_map(
                     |(id, what, size, at, base, priority)| Op::Add {
                         id,
                         what,
@@ -1283,14 +1332,6 @@ mod tests {
                     base,
                     priority,
                 } => {
-                    let kind = match what {
-                        What::Leaf => RegionKind::Leaf(tag),
-                        What::Alias(target, offset) => RegionKind::Alias {
-                            target: RegionId(*target),
-                            offset: RegionOffset(*offset),
-                        },
-                        What::Container => RegionKind::Container,
-                    };
                     let parent = match at {
                         Where::Detached => None,
                         Where::Root => Some(Parent::Root),
@@ -1317,12 +1358,29 @@ mod tests {
                             priority: *priority,
                         },
                     };
+                    let kind = match what {
+                        What::Leaf => RegionKind::Leaf(tag),
+                        What::Alias(target, offset) => {
+                            let target = match target {
+                                Target::Existing(n) => {
+                                    let mut ids: Vec<u64> = model.nodes.keys().copied().collect();
+                                    ids.sort_unstable();
+                                    ids.get(n % ids.len().max(1)).copied().unwrap_or(0)
+                                }
+                                Target::Any(t) => *t,
+                            };
+                            RegionKind::Alias {
+                                target: RegionId(target),
+                                offset: RegionOffset(offset.pick(model, target, placement)),
+                            }
+                        }
+                        What::Container => RegionKind::Container,
+                    };
                     let spec = RegionSpec {
                         size: *size,
                         kind: kind.clone(),
                     };
                     let ok = map.add(RegionId(*id), spec, placement).is_ok();
-                    eprintln!("ADD {} {:?} {:?}", ok, what, placement);
                     (ok, model.add(*id, *size, kind, placement))
                 }
                 Op::Remove(id) => {

@@ -1,0 +1,234 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! A test device whose register reads take a configurable time to answer.
+//!
+//! Used to test drain-on-unplug: a read is accepted at once and answered
+//! `read_delay` later, so an unplug issued meanwhile has accesses in flight.
+//!
+//! Registers (one region, [`SLOW_REGION_SIZE`] bytes):
+//!
+//! | offset | read | write |
+//! | --- | --- | --- |
+//! | `0x00` ID | `0x534c_4f57` ("SLOW") | ignored |
+//! | `0x08` DATA | the last value written | stores the value |
+//! | `0x10` COUNTER | `0x5100_0000` + reads so far (24 bits) | ignored |
+//!
+//! Every read takes `read_delay`; writes are answered at once. A
+//! [`SlowDeviceProbe`] shows a test everything that reached the device.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchboard_runtime::{AccessOp, AccessReply, Completion, Device, GuestAccess};
+
+/// Size of the device's register region.
+pub const SLOW_REGION_SIZE: u64 = 0x20;
+/// ID register.
+pub const REG_ID: u64 = 0x00;
+/// Data register.
+pub const REG_DATA: u64 = 0x08;
+/// Counter register.
+pub const REG_COUNTER: u64 = 0x10;
+/// The value of the ID register.
+pub const SLOW_ID: u64 = 0x534c_4f57;
+/// High bits of every COUNTER read, so a counter read is never all-ones.
+pub const COUNTER_TAG: u64 = 0x5100_0000;
+
+/// Configuration of a [`SlowDevice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowDeviceConfig {
+    /// How long each read takes to answer.
+    pub read_delay: Duration,
+}
+
+/// One access as the device saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeenAccess {
+    /// Order of arrival at the device, from 0.
+    pub order: u64,
+    /// The access.
+    pub access: GuestAccess,
+}
+
+/// What reached a [`SlowDevice`]; shared with the test that made it.
+#[derive(Debug, Default)]
+pub struct SlowDeviceProbe {
+    handled: AtomicU64,
+    seen: Mutex<Vec<SeenAccess>>,
+    stopped: AtomicU64,
+}
+
+impl SlowDeviceProbe {
+    /// Accesses that reached the device.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Acquire)
+    }
+
+    /// Every access that reached the device, in order of arrival.
+    pub fn seen(&self) -> Vec<SeenAccess> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the device has been told it stopped (its state then drops).
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire) != 0
+    }
+}
+
+/// The slow test device.
+#[derive(Debug)]
+pub struct SlowDevice {
+    config: SlowDeviceConfig,
+    data: u64,
+    reads: u64,
+    probe: Arc<SlowDeviceProbe>,
+}
+
+impl SlowDevice {
+    /// A device and the probe that watches it.
+    pub fn new(config: SlowDeviceConfig) -> (Self, Arc<SlowDeviceProbe>) {
+        let probe = Arc::new(SlowDeviceProbe::default());
+        let dev = SlowDevice {
+            config,
+            data: 0,
+            reads: 0,
+            probe: Arc::clone(&probe),
+        };
+        (dev, probe)
+    }
+
+    fn read_value(&mut self, offset: u64) -> u64 {
+        match offset {
+            REG_ID => SLOW_ID,
+            REG_DATA => self.data,
+            REG_COUNTER => {
+                self.reads += 1;
+                COUNTER_TAG | (self.reads & 0x00ff_ffff)
+            }
+            _ => 0,
+        }
+    }
+}
+
+impl Device for SlowDevice {
+    type Event = ();
+
+    fn kind(&self) -> &'static str {
+        "slow-test"
+    }
+
+    fn access(&mut self, access: &GuestAccess) -> Completion {
+        let order = self.probe.handled.fetch_add(1, Ordering::AcqRel);
+        self.probe
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(SeenAccess {
+                order,
+                access: *access,
+            });
+        match access.op {
+            AccessOp::Write { value } => {
+                if access.offset.0 == REG_DATA {
+                    self.data = value & access.size.mask();
+                }
+                Completion::Ready(AccessReply::Written)
+            }
+            AccessOp::Read => {
+                let value = self.read_value(access.offset.0) & access.size.mask();
+                let reply = AccessReply::Read { value };
+                if self.config.read_delay.is_zero() {
+                    Completion::Ready(reply)
+                } else {
+                    let delay = self.config.read_delay;
+                    Completion::Later(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        reply
+                    }))
+                }
+            }
+        }
+    }
+
+    fn stopped(&mut self) {
+        self.probe.stopped.store(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_runtime::{AccessSize, DeviceRegion, RegionOffset};
+
+    use super::*;
+
+    fn access(offset: u64, op: AccessOp) -> GuestAccess {
+        GuestAccess {
+            region: DeviceRegion(0),
+            offset: RegionOffset(offset),
+            size: AccessSize::B4,
+            op,
+        }
+    }
+
+    #[test]
+    fn test_fast_device_answers_registers_at_once() {
+        let (mut dev, probe) = SlowDevice::new(SlowDeviceConfig::default());
+        let Completion::Ready(r) = dev.access(&access(REG_ID, AccessOp::Read)) else {
+            panic!("zero delay must answer at once");
+        };
+        assert_eq!(r, AccessReply::Read { value: SLOW_ID });
+        dev.access(&access(
+            REG_DATA,
+            AccessOp::Write {
+                value: 0x1_2345_6789,
+            },
+        ));
+        let Completion::Ready(r) = dev.access(&access(REG_DATA, AccessOp::Read)) else {
+            panic!("zero delay must answer at once");
+        };
+        assert_eq!(
+            r,
+            AccessReply::Read { value: 0x2345_6789 },
+            "masked to 4 bytes"
+        );
+        assert_eq!(probe.handled(), 3);
+        assert_eq!(probe.seen()[1].order, 1);
+    }
+
+    #[test]
+    fn test_slow_reads_are_deferred_and_writes_are_not() {
+        let cfg = SlowDeviceConfig {
+            read_delay: Duration::from_millis(1),
+        };
+        let (mut dev, _) = SlowDevice::new(cfg);
+        assert!(matches!(
+            dev.access(&access(REG_COUNTER, AccessOp::Read)),
+            Completion::Later(_)
+        ));
+        assert!(matches!(
+            dev.access(&access(REG_DATA, AccessOp::Write { value: 1 })),
+            Completion::Ready(AccessReply::Written)
+        ));
+    }
+
+    #[actix_rt::test]
+    async fn test_counter_read_is_tagged_and_never_all_ones() {
+        let cfg = SlowDeviceConfig {
+            read_delay: Duration::from_millis(1),
+        };
+        let (mut dev, _) = SlowDevice::new(cfg);
+        for n in 1..=3u64 {
+            let Completion::Later(fut) = dev.access(&access(REG_COUNTER, AccessOp::Read)) else {
+                panic!("deferred");
+            };
+            assert_eq!(
+                fut.await,
+                AccessReply::Read {
+                    value: COUNTER_TAG | n
+                }
+            );
+        }
+    }
+}
