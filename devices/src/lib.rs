@@ -2,8 +2,9 @@
 
 //! Device actors for switchboard.
 //!
-//! - [`uart`]: a 16550A UART for Linux's 8250 driver, with its output and
-//!   input on a character backend (stdout, a file, a unix socket).
+//! - [`serial`]: a 16550A UART for Linux's 8250 driver as a device actor;
+//!   [`uart`] is its register model and [`uart_sink`] its character backends
+//!   (stdout, a file, a unix socket).
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
 //!
@@ -12,8 +13,10 @@
 
 #![deny(missing_docs)]
 
+pub mod serial;
 pub mod slow;
 pub mod uart;
 pub mod uart_sink;
 
+pub use serial::{spawn_serial, Serial, SerialEvent};
 pub use slow::{SlowDevice, SlowDeviceConfig, SlowDeviceProbe};
