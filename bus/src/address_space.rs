@@ -249,7 +249,7 @@ impl fmt::Debug for AddressSpace {
 
 /// Where one access goes, decided synchronously from the flat view.
 enum Route {
-    Device(DeviceRef, GuestAccess),
+    Device(Sender<GuestAccess>, GuestAccess),
     Done(AccessReply),
 }
 
@@ -270,7 +270,7 @@ impl AddressSpace {
             Target::Device { device, region } => {
                 self.stats.device_accesses += 1;
                 Some(Route::Device(
-                    device.clone(),
+                    device.sender().clone(),
                     GuestAccess {
                         region: *region,
                         offset: r.offset,
@@ -362,7 +362,7 @@ impl AddressSpace {
             };
             match self.route_whole(&byte) {
                 Some(Route::Device(device, ga)) => {
-                    parts.push(Part::Waiting(device.access(&self.id, ga)))
+                    parts.push(Part::Waiting(device.send(&self.id, ga)))
                 }
                 Some(Route::Done(AccessReply::Read { value })) => {
                     parts.push(Part::Done(value as u8))
@@ -453,10 +453,25 @@ impl Handler<Envelope<BusAccess>> for AddressSpace {
     type Result = ();
 
     fn handle(&mut self, env: Envelope<BusAccess>, ctx: &mut Context<Self>) {
-        match self.route_whole(&env.msg) {
-            Some(Route::Device(device, access)) => {
+        // The hot path, a whole access to a device region, forwards without
+        // cloning anything out of the map.
+        if let Some(r) = self.map.resolve(env.msg.addr) {
+            if let (Target::Device { device, region }, true) =
+                (r.target, r.section_len >= env.msg.size.bytes())
+            {
+                self.stats.device_accesses += 1;
+                let access = GuestAccess {
+                    region: *region,
+                    offset: r.offset,
+                    size: env.msg.size,
+                    op: env.msg.op,
+                };
                 device.sender().forward(&self.id, access, env.reply);
+                return;
             }
+        }
+        match self.route_whole(&env.msg) {
+            Some(Route::Device(device, access)) => device.forward(&self.id, access, env.reply),
             Some(Route::Done(reply)) => env.reply.reply(Ok(reply)),
             None => self.split(env, ctx),
         }

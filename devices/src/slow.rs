@@ -41,6 +41,9 @@ pub const COUNTER_TAG: u64 = 0x5100_0000;
 pub struct SlowDeviceConfig {
     /// How long each read takes to answer.
     pub read_delay: Duration,
+    /// Whether the probe keeps every access ([`SlowDeviceProbe::seen`]);
+    /// off, it only counts them.
+    pub record: bool,
 }
 
 /// One access as the device saw it.
@@ -66,7 +69,8 @@ impl SlowDeviceProbe {
         self.handled.load(Ordering::Acquire)
     }
 
-    /// Every access that reached the device, in order of arrival.
+    /// Every access that reached the device, in order of arrival, if the
+    /// device was configured to record them.
     pub fn seen(&self) -> Vec<SeenAccess> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -121,14 +125,16 @@ impl Device for SlowDevice {
 
     fn access(&mut self, access: &GuestAccess) -> Completion {
         let order = self.probe.handled.fetch_add(1, Ordering::AcqRel);
-        self.probe
-            .seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(SeenAccess {
-                order,
-                access: *access,
-            });
+        if self.config.record {
+            self.probe
+                .seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(SeenAccess {
+                    order,
+                    access: *access,
+                });
+        }
         match access.op {
             AccessOp::Write { value } => {
                 if access.offset.0 == REG_DATA {
@@ -174,7 +180,10 @@ mod tests {
 
     #[test]
     fn test_fast_device_answers_registers_at_once() {
-        let (mut dev, probe) = SlowDevice::new(SlowDeviceConfig::default());
+        let (mut dev, probe) = SlowDevice::new(SlowDeviceConfig {
+            record: true,
+            ..Default::default()
+        });
         let Completion::Ready(r) = dev.access(&access(REG_ID, AccessOp::Read)) else {
             panic!("zero delay must answer at once");
         };
@@ -201,6 +210,7 @@ mod tests {
     fn test_slow_reads_are_deferred_and_writes_are_not() {
         let cfg = SlowDeviceConfig {
             read_delay: Duration::from_millis(1),
+            record: false,
         };
         let (mut dev, _) = SlowDevice::new(cfg);
         assert!(matches!(
@@ -217,6 +227,7 @@ mod tests {
     async fn test_counter_read_is_tagged_and_never_all_ones() {
         let cfg = SlowDeviceConfig {
             read_delay: Duration::from_millis(1),
+            record: false,
         };
         let (mut dev, _) = SlowDevice::new(cfg);
         for n in 1..=3u64 {

@@ -99,6 +99,7 @@ async fn round(rep: usize) -> RoundOutcome {
     let bus = BusHandle::start(&rt, "pio", &here);
     let (dev, probe) = SlowDevice::new(SlowDeviceConfig {
         read_delay: Duration::from_millis(2),
+        record: true,
     });
     let dev = spawn_device(&rt, DeviceId::new("slow"), dev, &here, None).device;
     dev.realize_and_start().await.expect("start");

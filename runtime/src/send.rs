@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use actix::Recipient;
-use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::ids::{ActorId, Seq};
 use crate::journal::{Journal, Recordable, Replied, Sent};
@@ -271,7 +271,7 @@ impl<R> Future for Reply<R> {
             Poll::Ready(Ok(answer)) => Poll::Ready(answer),
             // A responder always answers before it goes away, so a cancelled
             // channel can only mean the reply channel itself was lost.
-            Poll::Ready(Err(oneshot::Canceled)) => Poll::Ready(Err(Refused::Gone)),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Refused::Gone)),
             Poll::Pending => Poll::Pending,
         }
     }
