@@ -17,6 +17,8 @@ pub mod serial;
 pub mod slow;
 pub mod uart;
 pub mod uart_sink;
+pub mod vhost_user;
+pub mod virtio;
 
 pub use serial::{spawn_serial, Serial, SerialEvent};
 pub use slow::{SlowDevice, SlowDeviceConfig, SlowDeviceProbe};
