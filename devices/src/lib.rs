@@ -13,6 +13,7 @@
 
 #![deny(missing_docs)]
 
+pub mod rng;
 pub mod serial;
 pub mod slow;
 pub mod uart;

@@ -54,6 +54,9 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::{Completer, Handled, Request, VirtioDevice};
@@ -546,6 +549,19 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
             .collect()
     }
 
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // A fresh pair per worker of every connection: after a disconnect
+        // `serve_listener` notifies them through the crate's handlers, so the
+        // workers of a finished connection exit instead of lingering.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "create a worker exit event");
+                None
+            }
+        }
+    }
+
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(q) = self.shared.in_flight.get(queue_index as usize) {
             q.wait_zero("GET_VRING_BASE");
@@ -652,23 +668,27 @@ pub fn serve_listener<D: VirtioDevice>(
     stop: &StopHandle,
 ) -> Result<()> {
     let kind = server.device().kind();
-    let mut daemon = VhostUserDaemon::new(
-        kind.to_string(),
-        server.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| Error::CreateDaemon {
-        kind,
-        reason: e.to_string(),
-    })?;
     let queues = server.num_queues() as u64;
-    for (worker, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let fd = server.shared.completions[worker].event.as_raw_fd();
-        handler
-            .register_listener(fd, EventSet::IN, queues + 1)
-            .map_err(|source| Error::RegisterCompletion { worker, source })?;
-    }
     while !stop.stopped() {
+        // A daemon per connection: the crate keeps per-connection state
+        // (ownership, vring setup) in it, and a reconnecting frontend starts
+        // from scratch. Device state lives in `server` and survives.
+        let mut daemon = VhostUserDaemon::new(
+            kind.to_string(),
+            server.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::CreateDaemon {
+            kind,
+            reason: e.to_string(),
+        })?;
+        let handlers = daemon.get_epoll_handlers();
+        for (worker, handler) in handlers.iter().enumerate() {
+            let fd = server.shared.completions[worker].event.as_raw_fd();
+            handler
+                .register_listener(fd, EventSet::IN, queues + 1)
+                .map_err(|source| Error::RegisterCompletion { worker, source })?;
+        }
         daemon.start(listener).map_err(|e| Error::Serve {
             path: name.to_string(),
             reason: e.to_string(),
@@ -678,7 +698,12 @@ pub fn serve_listener<D: VirtioDevice>(
             daemon.request_shutdown();
         }
         let result = daemon.wait();
+        // The workers finish what is in flight (writing used entries) before
+        // they are told to exit.
         server.drain_all("disconnect");
+        for handler in &handlers {
+            handler.send_exit_event();
+        }
         server.shared.device.reset();
         match result {
             Ok(()) => tracing::info!(socket = name, "frontend disconnected"),

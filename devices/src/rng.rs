@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! virtio-rng (virtio 1.2, 5.4): entropy from the OS, optionally rate limited.
+//!
+//! One queue; each request is a set of device-writable buffers, filled with
+//! bytes from `getrandom`. Without a rate limit a request is answered on the
+//! queue worker at once. With one, requests go to a limiter thread that
+//! answers each as soon as the byte budget allows, through the
+//! [`Completer`]; requests waiting there are in flight, so a GET_VRING_BASE
+//! waits for them (at most `max request size / rate` seconds).
+
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::virtio::{Completer, Handled, Request, VirtioDevice};
+
+/// virtio device ID of an entropy device.
+pub const VIRTIO_ID_RNG: u32 = 4;
+
+/// Bytes given per request at most: the Linux driver asks for up to a page
+/// or so; a guest asking for more gets a short (valid) answer.
+const MAX_FILL: u64 = 64 * 1024;
+
+/// A token bucket of bytes.
+#[derive(Debug)]
+struct Bucket {
+    rate: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// How long until `n` bytes may be given, after taking them.
+    fn take(&mut self, n: u64) -> Duration {
+        let now = Instant::now();
+        let burst = self.rate as f64;
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * burst).min(burst);
+        self.last = now;
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / burst)
+        }
+    }
+}
+
+/// The virtio-rng device.
+#[derive(Debug)]
+pub struct Rng {
+    limiter: Option<Mutex<crossbeam_channel::Sender<(Request, Completer)>>>,
+}
+
+/// Fills the request's writable buffers (up to `limit` bytes) with entropy;
+/// returns the bytes written.
+fn fill(request: &mut Request, limit: u64) -> u32 {
+    let n = request.writable_len().min(limit).min(MAX_FILL) as usize;
+    let mut buf = vec![0u8; n];
+    if let Err(e) = getrandom::fill(&mut buf) {
+        tracing::error!(error = %e, "getrandom failed; answering with no bytes");
+        return 0;
+    }
+    match request.write_at(0, &buf) {
+        Ok(()) => n as u32,
+        Err(e) => {
+            tracing::warn!(error = %e, "write entropy to the guest");
+            0
+        }
+    }
+}
+
+impl Rng {
+    /// An entropy device; `bytes_per_second` limits the rate if given (and
+    /// non-zero).
+    pub fn new(bytes_per_second: Option<u64>) -> std::io::Result<Self> {
+        let Some(rate) = bytes_per_second.filter(|r| *r > 0) else {
+            return Ok(Rng { limiter: None });
+        };
+        let (tx, rx) = crossbeam_channel::unbounded::<(Request, Completer)>();
+        thread::Builder::new()
+            .name("rng-limiter".into())
+            .spawn(move || {
+                let mut bucket = Bucket {
+                    rate,
+                    tokens: rate as f64,
+                    last: Instant::now(),
+                };
+                // Ends when the device (the only sender) is dropped.
+                for (mut request, done) in rx {
+                    let want = request.writable_len().min(MAX_FILL).min(rate);
+                    let wait = bucket.take(want);
+                    if !wait.is_zero() {
+                        thread::sleep(wait);
+                    }
+                    let len = fill(&mut request, want);
+                    done.complete(request, len);
+                }
+            })?;
+        Ok(Rng {
+            limiter: Some(Mutex::new(tx)),
+        })
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn kind(&self) -> &'static str {
+        "virtio-rng"
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn device_features(&self) -> u64 {
+        0
+    }
+
+    fn handle(&self, mut request: Request, done: &Completer) -> Handled {
+        match &self.limiter {
+            None => {
+                let len = fill(&mut request, MAX_FILL);
+                Handled::Done { request, len }
+            }
+            Some(tx) => {
+                let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+                match tx.send((request, done.clone())) {
+                    Ok(()) => Handled::Pending,
+                    Err(crossbeam_channel::SendError((request, _))) => {
+                        tracing::error!("rng limiter thread is gone");
+                        Handled::Done { request, len: 0 }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_bucket_allows_a_burst_then_paces() {
+        let mut b = Bucket {
+            rate: 1000,
+            tokens: 1000.0,
+            last: Instant::now(),
+        };
+        assert_eq!(b.take(1000), Duration::ZERO);
+        let wait = b.take(500);
+        assert!(
+            wait >= Duration::from_millis(490) && wait <= Duration::from_millis(510),
+            "{wait:?}"
+        );
+    }
+}
