@@ -117,6 +117,12 @@ pub enum Error {
         /// The path.
         path: String,
     },
+    /// Another process is listening on the socket path.
+    #[error("{path} is a socket another process is listening on")]
+    SocketInUse {
+        /// The path.
+        path: String,
+    },
     /// The socket path could not be inspected.
     #[error("Inspect {path}")]
     InspectSocket {
@@ -595,6 +601,9 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+    /// The socket `serve` listens on, connected to once on stop so that an
+    /// `accept` with no frontend returns.
+    wake: Arc<Mutex<Option<std::path::PathBuf>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -618,6 +627,12 @@ impl StopHandle {
         {
             h.shutdown();
         }
+        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(path) = wake {
+            // Nobody may be connected: a connection of our own ends the
+            // `accept`, and the loop then sees the stop flag.
+            let _ = std::os::unix::net::UnixStream::connect(path);
+        }
     }
 
     fn stopped(&self) -> bool {
@@ -625,12 +640,19 @@ impl StopHandle {
     }
 }
 
-/// Refuses a socket path that exists and is not a socket; removes a stale
-/// socket.
+/// Refuses a socket path that exists and is not a socket, or is a socket
+/// some process still listens on. A stale socket is fine (it is replaced).
 pub fn check_socket_path(path: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::SocketInUse {
+                    path: path.display().to_string(),
+                });
+            }
+            Ok(())
+        }
         Ok(_) => Err(Error::NotASocket {
             path: path.display().to_string(),
         }),
@@ -657,6 +679,8 @@ pub fn serve<D: VirtioDevice>(
         path: path_str.clone(),
         source,
     })?;
+    *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_path_buf());
+    // Dropping the listener removes the socket file.
     serve_listener(server, &mut listener, &path_str, stop)
 }
 
