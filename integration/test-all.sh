@@ -30,6 +30,9 @@ fi
 cargo --version
 rustc --version
 
+step "QEMU, guest kernel and initramfs (integration/qemu/setup.sh)"
+integration/qemu/setup.sh
+
 step "format"
 cargo fmt --all -- --check
 

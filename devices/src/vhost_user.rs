@@ -730,7 +730,10 @@ pub fn serve_listener<D: VirtioDevice>(
         }
         server.shared.device.reset();
         match result {
-            Ok(()) => tracing::info!(socket = name, "frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!(socket = name, "frontend disconnected"),
             Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
         }
     }
