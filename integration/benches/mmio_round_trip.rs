@@ -27,7 +27,7 @@ use switchboard_bus::{BusHandle, RegionId};
 use switchboard_devices::slow::{SlowDevice, SlowDeviceConfig, REG_DATA, SLOW_REGION_SIZE};
 use switchboard_runtime::{
     spawn_device, AccessOp, AccessReply, AccessSize, ActorId, BusAddr, Completion, Device,
-    DeviceId, DeviceRegion, GuestAccess, RegionOffset, Runtime,
+    DeviceId, DeviceRef, DeviceRegion, GuestAccess, RegionOffset, Runtime,
 };
 
 const BASE: u64 = 0xfe00_0000;
@@ -46,6 +46,25 @@ fn value_of(c: Completion) -> u64 {
         Completion::Ready(AccessReply::Read { value }) => value,
         _ => unreachable!("a zero-delay read answers at once"),
     }
+}
+
+/// A bus with the zero-delay test device at `BASE`, both on the current arbiter.
+async fn plug_on_current_arbiter() -> (BusHandle, DeviceRef) {
+    let rt = Runtime::new();
+    let bus = BusHandle::start(&rt, "mmio", &Arbiter::current());
+    let (dev, _) = SlowDevice::new(SlowDeviceConfig::default());
+    let dev = spawn_device(&rt, DeviceId::new("dev"), dev, &Arbiter::current(), None).device;
+    dev.realize_and_start().await.expect("start");
+    bus.add_device(
+        RegionId(1),
+        &dev,
+        DeviceRegion(0),
+        BusAddr(BASE),
+        SLOW_REGION_SIZE,
+    )
+    .await
+    .expect("plug");
+    (bus, dev)
 }
 
 fn bench(c: &mut Criterion) {
@@ -111,23 +130,7 @@ fn bench(c: &mut Criterion) {
 
     let sys = System::new();
     let me = ActorId::new("vcpu0");
-    let (bus, _dev) = sys.block_on(async {
-        let rt = Runtime::new();
-        let bus = BusHandle::start(&rt, "mmio", &Arbiter::current());
-        let (dev, _) = SlowDevice::new(SlowDeviceConfig::default());
-        let dev = spawn_device(&rt, DeviceId::new("dev"), dev, &Arbiter::current(), None).device;
-        dev.realize_and_start().await.expect("start");
-        bus.add_device(
-            RegionId(1),
-            &dev,
-            DeviceRegion(0),
-            BusAddr(BASE),
-            SLOW_REGION_SIZE,
-        )
-        .await
-        .expect("plug");
-        (bus, dev)
-    });
+    let (bus, _dev) = sys.block_on(plug_on_current_arbiter());
     let addr = BusAddr(BASE + REG_DATA);
     group.bench_function("actor_bus_device", |b| {
         b.iter_custom(|iters| {
@@ -146,21 +149,8 @@ fn bench(c: &mut Criterion) {
     let arbiter = Arbiter::new();
     let (tx, rx) = crossbeam_channel::bounded(1);
     arbiter.spawn(async move {
-        let rt = Runtime::new();
-        let bus = BusHandle::start(&rt, "mmio", &Arbiter::current());
-        let (dev, _) = SlowDevice::new(SlowDeviceConfig::default());
-        let dev = spawn_device(&rt, DeviceId::new("dev"), dev, &Arbiter::current(), None).device;
-        dev.realize_and_start().await.expect("start");
-        bus.add_device(
-            RegionId(1),
-            &dev,
-            DeviceRegion(0),
-            BusAddr(BASE),
-            SLOW_REGION_SIZE,
-        )
-        .await
-        .expect("plug");
-        tx.send((bus, dev)).expect("bench waits");
+        tx.send(plug_on_current_arbiter().await)
+            .expect("bench waits");
     });
     let (remote_bus, _remote_dev) = rx.recv().expect("actors started");
     group.bench_function("actor_bus_device_from_plain_thread", |b| {

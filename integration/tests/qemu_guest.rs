@@ -12,11 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, Once};
 use std::thread;
 
-use actix::{Arbiter, System};
-use switchboard_bus::BusHandle;
 use switchboard_devices::rng::Rng;
 use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
-use switchboard_runtime::Runtime;
 
 fn qemu_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
@@ -64,15 +61,7 @@ fn test_linux_guest_reads_hwrng_from_the_switchboard_rng_backend() {
     setup();
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("rng.sock");
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        System::new().block_on(async move {
-            let bus = BusHandle::start(&Runtime::new(), "guest-mem", &Arbiter::current());
-            tx.send(bus).expect("test waits");
-            futures::future::pending::<()>().await;
-        });
-    });
-    let bus = rx.recv().expect("bus");
+    let bus = switchboard_integration::start_guest_memory_bus();
     let server =
         VhostUserServer::new(Arc::new(Rng::new(None).expect("rng")), bus, 1).expect("server");
     let stop = StopHandle::default();

@@ -10,12 +10,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use actix::{Arbiter, System};
-use switchboard_bus::BusHandle;
 use switchboard_devices::rng::Rng;
 use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
 use switchboard_integration::frontend::{self, region_infos, VIRTQ_DESC_F_WRITE};
-use switchboard_runtime::Runtime;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
@@ -25,23 +22,12 @@ struct Backend {
     stop: StopHandle,
     server: VhostUserServer<Rng>,
     _dir: tempfile::TempDir,
-    _system: thread::JoinHandle<()>,
 }
 
 fn start(rate: Option<u64>) -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("rng.sock");
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    // The guest-memory bus lives on an actix arbiter of its own system.
-    let system = thread::spawn(move || {
-        let sys = System::new();
-        sys.block_on(async move {
-            let bus = BusHandle::start(&Runtime::new(), "guest-mem", &Arbiter::current());
-            tx.send(bus).expect("test waits");
-            futures::future::pending::<()>().await;
-        });
-    });
-    let bus = rx.recv().expect("bus started");
+    let bus = switchboard_integration::start_guest_memory_bus();
     let server =
         VhostUserServer::new(Arc::new(Rng::new(rate).expect("rng")), bus, 1).expect("server");
     let stop = StopHandle::default();
@@ -54,7 +40,6 @@ fn start(rate: Option<u64>) -> Backend {
         stop,
         server,
         _dir: dir,
-        _system: system,
     }
 }
 
