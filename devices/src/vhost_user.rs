@@ -184,9 +184,11 @@ impl InFlight {
 
 /// One worker's completion path.
 struct Completions {
-    tx: crossbeam_channel::Sender<(Request, u32)>,
     rx: crossbeam_channel::Receiver<(Request, u32)>,
     event: Arc<EventFd>,
+    /// Sends into `rx` and writes `event`; handed to the device with every
+    /// request of this worker's queues.
+    completer: Completer,
 }
 
 /// The frontend's memory table mirrored on the guest-memory bus.
@@ -245,11 +247,19 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let completions = (0..workers)
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
-                let event = EventFd::new(EFD_NONBLOCK).map_err(Error::CreateEventFd)?;
+                let event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::CreateEventFd)?);
+                let wake = Arc::clone(&event);
+                let completer = Completer::new(move |request, len| {
+                    // The worker owns the receiver for the server's whole life.
+                    let _ = tx.send((request, len));
+                    if let Err(e) = wake.write(1) {
+                        tracing::error!(error = %e, "wake the queue worker");
+                    }
+                });
                 Ok(Completions {
-                    tx,
                     rx,
-                    event: Arc::new(event),
+                    event,
+                    completer,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -287,17 +297,8 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         queue / self.shared.workers
     }
 
-    fn completer(&self, queue: usize) -> Completer {
-        let c = &self.shared.completions[self.worker_of(queue)];
-        let tx = c.tx.clone();
-        let event = Arc::clone(&c.event);
-        Completer::new(move |request, len| {
-            // The worker owns the receiver for the server's whole life.
-            let _ = tx.send((request, len));
-            if let Err(e) = event.write(1) {
-                tracing::error!(error = %e, "wake the queue worker");
-            }
-        })
+    fn completer(&self, queue: usize) -> &Completer {
+        &self.shared.completions[self.worker_of(queue)].completer
     }
 
     /// Drains every queue (waits for every request in flight).
@@ -367,7 +368,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 self.shared.in_flight[queue].inc();
                 let memreq = self.shared.bus.guest_memory().request();
                 match Request::new(queue as u16, head, descriptors, memreq) {
-                    Ok(request) => match device.handle(request, &completer) {
+                    Ok(request) => match device.handle(request, completer) {
                         Handled::Done { request, len } => {
                             self.finish(vring, request, len);
                             used = true;
@@ -450,8 +451,9 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 .map_err(io::Error::other)?;
             let id = RegionId(mirror.next_id);
             mirror.next_id += 1;
-            // Added at a higher priority than any region it replaces, so a
-            // replaced range never reads as a hole while the old one drains.
+            // Added before the regions it replaces are removed: at equal
+            // priority the later region wins, so a replaced range never
+            // reads as a hole while the old one drains.
             let spec = RegionSpec {
                 size: key.1,
                 kind: RegionKind::Leaf(Target::Ram(ram)),
@@ -459,7 +461,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             futures::executor::block_on(self.shared.bus.add_region(
                 id,
                 spec,
-                Placement::root(key.0, i32::try_from(id.0 % (i32::MAX as u64)).unwrap_or(0)),
+                Placement::root(key.0, 0),
             ))
             .map_err(io::Error::other)?;
             seen.insert(key, id);
