@@ -176,6 +176,18 @@ impl LeaseCount {
     }
 }
 
+/// Checks a requested mapping size: non-zero and addressable here.
+fn mapping_len(offset: u64, size: u64) -> Result<usize> {
+    if size == 0 {
+        return Err(Error::ZeroSize);
+    }
+    usize::try_from(size).map_err(|_| Error::OutOfRegion {
+        offset,
+        len: size,
+        size: usize::MAX as u64,
+    })
+}
+
 /// One mapping of guest RAM.
 pub struct RamRegion {
     name: String,
@@ -197,14 +209,7 @@ impl fmt::Debug for RamRegion {
 impl RamRegion {
     /// Anonymous RAM of `size` bytes, zero-filled.
     pub fn anonymous(name: impl Into<String>, size: u64) -> Result<Arc<Self>> {
-        if size == 0 {
-            return Err(Error::ZeroSize);
-        }
-        let len = usize::try_from(size).map_err(|_| Error::OutOfRegion {
-            offset: 0,
-            len: size,
-            size: usize::MAX as u64,
-        })?;
+        let len = mapping_len(0, size)?;
         let mapping =
             MmapRegion::new(len).map_err(|source| Error::MapAnonymous { size, source })?;
         Self::from_mapping(name.into(), mapping)
@@ -218,14 +223,7 @@ impl RamRegion {
         offset: u64,
         size: u64,
     ) -> Result<Arc<Self>> {
-        if size == 0 {
-            return Err(Error::ZeroSize);
-        }
-        let len = usize::try_from(size).map_err(|_| Error::OutOfRegion {
-            offset,
-            len: size,
-            size: usize::MAX as u64,
-        })?;
+        let len = mapping_len(offset, size)?;
         let fo = vm_memory::FileOffset::new(file, offset);
         let mapping = MmapRegion::from_file(fo, len).map_err(|source| Error::MapFile {
             size,
