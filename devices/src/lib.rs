@@ -5,6 +5,8 @@
 //! - [`serial`]: a 16550A UART for Linux's 8250 driver as a device actor;
 //!   [`uart`] is its register model and [`uart_sink`] its character backends
 //!   (stdout, a file, a unix socket).
+//! - [`blk`] and [`rng`]: virtio-blk and virtio-rng, served over
+//!   vhost-user by [`vhost_user`].
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
 //!
@@ -13,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+pub mod blk;
 pub mod rng;
 pub mod serial;
 pub mod slow;

@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -186,6 +187,9 @@ impl InFlight {
 struct Completions {
     rx: crossbeam_channel::Receiver<(Request, u32)>,
     event: Arc<EventFd>,
+    /// Set by the first completion after the worker's last drain; that
+    /// completion writes `event`.
+    armed: Arc<AtomicBool>,
     /// Sends into `rx` and writes `event`; handed to the device with every
     /// request of this worker's queues.
     completer: Completer,
@@ -248,17 +252,25 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             .map(|_| {
                 let (tx, rx) = crossbeam_channel::unbounded();
                 let event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::CreateEventFd)?);
-                let wake = Arc::clone(&event);
+                let armed = Arc::new(AtomicBool::new(false));
+                let (wake, wake_armed) = (Arc::clone(&event), Arc::clone(&armed));
                 let completer = Completer::new(move |request, len| {
                     // The worker owns the receiver for the server's whole life.
                     let _ = tx.send((request, len));
-                    if let Err(e) = wake.write(1) {
-                        tracing::error!(error = %e, "wake the queue worker");
+                    // One eventfd write per wake-up, not per completion: if
+                    // the flag was already set, the worker has not yet
+                    // cleared it, so its drain (after the clear) sees this
+                    // request, which was sent before the swap.
+                    if !wake_armed.swap(true, Ordering::AcqRel) {
+                        if let Err(e) = wake.write(1) {
+                            tracing::error!(error = %e, "wake the queue worker");
+                        }
                     }
                 });
                 Ok(Completions {
                     rx,
                     event,
+                    armed,
                     completer,
                 })
             })
@@ -386,6 +398,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     }
                 }
             }
+            device.end_batch(queue as u16);
             if used {
                 self.signal(vring);
             }
@@ -401,6 +414,8 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         // Consume the wake-up first, then everything queued: a completion
         // sent after the read re-arms the eventfd.
         let _ = c.event.read();
+        // A swap, so that it synchronizes with the completers' swaps.
+        c.armed.swap(false, Ordering::AcqRel);
         let mut touched = vec![false; vrings.len()];
         while let Ok((request, len)) = c.rx.try_recv() {
             let queue = usize::from(request.queue());
@@ -606,6 +621,9 @@ pub struct StopHandle {
     /// The socket `serve` listens on, connected to once on stop so that an
     /// `accept` with no frontend returns.
     wake: Arc<Mutex<Option<std::path::PathBuf>>>,
+    /// A listener without a known path (`--socket-fd`): shut down for
+    /// reading on stop, which ends a blocked `accept`.
+    listener: Arc<Mutex<Option<UnixListener>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -634,6 +652,17 @@ impl StopHandle {
             // Nobody may be connected: a connection of our own ends the
             // `accept`, and the loop then sees the stop flag.
             let _ = std::os::unix::net::UnixStream::connect(path);
+        }
+        if let Some(l) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            // A listening socket shut down for reading fails its `accept`.
+            if let Err(e) = rustix::net::shutdown(l, rustix::net::Shutdown::Read) {
+                tracing::warn!(error = %e, "shut down the listening socket");
+            }
         }
     }
 
@@ -686,7 +715,30 @@ pub fn serve<D: VirtioDevice>(
     serve_listener(server, &mut listener, &path_str, stop)
 }
 
-/// Like [`serve`], on a listener the caller already has (`--socket-fd`).
+/// Like [`serve`], on a socket that is already listening (`--socket-fd`),
+/// named `name` in logs. The socket is not removed afterwards: its owner
+/// made it.
+pub fn serve_unix_listener<D: VirtioDevice>(
+    server: VhostUserServer<D>,
+    listener: UnixListener,
+    name: &str,
+    stop: &StopHandle,
+) -> Result<()> {
+    let kept = listener.try_clone().map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: format!("duplicate the listening socket: {e}"),
+    })?;
+    *stop.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+    if stop.stopped() {
+        return Ok(());
+    }
+    let mut listener = Listener::from(listener);
+    serve_listener(server, &mut listener, name, stop)
+}
+
+/// Like [`serve`], on a listener the caller already has. Stopping it
+/// through `stop` needs [`serve`] or [`serve_unix_listener`], which tell
+/// `stop` how to end a blocked `accept`.
 pub fn serve_listener<D: VirtioDevice>(
     server: VhostUserServer<D>,
     listener: &mut Listener,
@@ -715,10 +767,16 @@ pub fn serve_listener<D: VirtioDevice>(
                 .register_listener(fd, EventSet::IN, queues + 1)
                 .map_err(|source| Error::RegisterCompletion { worker, source })?;
         }
-        daemon.start(listener).map_err(|e| Error::Serve {
-            path: name.to_string(),
-            reason: e.to_string(),
-        })?;
+        if let Err(e) = daemon.start(listener) {
+            if stop.stopped() {
+                // The accept was ended on purpose.
+                break;
+            }
+            return Err(Error::Serve {
+                path: name.to_string(),
+                reason: e.to_string(),
+            });
+        }
         *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         if stop.stopped() {
             daemon.request_shutdown();

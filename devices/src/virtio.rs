@@ -290,6 +290,9 @@ pub trait VirtioDevice: Send + Sync + 'static {
     }
     /// Handles one request.
     fn handle(&self, request: Request, done: &Completer) -> Handled;
+    /// Called after each batch of requests a kick brought on `queue`, on that queue's worker: a device that stages
+    /// requests in `handle` hands them on here, in one go.
+    fn end_batch(&self, _queue: u16) {}
     /// A request whose chain was malformed: answer what can be answered
     /// (a status byte, say). The default writes nothing.
     fn reject(&self, _queue: u16, _head: u16, _error: &ChainError) {}
