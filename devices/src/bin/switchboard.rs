@@ -3,9 +3,13 @@
 //! The `switchboard` command: serves device actors to VMs.
 //!
 //! ```text
+//! switchboard serve blk --path disk.img --socket-path /tmp/blk.sock [--read-only] [--queues 2]
 //! switchboard serve rng --socket-path /tmp/rng.sock [--rate-limit 65536]
+//! switchboard serve rng --socket-fd 3
 //! ```
 
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,8 +19,12 @@ use actix::{Arbiter, System};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use switchboard_bus::BusHandle;
+use switchboard_devices::blk::{Blk, BlkOptions};
 use switchboard_devices::rng::Rng;
-use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
+use switchboard_devices::vhost_user::{
+    check_socket_path, serve, serve_unix_listener, StopHandle, VhostUserServer,
+};
+use switchboard_devices::virtio::VirtioDevice;
 use switchboard_runtime::Runtime;
 
 /// A typed actor runtime for virtual-machine devices.
@@ -41,50 +49,151 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Device {
-    /// virtio-rng: entropy from the OS (getrandom).
-    Rng {
+    /// virtio-blk on a raw image file.
+    ///
+    /// Serves read, write, flush, get-id, discard and write-zeroes. With
+    /// --read-only the image is opened read-only and writes fail with
+    /// VIRTIO_BLK_S_IOERR. Connect QEMU with
+    /// `-chardev socket,id=c0,path=SOCKET -device vhost-user-blk-pci,chardev=c0,num-queues=N`
+    /// (guest RAM must be shared: `-object memory-backend-memfd,id=mem,size=...,share=on
+    /// -machine memory-backend=mem`).
+    Blk {
+        /// The raw image to serve (its size, rounded down to 512 bytes, is the disk's).
+        #[arg(long, value_name = "IMAGE")]
+        path: PathBuf,
+        /// Open the image read-only; the guest sees a read-only disk.
+        #[arg(long)]
+        read_only: bool,
+        /// Number of virtqueues. QEMU's vhost-user-blk-pci asks for one per vCPU
+        /// unless given num-queues=N; it must not ask for more than this.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// Largest virtqueue size accepted (a power of two).
+        #[arg(long, default_value_t = 256, value_parser = queue_size)]
+        queue_size: u16,
+        /// Threads doing file I/O.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        io_threads: u16,
+        /// Threads walking the virtqueues (queues are spread over them;
+        /// default: one per queue, at most one per CPU).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: Option<u16>,
+        /// The disk's serial number (GET_ID), at most 20 bytes (default: the
+        /// image's file name, cut to 20 bytes).
+        #[arg(long)]
+        serial: Option<String>,
         #[command(flatten)]
         socket: SocketArgs,
+    },
+    /// virtio-rng: entropy from the OS (getrandom).
+    Rng {
         /// Most bytes per second handed to the guest (default: no limit).
         #[arg(long, value_name = "BYTES_PER_SECOND", value_parser = clap::value_parser!(u64).range(1..))]
         rate_limit: Option<u64>,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
+}
+
+fn queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number from 2 to 32768"))?;
+    if n < 2 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two from 2 to 32768"));
+    }
+    Ok(n)
 }
 
 #[derive(Debug, Args)]
 struct SocketArgs {
     /// Unix socket to listen on. With --socket-count N, sockets PATH0 .. PATH(N-1).
-    #[arg(long, value_name = "PATH")]
-    socket_path: PathBuf,
-    /// Number of devices to serve, one per socket.
+    /// A path that exists and is not a socket is refused, never deleted.
+    #[arg(long, value_name = "PATH", required_unless_present = "socket_fd")]
+    socket_path: Option<PathBuf>,
+    /// An already-listening unix socket inherited as this file descriptor
+    /// (as a service manager passes one). It is not removed on exit.
+    #[arg(long, value_name = "FD", conflicts_with_all = ["socket_path", "socket_count"], value_parser = clap::value_parser!(i32).range(3..))]
+    socket_fd: Option<i32>,
+    /// Number of devices to serve, one per socket (with --socket-path).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     socket_count: u32,
 }
 
-/// The validated form of `serve rng`.
-struct RngConfig {
-    sockets: Vec<PathBuf>,
-    rate_limit: Option<u64>,
+/// Where one device is served.
+#[derive(Debug)]
+enum Endpoint {
+    Path(PathBuf),
+    Fd { fd: i32, listener: UnixListener },
 }
 
-impl TryFrom<(SocketArgs, Option<u64>)> for RngConfig {
-    type Error = anyhow::Error;
+impl Endpoint {
+    fn name(&self) -> String {
+        match self {
+            Endpoint::Path(p) => p.display().to_string(),
+            Endpoint::Fd { fd, .. } => format!("socket fd {fd}"),
+        }
+    }
+}
 
-    fn try_from((socket, rate_limit): (SocketArgs, Option<u64>)) -> anyhow::Result<Self> {
-        let sockets = if socket.socket_count == 1 {
-            vec![socket.socket_path]
+/// Takes ownership of an inherited listening socket, after checking that
+/// `fd` is an open socket.
+fn inherited_listener(fd: i32) -> anyhow::Result<UnixListener> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .with_context(|| format!("--socket-fd {fd}: not an open file descriptor"))?;
+    if !link.to_string_lossy().starts_with("socket:") {
+        bail!(
+            "--socket-fd {fd}: {} is not a socket",
+            link.to_string_lossy()
+        );
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` is open (its /proc link was just read) and is a socket.
+    // Nothing else in this process owns it: it was inherited from the
+    // parent (this runs during argument checking, before the process opens
+    // any socket of its own, so a socket at `fd` cannot be one of ours),
+    // and this runs once, as clap accepts a single --socket-fd.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !rustix::net::sockopt::socket_acceptconn(&owned)
+        .with_context(|| format!("--socket-fd {fd}: read its state"))?
+    {
+        bail!("--socket-fd {fd}: the socket is not listening");
+    }
+    let listener = UnixListener::from(owned);
+    listener
+        .local_addr()
+        .with_context(|| format!("--socket-fd {fd}: not a unix socket"))?;
+    Ok(listener)
+}
+
+impl SocketArgs {
+    /// Checks the arguments and lists the endpoints.
+    fn endpoints(self) -> anyhow::Result<Vec<Endpoint>> {
+        if let Some(fd) = self.socket_fd {
+            if self.socket_count != 1 {
+                bail!("--socket-count works with --socket-path, not --socket-fd");
+            }
+            return Ok(vec![Endpoint::Fd {
+                fd,
+                listener: inherited_listener(fd)?,
+            }]);
+        }
+        let Some(base) = self.socket_path else {
+            bail!("give --socket-path or --socket-fd");
+        };
+        let sockets = if self.socket_count == 1 {
+            vec![base]
         } else {
-            (0..socket.socket_count)
+            (0..self.socket_count)
                 .map(|i| {
-                    let mut p = socket.socket_path.clone().into_os_string();
+                    let mut p = base.clone().into_os_string();
                     p.push(i.to_string());
                     PathBuf::from(p)
                 })
                 .collect()
         };
         for path in &sockets {
-            switchboard_devices::vhost_user::check_socket_path(path)
-                .with_context(|| format!("--socket-path {}", path.display()))?;
+            check_socket_path(path).with_context(|| format!("--socket-path {}", path.display()))?;
             let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
             if let Some(dir) = parent {
                 if !dir.is_dir() {
@@ -96,10 +205,7 @@ impl TryFrom<(SocketArgs, Option<u64>)> for RngConfig {
                 }
             }
         }
-        Ok(RngConfig {
-            sockets,
-            rate_limit,
-        })
+        Ok(sockets.into_iter().map(Endpoint::Path).collect())
     }
 }
 
@@ -119,37 +225,47 @@ fn start_actors() -> anyhow::Result<actix::ArbiterHandle> {
     rx.recv().context("actor thread died")
 }
 
-fn serve_rng(config: RngConfig) -> anyhow::Result<()> {
-    let arbiter = start_actors()?;
-    let runtime = Runtime::new();
-    let mut stops = Vec::new();
-    let mut threads = Vec::new();
-    for (i, path) in config.sockets.iter().enumerate() {
-        let bus = BusHandle::start(&runtime, &format!("rng{i}-guest-memory"), &arbiter);
-        let device = Arc::new(Rng::new(config.rate_limit).context("start the rate limiter")?);
-        let server = VhostUserServer::new(device, bus, 1)?;
-        let stop = StopHandle::default();
-        stops.push(stop.clone());
-        let path = path.clone();
-        threads.push(
-            thread::Builder::new()
-                .name(format!("serve:{}", path.display()))
-                .spawn(move || {
-                    let r = serve(server, &path, &stop);
-                    (path, r)
-                })
-                .context("start a server thread")?,
-        );
-        eprintln!(
-            "switchboard: serving virtio-rng on {}",
-            config.sockets[i].display()
-        );
-    }
+/// Serves one device per endpoint (made by `make`) until SIGINT or
+/// SIGTERM; then drains each and returns.
+fn serve_all<D: VirtioDevice>(
+    endpoints: Vec<Endpoint>,
+    workers: usize,
+    make: impl Fn(usize) -> anyhow::Result<Arc<D>>,
+) -> anyhow::Result<()> {
+    // Signals first: a signal that arrives while devices start is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("install signal handlers")?;
+    let arbiter = start_actors()?;
+    let runtime = Runtime::new();
+    let mut stops = Vec::new();
+    let mut threads = Vec::new();
+    for (i, endpoint) in endpoints.into_iter().enumerate() {
+        let device = make(i)?;
+        let kind = device.kind();
+        let bus = BusHandle::start(&runtime, &format!("{kind}{i}-guest-memory"), &arbiter);
+        let server = VhostUserServer::new(device, bus, workers)?;
+        let stop = StopHandle::default();
+        stops.push(stop.clone());
+        let name = endpoint.name();
+        eprintln!("switchboard: serving {kind} on {name}");
+        threads.push(
+            thread::Builder::new()
+                .name(format!("serve:{name}"))
+                .spawn(move || {
+                    let r = match endpoint {
+                        Endpoint::Path(path) => serve(server, &path, &stop),
+                        Endpoint::Fd { listener, .. } => {
+                            serve_unix_listener(server, listener, &name, &stop)
+                        }
+                    };
+                    (name, r)
+                })
+                .context("start a server thread")?,
+        );
+    }
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -165,9 +281,9 @@ fn serve_rng(config: RngConfig) -> anyhow::Result<()> {
     for t in threads {
         match t.join() {
             Ok((_, Ok(()))) => {}
-            Ok((path, Err(e))) => {
+            Ok((name, Err(e))) => {
                 failed = true;
-                eprintln!("switchboard: {}: {}", path.display(), error_chain(&e));
+                eprintln!("switchboard: {name}: {}", error_chain(&e));
             }
             Err(_) => {
                 failed = true;
@@ -192,10 +308,63 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+fn default_workers(queues: u16) -> usize {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    usize::from(queues).min(cpus)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(Device::Rng { socket, rate_limit }) => {
-            serve_rng(RngConfig::try_from((socket, rate_limit))?)
+            let endpoints = socket.endpoints()?;
+            serve_all(endpoints, 1, |_| {
+                Ok(Arc::new(
+                    Rng::new(rate_limit).context("start the rate limiter")?,
+                ))
+            })
+        }
+        Command::Serve(Device::Blk {
+            path,
+            read_only,
+            queues,
+            queue_size,
+            io_threads,
+            workers,
+            serial,
+            socket,
+        }) => {
+            if socket.socket_count > 1 && !read_only {
+                bail!(
+                    "--socket-count {} would let {} guests write one image; \
+                     it is allowed only with --read-only",
+                    socket.socket_count,
+                    socket.socket_count
+                );
+            }
+            let options = BlkOptions {
+                read_only,
+                queues,
+                queue_size,
+                io_threads: usize::from(io_threads),
+                serial,
+                ..BlkOptions::default()
+            };
+            // Open the image before touching any socket: a bad image is
+            // reported without side effects.
+            let first =
+                Blk::open(&path, &options).with_context(|| format!("--path {}", path.display()))?;
+            let endpoints = socket.endpoints()?;
+            let workers = workers.map_or_else(|| default_workers(queues), usize::from);
+            let first = std::sync::Mutex::new(Some(first));
+            serve_all(endpoints, workers, |_| {
+                let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let blk = match taken {
+                    Some(b) => b,
+                    None => Blk::open(&path, &options)
+                        .with_context(|| format!("--path {}", path.display()))?,
+                };
+                Ok(Arc::new(blk))
+            })
         }
     }
 }
