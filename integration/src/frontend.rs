@@ -216,15 +216,22 @@ impl TestFrontend {
             };
             self.write_desc(q, idx, *addr, *len, flags, next)?;
         }
+        self.queues[q].next_desc = (head + descs.len() as u16) % size;
+        self.push_avail(q, head)?;
+        Ok(head)
+    }
+
+    /// Makes the chain starting at descriptor `head` available (descriptors
+    /// written by hand with [`TestFrontend::write_desc`]).
+    pub fn push_avail(&mut self, q: usize, head: u16) -> anyhow::Result<()> {
         let queue = &mut self.queues[q];
-        queue.next_desc = (head + descs.len() as u16) % size;
-        let slot = queue.avail + 4 + 2 * u64::from(queue.avail_idx % size);
+        let slot = queue.avail + 4 + 2 * u64::from(queue.avail_idx % queue.size);
         let (avail, new_idx) = (queue.avail, queue.avail_idx.wrapping_add(1));
         queue.avail_idx = new_idx;
         self.mem.write_obj(head, GuestAddress(slot))?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.mem.write_obj(new_idx, GuestAddress(avail + 2))?;
-        Ok(head)
+        Ok(())
     }
 
     /// Writes one descriptor as given (for malformed-chain tests).
