@@ -273,6 +273,12 @@ impl Blk {
         } else {
             "read-write"
         };
+        // A directory would fail to open read-write with a less clear error.
+        if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+            return Err(Error::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(!options.read_only)

@@ -113,3 +113,163 @@ fn test_serve_refuses_a_missing_directory_and_bad_numbers() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rate-limit"));
 }
+
+#[test]
+fn test_serve_blk_exits_0_on_sigterm_and_removes_its_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("image");
+    let sock = dir.path().join("blk.sock");
+    let mut child = switchboard()
+        .args(["serve", "blk", "--queues", "2", "--path"])
+        .arg(&image)
+        .arg("--socket-path")
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchboard");
+    wait_for("the socket", || is_socket(&sock));
+    terminate(&child);
+    let out = child.wait().expect("wait");
+    assert!(out.success(), "exit status {out:?}");
+    assert!(!sock.exists(), "socket file left behind");
+    assert_eq!(std::fs::metadata(&image).expect("image").len(), 1 << 20);
+    let _ = child.stderr.take();
+}
+
+#[test]
+fn test_serve_blk_reports_a_bad_image_or_option_and_creates_no_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("blk.sock");
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, [0u8; 100]).expect("write");
+    let image = dir.path().join("ok.img");
+    std::fs::write(&image, [0u8; 4096]).expect("write");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--path".into(), "/nonexistent/disk.img".into()],
+            "/nonexistent/disk.img",
+        ),
+        (
+            vec!["--path".into(), dir.path().display().to_string()],
+            "not a regular file",
+        ),
+        (
+            vec!["--path".into(), small.display().to_string()],
+            "smaller than one 512-byte sector",
+        ),
+        (
+            vec![
+                "--path".into(),
+                image.display().to_string(),
+                "--queue-size".into(),
+                "100".into(),
+            ],
+            "--queue-size",
+        ),
+        (
+            vec![
+                "--path".into(),
+                image.display().to_string(),
+                "--serial".into(),
+                "a-serial-longer-than-twenty".into(),
+            ],
+            "more than 20",
+        ),
+        (
+            vec![
+                "--path".into(),
+                image.display().to_string(),
+                "--socket-count".into(),
+                "2".into(),
+            ],
+            "--read-only",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = switchboard()
+            .args(["serve", "blk"])
+            .args(&args)
+            .arg("--socket-path")
+            .arg(&sock)
+            .output()
+            .expect("run switchboard");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr lacks {want:?}:\n{err}"
+        );
+        assert!(!sock.exists(), "{args:?}: a socket was created");
+    }
+}
+
+#[test]
+fn test_serve_takes_an_inherited_listening_socket_with_socket_fd() {
+    // A parent (python, as a service manager would) binds and listens, then
+    // passes the socket as fd 3 and, once switchboard took it, connects.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("inherited.sock");
+    let script = r#"
+import os, socket, subprocess, sys, time
+path, exe = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(1)
+fd = s.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+p = subprocess.Popen([exe, "serve", "rng", "--socket-fd", "3"], pass_fds=[3])
+os.close(3)
+try:
+    c = socket.socket(socket.AF_UNIX)
+    c.settimeout(10)
+    c.connect(path)
+    # A vhost-user GET_FEATURES request: the backend answers it.
+    c.sendall((1).to_bytes(4, "little") + (1).to_bytes(4, "little") + (0).to_bytes(4, "little"))
+    reply = c.recv(20)
+    print("reply", len(reply))
+    c.close()
+    time.sleep(0.2)
+finally:
+    p.terminate()
+    print("rc", p.wait(timeout=20))
+print("exists", os.path.exists(path))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&sock)
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("reply 20"),
+        "no GET_FEATURES reply:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("rc 0"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("exists True"),
+        "the inherited socket's file was removed: {stdout}"
+    );
+    assert!(
+        stderr.contains("serving virtio-rng on socket fd 3"),
+        "{stderr}"
+    );
+
+    let out = switchboard()
+        .args(["serve", "rng", "--socket-fd", "3"])
+        .output()
+        .expect("run switchboard");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--socket-fd 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
