@@ -1,0 +1,560 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The control socket: QMP-style JSON lines on a unix socket.
+//!
+//! On connect the server sends a greeting line
+//! `{"QMP": {"version": {...}, "capabilities": []}}`. Then each request is
+//! one line, `{"execute": "COMMAND", "arguments": {...}, "id": ANY}`
+//! (`arguments` and `id` optional), and gets one reply line,
+//! `{"return": VALUE}` or `{"error": {"class": "...", "desc": "..."}}`, with
+//! the request's `id` echoed when given. Events are lines of their own,
+//! `{"event": "NAME", "data": {...}, "timestamp": {"seconds": S,
+//! "microseconds": U}}`, sent to every connected client. As in QMP,
+//! `qmp_capabilities` is accepted (and not required).
+//!
+//! A request that is not JSON, not an object, names no command or an
+//! unknown one, or has bad arguments gets an `error` reply; the connection
+//! stays open. A request line longer than [`MAX_LINE`] is answered with an
+//! error and skipped.
+//!
+//! Commands run on the connection's own thread, so a long one
+//! (`device-del` waits for the device to drain) holds up only that
+//! connection: other clients are served meanwhile.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value};
+
+use crate::vhost_user::check_socket_path;
+
+/// Longest request line accepted (bytes).
+pub const MAX_LINE: usize = 1 << 20;
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    /// QMP error class: `GenericError`, `CommandNotFound`, `DeviceNotFound`.
+    pub class: &'static str,
+    /// What went wrong, for a person.
+    pub desc: String,
+}
+
+impl CommandError {
+    /// A `GenericError`.
+    pub fn generic(desc: impl Into<String>) -> Self {
+        CommandError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+
+    /// A `DeviceNotFound` for `id`.
+    pub fn device_not_found(id: &str) -> Self {
+        CommandError {
+            class: "DeviceNotFound",
+            desc: format!("Device '{id}' not found"),
+        }
+    }
+}
+
+/// What the control socket drives.
+pub trait Controller: Send + Sync + 'static {
+    /// Runs `command` with `arguments` (an object; empty when none were
+    /// given); returns the `return` value.
+    fn execute(&self, command: &str, arguments: &Map<String, Value>)
+        -> Result<Value, CommandError>;
+    /// The commands `execute` knows, for `query-commands` and for the
+    /// `CommandNotFound` check.
+    fn commands(&self) -> Vec<&'static str>;
+}
+
+/// Errors of the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket path is unusable.
+    #[error("Control socket {path}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::vhost_user::Error,
+    },
+    /// Binding or accepting failed.
+    #[error("Control socket {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Clients = Arc<Mutex<Vec<Arc<Mutex<UnixStream>>>>>;
+
+/// A running control socket. Dropping it (or [`ControlServer::stop`])
+/// stops accepting and removes the socket file.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    clients: Clients,
+    stopped: Arc<AtomicBool>,
+}
+
+fn timestamp() -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
+}
+
+fn send_line(stream: &Mutex<UnixStream>, value: &Value) -> io::Result<()> {
+    let mut line = value.to_string();
+    line.push('\n');
+    let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+    s.write_all(line.as_bytes())
+}
+
+impl ControlServer {
+    /// Listens on `path` (refusing a path that exists and is not a stale
+    /// socket) and serves `controller` on a thread per client.
+    pub fn start(path: &Path, controller: Arc<dyn Controller>) -> Result<Self, Error> {
+        check_socket_path(path).map_err(|source| Error::Path {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // A stale socket (nobody listening) is replaced.
+        let _ = std::fs::remove_file(path);
+        let io_err = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(path).map_err(io_err)?;
+        let accepting = listener.try_clone().map_err(io_err)?;
+        let clients: Clients = Arc::default();
+        let stopped = Arc::new(AtomicBool::new(false));
+        {
+            let (clients, stopped) = (Arc::clone(&clients), Arc::clone(&stopped));
+            thread::Builder::new()
+                .name("control-accept".into())
+                .spawn(move || accept_loop(&accepting, &controller, &clients, &stopped))
+                .map_err(io_err)?;
+        }
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            listener,
+            clients,
+            stopped,
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends an event line to every connected client.
+    pub fn emit(&self, event: &str, data: Value) {
+        emit(&self.clients, event, data);
+    }
+
+    /// A handle that sends events (for code that outlives a borrow).
+    pub fn events(&self) -> Events {
+        Events {
+            clients: Arc::clone(&self.clients),
+        }
+    }
+
+    /// Stops accepting, closes every client connection and removes the
+    /// socket file.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // A listening socket shut down for reading fails its `accept`.
+        let _ = rustix::net::shutdown(&self.listener, rustix::net::Shutdown::Read);
+        for c in self
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            let s = c.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends events to the control socket's clients.
+#[derive(Clone, Debug)]
+pub struct Events {
+    clients: Clients,
+}
+
+impl Events {
+    /// Sends an event line to every connected client.
+    pub fn emit(&self, event: &str, data: Value) {
+        emit(&self.clients, event, data);
+    }
+}
+
+fn emit(clients: &Clients, event: &str, data: Value) {
+    let line = json!({"event": event, "data": data, "timestamp": timestamp()});
+    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+    // A client whose socket fails is gone: forget it.
+    clients.retain(|c| send_line(c, &line).is_ok());
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    controller: &Arc<dyn Controller>,
+    clients: &Clients,
+    stopped: &AtomicBool,
+) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if !stopped.load(Ordering::Acquire) {
+                    tracing::error!(error = %e, "control socket: accept failed; no more clients");
+                }
+                return;
+            }
+        };
+        if stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let writer = match stream.try_clone() {
+            Ok(w) => Arc::new(Mutex::new(w)),
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: set up a client");
+                continue;
+            }
+        };
+        clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::clone(&writer));
+        let (controller, clients) = (Arc::clone(controller), Arc::clone(clients));
+        let spawned = thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                serve_client(stream, &writer, controller.as_ref());
+                clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|c| !Arc::ptr_eq(c, &writer));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "control socket: start a client thread");
+        }
+    }
+}
+
+fn greeting() -> Value {
+    json!({"QMP": {
+        "version": {"switchboard": env!("CARGO_PKG_VERSION")},
+        "capabilities": [],
+    }})
+}
+
+fn serve_client(stream: UnixStream, writer: &Mutex<UnixStream>, controller: &dyn Controller) {
+    if send_line(writer, &greeting()).is_err() {
+        return;
+    }
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let reply = if n > MAX_LINE && line.last() != Some(&b'\n') {
+            // Skip the rest of the over-long line.
+            let mut rest = Vec::new();
+            if reader.read_until(b'\n', &mut rest).is_err() {
+                return;
+            }
+            error_reply(
+                None,
+                &CommandError::generic(format!("request longer than {MAX_LINE} bytes; skipped")),
+            )
+        } else {
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            handle_line(text.trim(), controller)
+        };
+        if send_line(writer, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+fn error_reply(id: Option<Value>, e: &CommandError) -> Value {
+    let mut v = json!({"error": {"class": e.class, "desc": e.desc}});
+    if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
+        obj.insert("id".into(), id);
+    }
+    v
+}
+
+/// Answers one request line.
+pub fn handle_line(text: &str, controller: &dyn Controller) -> Value {
+    let request: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_reply(
+                None,
+                &CommandError::generic(format!("JSON parse error: {e}")),
+            )
+        }
+    };
+    let Value::Object(mut request) = request else {
+        return error_reply(
+            None,
+            &CommandError::generic("a request must be a JSON object"),
+        );
+    };
+    let id = request.remove("id");
+    let command = match request.remove("execute") {
+        Some(Value::String(c)) => c,
+        Some(_) => return error_reply(id, &CommandError::generic("'execute' must be a string")),
+        None => {
+            return error_reply(
+                id,
+                &CommandError::generic("a request needs 'execute': the command name"),
+            )
+        }
+    };
+    let arguments = match request.remove("arguments") {
+        None => Map::new(),
+        Some(Value::Object(a)) => a,
+        Some(_) => return error_reply(id, &CommandError::generic("'arguments' must be an object")),
+    };
+    if let Some(extra) = request.keys().next() {
+        return error_reply(
+            id,
+            &CommandError::generic(format!("unknown request member '{extra}'")),
+        );
+    }
+    let result = match command.as_str() {
+        "qmp_capabilities" => Ok(json!({})),
+        "query-commands" => {
+            let mut names = controller.commands();
+            names.extend(["qmp_capabilities", "query-commands"]);
+            Ok(Value::Array(
+                names.into_iter().map(|n| json!({"name": n})).collect(),
+            ))
+        }
+        c if controller.commands().contains(&c) => controller.execute(c, &arguments),
+        c => Err(CommandError {
+            class: "CommandNotFound",
+            desc: format!("The command {c} has not been found"),
+        }),
+    };
+    match result {
+        Ok(v) => {
+            let mut reply = json!({ "return": v });
+            if let (Some(id), Some(obj)) = (id, reply.as_object_mut()) {
+                obj.insert("id".into(), id);
+            }
+            reply
+        }
+        Err(e) => error_reply(id, &e),
+    }
+}
+
+/// A client of the control socket (what `switchboard ctl` uses).
+#[derive(Debug)]
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events received while waiting for replies.
+    pub events: Vec<Value>,
+}
+
+impl Client {
+    /// Connects and reads the greeting.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let stream = UnixStream::connect(path)?;
+        let writer = stream.try_clone()?;
+        let mut client = Client {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = client.read_line()?;
+        if greeting.get("QMP").is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a switchboard control socket: it greeted with {greeting}"),
+            ));
+        }
+        Ok(client)
+    }
+
+    fn read_line(&mut self) -> io::Result<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the control socket closed the connection",
+            ));
+        }
+        serde_json::from_str(&line).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad line from the control socket: {e}"),
+            )
+        })
+    }
+
+    /// Sends a raw request line and returns the reply (the first line that
+    /// is not an event).
+    pub fn request_raw(&mut self, line: &str) -> io::Result<Value> {
+        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        self.next_reply()
+    }
+
+    /// Runs `command` with `arguments`; returns the whole reply object.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> io::Result<Value> {
+        let mut request = json!({ "execute": command });
+        if let (Some(a), Some(obj)) = (arguments, request.as_object_mut()) {
+            obj.insert("arguments".into(), a);
+        }
+        self.request_raw(&request.to_string())
+    }
+
+    /// Reads lines until a reply, keeping events.
+    pub fn next_reply(&mut self) -> io::Result<Value> {
+        loop {
+            let v = self.read_line()?;
+            if v.get("event").is_some() {
+                self.events.push(v);
+                continue;
+            }
+            return Ok(v);
+        }
+    }
+
+    /// Waits for the next event line (events already received first).
+    pub fn next_event(&mut self) -> io::Result<Value> {
+        if !self.events.is_empty() {
+            return Ok(self.events.remove(0));
+        }
+        self.read_line()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Controller for Echo {
+        fn execute(
+            &self,
+            command: &str,
+            arguments: &Map<String, Value>,
+        ) -> Result<Value, CommandError> {
+            match command {
+                "echo" => Ok(Value::Object(arguments.clone())),
+                _ => Err(CommandError::generic("no")),
+            }
+        }
+
+        fn commands(&self) -> Vec<&'static str> {
+            vec!["echo"]
+        }
+    }
+
+    #[test]
+    fn test_requests_get_replies_and_bad_ones_errors() {
+        let e = Echo;
+        assert_eq!(
+            handle_line(r#"{"execute":"echo","arguments":{"a":1},"id":7}"#, &e),
+            json!({"return": {"a": 1}, "id": 7})
+        );
+        for (line, class, part) in [
+            ("{", "GenericError", "JSON parse error"),
+            ("[1]", "GenericError", "JSON object"),
+            (r#"{"arguments":{}}"#, "GenericError", "'execute'"),
+            (r#"{"execute":1}"#, "GenericError", "must be a string"),
+            (
+                r#"{"execute":"echo","arguments":[]}"#,
+                "GenericError",
+                "'arguments'",
+            ),
+            (r#"{"execute":"echo","bogus":1}"#, "GenericError", "bogus"),
+            (r#"{"execute":"nope"}"#, "CommandNotFound", "nope"),
+        ] {
+            let r = handle_line(line, &e);
+            assert_eq!(r["error"]["class"], class, "{line}: {r}");
+            assert!(
+                r["error"]["desc"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(part)),
+                "{line}: {r}"
+            );
+        }
+        assert_eq!(
+            handle_line(r#"{"execute":"qmp_capabilities"}"#, &e),
+            json!({"return": {}})
+        );
+    }
+
+    #[test]
+    fn test_socket_serves_clients_events_and_survives_garbage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, Arc::new(Echo)).expect("start");
+        let mut a = Client::connect(&path).expect("connect a");
+        let mut b = Client::connect(&path).expect("connect b");
+        let r = a.request_raw("this is not json").expect("reply");
+        assert_eq!(r["error"]["class"], "GenericError");
+        let long = "x".repeat(MAX_LINE + 10);
+        let r = a.request_raw(&long).expect("reply to a long line");
+        assert!(r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("longer")));
+        let r = a
+            .execute("echo", Some(json!({"k": "v"})))
+            .expect("reply after garbage");
+        assert_eq!(r, json!({"return": {"k": "v"}}));
+        server.emit("TEST", json!({"n": 1}));
+        let ev = b.next_event().expect("event");
+        assert_eq!(ev["event"], "TEST");
+        assert_eq!(ev["data"]["n"], 1);
+        assert!(ev["timestamp"]["seconds"].as_u64().is_some());
+        let r = b.execute("query-commands", None).expect("reply");
+        assert!(r["return"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| x["name"] == "echo")));
+        server.stop();
+        assert!(!path.exists(), "socket left behind");
+    }
+}
