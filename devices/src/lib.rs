@@ -16,6 +16,8 @@
 #![deny(missing_docs)]
 
 pub mod blk;
+pub mod control;
+pub mod fleet;
 pub mod rng;
 pub mod serial;
 pub mod slow;

@@ -215,6 +215,8 @@ struct Shared<D: VirtioDevice> {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     mirror: Mutex<Mirror>,
     in_flight: Vec<InFlight>,
+    /// Requests answered (used entries written) since the server started.
+    handled: AtomicU64,
     completions: Vec<Completions>,
 }
 
@@ -285,6 +287,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 acked_features: AtomicU64::new(0),
                 mem: RwLock::new(None),
                 mirror: Mutex::new(Mirror::default()),
+                handled: AtomicU64::new(0),
                 completions,
             }),
         })
@@ -298,6 +301,11 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// Requests in flight on all queues.
     pub fn in_flight(&self) -> u64 {
         self.shared.in_flight.iter().map(InFlight::get).sum()
+    }
+
+    /// Requests answered since the server started (malformed ones included).
+    pub fn handled(&self) -> u64 {
+        self.shared.handled.load(Ordering::Relaxed)
     }
 
     fn worker_of(&self, queue: usize) -> usize {
@@ -340,6 +348,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             tracing::error!(queue, head = request.head(), error = %e, "write used entry");
         }
         drop(request);
+        self.shared.handled.fetch_add(1, Ordering::Relaxed);
         self.shared.in_flight[queue].dec();
     }
 
@@ -393,6 +402,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                         if let Err(e) = vring.add_used(head, 0) {
                             tracing::error!(queue, head, error = %e, "write used entry");
                         }
+                        self.shared.handled.fetch_add(1, Ordering::Relaxed);
                         self.shared.in_flight[queue].dec();
                         used = true;
                     }
@@ -704,15 +714,48 @@ pub fn serve<D: VirtioDevice>(
     path: &Path,
     stop: &StopHandle,
 ) -> Result<()> {
+    serve_bound(server, bind(path)?, stop)
+}
+
+/// A socket bound and listening, not yet served: binding first lets a
+/// caller report a bad socket path before it starts a serving thread.
+pub struct BoundSocket {
+    listener: Listener,
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for BoundSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundSocket")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Checks `path` ([`check_socket_path`]) and listens on it. The socket
+/// file is removed when the returned socket is dropped.
+pub fn bind(path: &Path) -> Result<BoundSocket> {
     check_socket_path(path)?;
-    let path_str = path.display().to_string();
-    let mut listener = Listener::new(path, true).map_err(|source| Error::Listen {
-        path: path_str.clone(),
+    let listener = Listener::new(path, true).map_err(|source| Error::Listen {
+        path: path.display().to_string(),
         source,
     })?;
-    *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_path_buf());
-    // Dropping the listener removes the socket file.
-    serve_listener(server, &mut listener, &path_str, stop)
+    Ok(BoundSocket {
+        listener,
+        path: path.to_path_buf(),
+    })
+}
+
+/// [`serve`] on a socket [`bind`] made.
+pub fn serve_bound<D: VirtioDevice>(
+    server: VhostUserServer<D>,
+    mut socket: BoundSocket,
+    stop: &StopHandle,
+) -> Result<()> {
+    *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.path.clone());
+    let name = socket.path.display().to_string();
+    // Dropping the listener (with `socket`) removes the socket file.
+    serve_listener(server, &mut socket.listener, &name, stop)
 }
 
 /// Like [`serve`], on a socket that is already listening (`--socket-fd`),

@@ -300,4 +300,56 @@ impl TestFrontend {
     pub fn take_call(&self, q: usize) -> bool {
         self.queues[q].call.read().is_ok()
     }
+
+    /// Places a virtio-blk request in slot `n` (buffers at `1 MiB * (n+1)`;
+    /// slots 0 to 14 fit in [`MEM_SIZE`]): a 16-byte header (`kind`,
+    /// `sector`), `data` (device-writable if `writable`, omitted if empty)
+    /// and a status byte preset to 0xff. Returns the chain's head.
+    pub fn push_blk(
+        &mut self,
+        q: usize,
+        n: u64,
+        kind: u32,
+        sector: u64,
+        data: &[u8],
+        writable: bool,
+    ) -> anyhow::Result<u16> {
+        let (hdr, status, buf) = blk_slot(n);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(hdr))?;
+        self.mem.write_obj(0xffu8, GuestAddress(status))?;
+        let mut descs = vec![(hdr, 16, 0)];
+        if !data.is_empty() {
+            self.mem.write_slice(data, GuestAddress(buf))?;
+            let flags = if writable { VIRTQ_DESC_F_WRITE } else { 0 };
+            descs.push((buf, data.len() as u32, flags));
+        }
+        descs.push((status, 1, VIRTQ_DESC_F_WRITE));
+        self.add_chain(q, &descs)
+    }
+
+    /// The status byte of the blk request in slot `n`.
+    pub fn blk_status(&self, n: u64) -> anyhow::Result<u8> {
+        Ok(self.mem.read_obj(GuestAddress(blk_slot(n).1))?)
+    }
+
+    /// `len` bytes of the data buffer of the blk request in slot `n`.
+    pub fn blk_data(&self, n: u64, len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(blk_slot(n).2))?;
+        Ok(v)
+    }
+}
+
+/// virtio-blk request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// A write.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+
+/// Header, status and data addresses of blk slot `n`.
+fn blk_slot(n: u64) -> (u64, u64, u64) {
+    let base = 0x10_0000 + n * 0x10_0000;
+    (base, base + 0x100, base + 0x1000)
 }

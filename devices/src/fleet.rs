@@ -1,0 +1,749 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Many devices in one process: what `switchboard run` starts and the
+//! control socket drives.
+//!
+//! # Isolation
+//!
+//! One device's panic or slow handler never stalls another:
+//! - a vhost-user device (virtio-blk, virtio-rng) runs on threads of its
+//!   own: the thread serving its socket, the vhost-user protocol thread,
+//!   its queue workers and (blk) its I/O threads. Its guest-memory bus is an
+//!   actor on a small shared pool of arbiters; those actors never run device
+//!   code and never block.
+//! - an MMIO/PIO device is an actor on an arbiter of its own, and each bus
+//!   is an actor on an arbiter of its own; a panic in device code is
+//!   contained by its device actor (the runtime core's guarantee).
+//!
+//! # Removal
+//!
+//! [`Fleet::remove`] returns only once the device is drained and stopped:
+//! for a vhost-user device, the frontend is disconnected, every request in
+//! flight is completed and its used entry written, and the socket file is
+//! removed; for an MMIO/PIO device, its region leaves the bus and the device
+//! actor drains. A second removal of the same device while it drains waits
+//! for the same drain and gets the same answer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use actix::{Arbiter, ArbiterHandle, System};
+use serde::Serialize;
+use switchboard_bus::{BusHandle, RegionId};
+use switchboard_runtime::{BusAddr, DeviceId, DeviceRef, IrqLine, IrqNumber, Runtime, State};
+
+use crate::blk::{Blk, BlkOptions};
+use crate::rng::Rng;
+use crate::serial::{spawn_serial, SERIAL_REGION_SIZE};
+use crate::slow::{SlowDevice, SlowDeviceConfig, SLOW_REGION_SIZE};
+use crate::uart_sink::Sink;
+use crate::vhost_user::{bind, serve_bound, StopHandle, VhostUserServer};
+use crate::virtio::VirtioDevice;
+
+/// Guest-memory bus arbiters shared by vhost-user devices.
+const MEMORY_ARBITERS: usize = 2;
+
+/// How long a status query waits for a device actor before reporting it
+/// unresponsive.
+const STATUS_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What to start: a device, resolved and checked (the topology module
+/// turns a topology's device objects into these).
+#[derive(Clone, Debug)]
+pub enum Plan {
+    /// virtio-blk over vhost-user.
+    Blk {
+        /// Device id.
+        id: String,
+        /// The raw image.
+        path: PathBuf,
+        /// Device options (read-only, queues, serial...).
+        options: BlkOptions,
+        /// The vhost-user socket.
+        socket: PathBuf,
+    },
+    /// virtio-rng over vhost-user.
+    Rng {
+        /// Device id.
+        id: String,
+        /// Bytes per second, if limited.
+        rate_limit: Option<u64>,
+        /// The vhost-user socket.
+        socket: PathBuf,
+    },
+    /// A 16550A UART on an MMIO/PIO bus.
+    Uart {
+        /// Device id.
+        id: String,
+        /// Bus id.
+        bus: String,
+        /// Base address on the bus.
+        addr: u64,
+        /// Where its output goes.
+        sink: Sink,
+    },
+    /// The slow test device on an MMIO/PIO bus.
+    TestDevice {
+        /// Device id.
+        id: String,
+        /// Bus id.
+        bus: String,
+        /// Base address on the bus.
+        addr: u64,
+        /// How long each read takes.
+        read_delay: Duration,
+    },
+}
+
+impl Plan {
+    /// The device id.
+    pub fn id(&self) -> &str {
+        match self {
+            Plan::Blk { id, .. }
+            | Plan::Rng { id, .. }
+            | Plan::Uart { id, .. }
+            | Plan::TestDevice { id, .. } => id,
+        }
+    }
+
+    /// The device kind, as in a topology file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Plan::Blk { .. } => "virtio-blk",
+            Plan::Rng { .. } => "virtio-rng",
+            Plan::Uart { .. } => "uart-16550",
+            Plan::TestDevice { .. } => "test-device",
+        }
+    }
+}
+
+/// Errors of the fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A device with this id exists.
+    #[error("Device '{0}' already exists")]
+    Duplicate(String),
+    /// No such device.
+    #[error("Device '{0}' not found")]
+    NotFound(String),
+    /// No such bus.
+    #[error("Device '{device}': bus '{bus}' not found")]
+    NoBus {
+        /// The device.
+        device: String,
+        /// The bus.
+        bus: String,
+    },
+    /// Starting a device failed.
+    #[error("Device '{id}' ({kind}) did not start: {reason}")]
+    Start {
+        /// The device.
+        id: String,
+        /// Its kind.
+        kind: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Stopping a device failed.
+    #[error("Device '{id}' did not stop cleanly: {reason}")]
+    Stop {
+        /// The device.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What `query-devices` reports for a device.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: String,
+    /// Kind.
+    pub kind: &'static str,
+    /// `running`, `draining`, `stopped`, `failed` or `unresponsive`.
+    pub state: String,
+    /// Requests or accesses accepted and not yet answered.
+    pub in_flight: u64,
+    /// Requests or accesses answered since it started.
+    pub handled: u64,
+    /// Where it is: `socket PATH` or `bus ID @ ADDR`.
+    pub at: String,
+}
+
+/// An actix system on a thread of its own; stops when dropped.
+struct OwnArbiter {
+    handle: ArbiterHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl OwnArbiter {
+    fn start(name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                System::new().block_on(async move {
+                    let _ = tx.send(Arbiter::current());
+                    // Runs until the sender is used or dropped.
+                    let _ = stop_rx.await;
+                });
+            })?;
+        let handle = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the arbiter thread died at start"))?;
+        Ok(OwnArbiter {
+            handle,
+            stop: Some(stop_tx),
+        })
+    }
+}
+
+impl Drop for OwnArbiter {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Polls `fut` on this thread until it is ready or `timeout` passes. The
+/// futures of bus and device handles are answered by actors on other
+/// threads, so polling here never runs device code.
+fn wait_for<F: Future>(fut: F, timeout: Duration) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let start = Instant::now();
+    let mut nap = Duration::from_micros(50);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(5));
+    }
+}
+
+/// A bus of the topology.
+struct Bus {
+    handle: BusHandle,
+    _arbiter: OwnArbiter,
+}
+
+/// A vhost-user device's server, type-erased.
+trait Served: Send + Sync {
+    fn in_flight(&self) -> u64;
+    fn handled(&self) -> u64;
+}
+
+impl<D: VirtioDevice> Served for VhostUserServer<D> {
+    fn in_flight(&self) -> u64 {
+        VhostUserServer::in_flight(self)
+    }
+
+    fn handled(&self) -> u64 {
+        VhostUserServer::handled(self)
+    }
+}
+
+enum Body {
+    VhostUser {
+        server: Arc<dyn Served>,
+        stop: StopHandle,
+        thread: Mutex<Option<thread::JoinHandle<crate::vhost_user::Result<()>>>>,
+        socket: PathBuf,
+    },
+    OnBus {
+        bus: String,
+        addr: u64,
+        device: DeviceRef,
+        region: RegionId,
+        arbiter: Mutex<Option<OwnArbiter>>,
+    },
+}
+
+struct Entry {
+    id: String,
+    kind: &'static str,
+    body: Body,
+}
+
+/// A removal in progress; later removals wait on it.
+#[derive(Default)]
+struct Removal {
+    result: Mutex<Option<Result<Duration, String>>>,
+    done: Condvar,
+}
+
+enum Slot {
+    Running(Arc<Entry>),
+    Removing(Arc<Entry>, Arc<Removal>),
+}
+
+/// The devices of one process.
+pub struct Fleet {
+    runtime: Runtime,
+    memory_arbiters: Vec<OwnArbiter>,
+    next_memory_arbiter: AtomicUsize,
+    buses: Mutex<HashMap<String, Bus>>,
+    devices: Mutex<BTreeMap<String, Slot>>,
+    next_region: AtomicU64,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("devices", &self.lock_devices().len())
+            .finish()
+    }
+}
+
+impl Fleet {
+    /// An empty fleet with its guest-memory arbiters started.
+    pub fn new() -> std::io::Result<Self> {
+        let memory_arbiters = (0..MEMORY_ARBITERS)
+            .map(|i| OwnArbiter::start(&format!("guest-mem{i}")))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Fleet {
+            runtime: Runtime::new(),
+            memory_arbiters,
+            next_memory_arbiter: AtomicUsize::new(0),
+            buses: Mutex::default(),
+            devices: Mutex::default(),
+            next_region: AtomicU64::new(1),
+        })
+    }
+
+    fn lock_devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts an MMIO/PIO bus (an address space actor on its own arbiter).
+    pub fn add_bus(&self, id: &str) -> std::io::Result<()> {
+        let arbiter = OwnArbiter::start(&format!("bus-{id}"))?;
+        let handle = BusHandle::start(&self.runtime, id, &arbiter.handle);
+        self.buses.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id.to_string(),
+            Bus {
+                handle,
+                _arbiter: arbiter,
+            },
+        );
+        Ok(())
+    }
+
+    /// A bus's handle (to drive accesses in tests and examples).
+    pub fn bus(&self, id: &str) -> Option<BusHandle> {
+        self.buses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|b| b.handle.clone())
+    }
+
+    /// Starts a device. Its id must be new. A failure leaves nothing behind.
+    pub fn add(&self, plan: &Plan) -> Result<(), Error> {
+        let id = plan.id().to_string();
+        // Reserve the id first: two concurrent adds of one id cannot both
+        // start.
+        if self.lock_devices().contains_key(&id) {
+            return Err(Error::Duplicate(id));
+        }
+        let entry = self.start(plan)?;
+        let mut devices = self.lock_devices();
+        if devices.contains_key(&id) {
+            drop(devices);
+            let _ = Self::stop_entry(&entry);
+            return Err(Error::Duplicate(id));
+        }
+        devices.insert(id, Slot::Running(Arc::new(entry)));
+        Ok(())
+    }
+
+    fn start(&self, plan: &Plan) -> Result<Entry, Error> {
+        let fail = |reason: String| Error::Start {
+            id: plan.id().to_string(),
+            kind: plan.kind(),
+            reason,
+        };
+        match plan {
+            Plan::Blk {
+                id,
+                path,
+                options,
+                socket,
+            } => {
+                let blk = Blk::open(path, options).map_err(|e| fail(error_chain(&e)))?;
+                let workers = thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(usize::from(options.queues));
+                self.start_vhost_user(id, plan.kind(), blk, workers, socket)
+            }
+            Plan::Rng {
+                id,
+                rate_limit,
+                socket,
+            } => {
+                let rng = Rng::new(*rate_limit).map_err(|e| fail(e.to_string()))?;
+                self.start_vhost_user(id, plan.kind(), rng, 1, socket)
+            }
+            Plan::Uart {
+                id,
+                bus,
+                addr,
+                sink,
+            } => {
+                let arbiter =
+                    OwnArbiter::start(&format!("dev-{id}")).map_err(|e| fail(e.to_string()))?;
+                let device = spawn_serial(
+                    &self.runtime,
+                    DeviceId::new(id.as_str()),
+                    sink,
+                    IrqLine::disconnected(IrqNumber(4)),
+                    &arbiter.handle,
+                    None,
+                )
+                .map_err(|e| fail(error_chain(&e)))?
+                .device;
+                self.plug(
+                    id,
+                    plan.kind(),
+                    bus,
+                    *addr,
+                    SERIAL_REGION_SIZE,
+                    device,
+                    arbiter,
+                )
+            }
+            Plan::TestDevice {
+                id,
+                bus,
+                addr,
+                read_delay,
+            } => {
+                let arbiter =
+                    OwnArbiter::start(&format!("dev-{id}")).map_err(|e| fail(e.to_string()))?;
+                let (slow, _probe) = SlowDevice::new(SlowDeviceConfig {
+                    read_delay: *read_delay,
+                    record: false,
+                });
+                let device = switchboard_runtime::spawn_device(
+                    &self.runtime,
+                    DeviceId::new(id.as_str()),
+                    slow,
+                    &arbiter.handle,
+                    None,
+                )
+                .device;
+                self.plug(
+                    id,
+                    plan.kind(),
+                    bus,
+                    *addr,
+                    SLOW_REGION_SIZE,
+                    device,
+                    arbiter,
+                )
+            }
+        }
+    }
+
+    fn start_vhost_user<D: VirtioDevice>(
+        &self,
+        id: &str,
+        kind: &'static str,
+        device: D,
+        workers: usize,
+        socket: &std::path::Path,
+    ) -> Result<Entry, Error> {
+        let fail = |reason: String| Error::Start {
+            id: id.to_string(),
+            kind,
+            reason,
+        };
+        let n = self.next_memory_arbiter.fetch_add(1, Ordering::Relaxed);
+        let arbiter = &self.memory_arbiters[n % self.memory_arbiters.len()];
+        let bus = BusHandle::start(
+            &self.runtime,
+            &format!("{id}-guest-memory"),
+            &arbiter.handle,
+        );
+        let server = VhostUserServer::new(Arc::new(device), bus, workers)
+            .map_err(|e| fail(error_chain(&e)))?;
+        let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
+        let stop = StopHandle::default();
+        let thread = {
+            let (server, stop) = (server.clone(), stop.clone());
+            thread::Builder::new()
+                .name(format!("serve-{id}").chars().take(15).collect())
+                .spawn(move || serve_bound(server, bound, &stop))
+                .map_err(|e| fail(e.to_string()))?
+        };
+        Ok(Entry {
+            id: id.to_string(),
+            kind,
+            body: Body::VhostUser {
+                server: Arc::new(server),
+                stop,
+                thread: Mutex::new(Some(thread)),
+                socket: socket.to_path_buf(),
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plug(
+        &self,
+        id: &str,
+        kind: &'static str,
+        bus: &str,
+        addr: u64,
+        size: u64,
+        device: DeviceRef,
+        arbiter: OwnArbiter,
+    ) -> Result<Entry, Error> {
+        let fail = |reason: String| Error::Start {
+            id: id.to_string(),
+            kind,
+            reason,
+        };
+        let handle = self.bus(bus).ok_or_else(|| Error::NoBus {
+            device: id.to_string(),
+            bus: bus.to_string(),
+        })?;
+        let timeout = Duration::from_secs(10);
+        wait_for(device.realize_and_start(), timeout)
+            .ok_or_else(|| fail("the device did not start within 10 s".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let region = RegionId(self.next_region.fetch_add(1, Ordering::Relaxed));
+        wait_for(
+            handle.add_device(region, &device, Default::default(), BusAddr(addr), size),
+            timeout,
+        )
+        .ok_or_else(|| fail(format!("bus '{bus}' did not answer within 10 s")))?
+        .map_err(|e| fail(e.to_string()))?;
+        Ok(Entry {
+            id: id.to_string(),
+            kind,
+            body: Body::OnBus {
+                bus: bus.to_string(),
+                addr,
+                device,
+                region,
+                arbiter: Mutex::new(Some(arbiter)),
+            },
+        })
+    }
+
+    /// Drains and stops `entry`; returns how long the drain took.
+    fn stop_entry(entry: &Entry) -> Result<Duration, String> {
+        let start = Instant::now();
+        match &entry.body {
+            Body::VhostUser { stop, thread, .. } => {
+                // Disconnects the frontend; the serving thread drains every
+                // queue before it returns, and removes the socket file.
+                stop.stop();
+                let t = thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(t) = t {
+                    match t.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(error_chain(&e)),
+                        Err(_) => return Err("its serving thread panicked".into()),
+                    }
+                }
+            }
+            Body::OnBus {
+                device, arbiter, ..
+            } => {
+                // Unplugged from its bus by the caller; drain the actor.
+                let drained = futures::executor::block_on(device.drain(None));
+                arbiter.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Err(e) = drained {
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Drains and stops device `id`; returns how long the drain took. A
+    /// removal of a device already being removed waits for that removal.
+    pub fn remove(&self, id: &str) -> Result<Duration, Error> {
+        let (entry, removal, first) = {
+            let mut devices = self.lock_devices();
+            match devices.get(id) {
+                None => return Err(Error::NotFound(id.to_string())),
+                Some(Slot::Removing(e, r)) => (Arc::clone(e), Arc::clone(r), false),
+                Some(Slot::Running(e)) => {
+                    let e = Arc::clone(e);
+                    let r = Arc::new(Removal::default());
+                    devices.insert(
+                        id.to_string(),
+                        Slot::Removing(Arc::clone(&e), Arc::clone(&r)),
+                    );
+                    (e, r, true)
+                }
+            }
+        };
+        let result = if first {
+            let result = self.unplug_and_stop(&entry);
+            *removal.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+            removal.done.notify_all();
+            self.lock_devices().remove(id);
+            result
+        } else {
+            let mut r = removal.result.lock().unwrap_or_else(|e| e.into_inner());
+            while r.is_none() {
+                r = removal.done.wait(r).unwrap_or_else(|e| e.into_inner());
+            }
+            r.clone().unwrap_or_else(|| Err("removal lost".into()))
+        };
+        result.map_err(|reason| Error::Stop {
+            id: id.to_string(),
+            reason,
+        })
+    }
+
+    fn unplug_and_stop(&self, entry: &Entry) -> Result<Duration, String> {
+        let start = Instant::now();
+        if let Body::OnBus { bus, region, .. } = &entry.body {
+            // Off the bus first: no access reaches the device afterwards.
+            if let Some(handle) = self.bus(bus) {
+                futures::executor::block_on(handle.remove_region(*region))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Self::stop_entry(entry)?;
+        Ok(start.elapsed())
+    }
+
+    /// Removes every device (each drained), in parallel.
+    pub fn remove_all(&self) -> Vec<(String, Result<Duration, Error>)> {
+        let ids: Vec<String> = self.lock_devices().keys().cloned().collect();
+        thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|id| s.spawn(move || (id.clone(), self.remove(id))))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+
+    /// Every device's state and counters, by id.
+    pub fn query(&self) -> Vec<DeviceInfo> {
+        let entries: Vec<(Arc<Entry>, bool)> = self
+            .lock_devices()
+            .values()
+            .map(|s| match s {
+                Slot::Running(e) => (Arc::clone(e), false),
+                Slot::Removing(e, _) => (Arc::clone(e), true),
+            })
+            .collect();
+        entries
+            .into_iter()
+            .map(|(e, removing)| Self::info(&e, removing))
+            .collect()
+    }
+
+    fn info(e: &Entry, removing: bool) -> DeviceInfo {
+        match &e.body {
+            Body::VhostUser { server, socket, .. } => DeviceInfo {
+                id: e.id.clone(),
+                kind: e.kind,
+                state: if removing { "draining" } else { "running" }.into(),
+                in_flight: server.in_flight(),
+                handled: server.handled(),
+                at: format!("socket {}", socket.display()),
+            },
+            Body::OnBus {
+                bus, addr, device, ..
+            } => {
+                let at = format!("bus {bus} @ {addr:#x}");
+                match wait_for(device.status(), STATUS_TIMEOUT).flatten() {
+                    Some(s) => DeviceInfo {
+                        id: e.id.clone(),
+                        kind: e.kind,
+                        state: state_name(s.state).into(),
+                        in_flight: s.pending,
+                        handled: s.handled,
+                        at,
+                    },
+                    None => DeviceInfo {
+                        id: e.id.clone(),
+                        kind: e.kind,
+                        state: if device.connected() {
+                            "unresponsive"
+                        } else {
+                            "failed"
+                        }
+                        .into(),
+                        in_flight: 0,
+                        handled: 0,
+                        at,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Number of devices (including those being removed).
+    pub fn len(&self) -> usize {
+        self.lock_devices().len()
+    }
+
+    /// Whether there are no devices.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bus counters (unassigned accesses) by bus id.
+    pub fn bus_stats(&self) -> Vec<(String, Option<switchboard_bus::BusStats>)> {
+        let buses: Vec<(String, BusHandle)> = self
+            .buses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, b)| (k.clone(), b.handle.clone()))
+            .collect();
+        buses
+            .into_iter()
+            .map(|(id, h)| {
+                let stats = wait_for(h.stats(), STATUS_TIMEOUT).and_then(Result::ok);
+                (id, stats)
+            })
+            .collect()
+    }
+}
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Created => "created",
+        State::Realized => "realized",
+        State::Running => "running",
+        State::Draining => "draining",
+        State::Stopped => "stopped",
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
