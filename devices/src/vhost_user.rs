@@ -772,6 +772,16 @@ pub fn serve_unix_listener<D: VirtioDevice>(
         reason: format!("duplicate the listening socket: {e}"),
     })?;
     *stop.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+    // A socket bound to a path is woken by connecting to it, as in
+    // `serve`: a listening socket shut down for reading does not reliably
+    // wake an `accept` already blocked on it.
+    if let Some(path) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+    {
+        *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
     if stop.stopped() {
         return Ok(());
     }

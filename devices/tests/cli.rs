@@ -214,7 +214,7 @@ fn test_serve_takes_an_inherited_listening_socket_with_socket_fd() {
     let sock = dir.path().join("inherited.sock");
     let script = r#"
 import os, socket, subprocess, sys, time
-path, exe = sys.argv[1], sys.argv[2]
+path, exe, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 s = socket.socket(socket.AF_UNIX)
 s.bind(path)
 s.listen(1)
@@ -225,6 +225,10 @@ if fd != 3:
 p = subprocess.Popen([exe, "serve", "rng", "--socket-fd", "3"], pass_fds=[3])
 os.close(3)
 try:
+    if mode == "idle":
+        # Nobody ever connects: SIGTERM must still end the accept.
+        time.sleep(0.5)
+        raise SystemExit(0)
     c = socket.socket(socket.AF_UNIX)
     c.settimeout(10)
     c.connect(path)
@@ -239,10 +243,26 @@ finally:
     print("rc", p.wait(timeout=20))
 print("exists", os.path.exists(path))
 "#;
+    let idle = dir.path().join("idle.sock");
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&idle)
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("idle")
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("rc 0"),
+        "SIGTERM with no frontend ever connected:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let out = Command::new("python3")
         .args(["-c", script])
         .arg(&sock)
         .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("connect")
         .output()
         .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
