@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod rng;
 pub mod serial;
 pub mod slow;
+pub mod topology;
 pub mod uart;
 pub mod uart_sink;
 pub mod vhost_user;

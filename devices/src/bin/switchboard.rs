@@ -6,6 +6,7 @@
 //! switchboard serve blk --path disk.img --socket-path /tmp/blk.sock [--read-only] [--queues 2]
 //! switchboard serve rng --socket-path /tmp/rng.sock [--rate-limit 65536]
 //! switchboard serve rng --socket-fd 3
+//! switchboard check topology.json
 //! ```
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -45,6 +46,20 @@ enum Command {
     /// completed, the socket file is removed, and the process exits 0.
     #[command(subcommand)]
     Serve(Device),
+    /// Check a topology file without starting anything.
+    ///
+    /// Exits 0 and prints a one-line summary if FILE is valid. Otherwise
+    /// exits 2 and prints every error found on stderr, one per line, as
+    /// `FILE:LINE:COLUMN: JSON.PATH: what is wrong, what was expected`:
+    /// JSON syntax, types, unknown and missing fields, and what the types
+    /// cannot say (duplicate ids, unknown buses, overlapping regions, images
+    /// that are missing or cannot be opened as asked, socket paths that exist
+    /// and are not sockets, queue counts out of range, ...). Relative paths
+    /// in FILE are taken from FILE's directory.
+    Check {
+        /// The topology file (JSON).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +330,7 @@ fn default_workers(queues: u16) -> usize {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Check { file } => check(&file),
         Command::Serve(Device::Rng { socket, rate_limit }) => {
             let endpoints = socket.endpoints()?;
             serve_all(endpoints, 1, |_| {
@@ -369,6 +385,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A topology file that `check` found invalid; its errors are already
+/// printed. `main` exits 2 for it.
+#[derive(Debug)]
+struct InvalidTopology {
+    file: PathBuf,
+    errors: usize,
+}
+
+impl std::fmt::Display for InvalidTopology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = if self.errors == 1 { "" } else { "s" };
+        write!(f, "{}: {} error{s}", self.file.display(), self.errors)
+    }
+}
+
+impl std::error::Error for InvalidTopology {}
+
+fn check(file: &std::path::Path) -> anyhow::Result<()> {
+    let count =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    match switchboard_devices::topology::check_file(file) {
+        Ok(t) => {
+            println!(
+                "{}: {} on {}: OK",
+                file.display(),
+                count(t.devices.len(), "device", "devices"),
+                count(t.buses.len(), "bus", "buses")
+            );
+            Ok(())
+        }
+        Err(diagnostics) => {
+            for d in &diagnostics {
+                eprintln!("{}", d.in_file(file));
+            }
+            Err(InvalidTopology {
+                file: file.to_path_buf(),
+                errors: diagnostics.len(),
+            }
+            .into())
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -383,6 +442,9 @@ fn main() -> ExitCode {
             eprintln!("switchboard: error: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
+            }
+            if e.is::<InvalidTopology>() {
+                return ExitCode::from(2);
             }
             ExitCode::FAILURE
         }
