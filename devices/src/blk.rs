@@ -8,7 +8,7 @@
 //! reserved, sector); its writable buffers end with the status byte. What
 //! lies between is the data: writable for reads and GET_ID, readable for
 //! writes, discard and write-zeroes. Every request is checked on the queue
-//! worker before any I/O starts ([`Blk::parse`]); one that fails a check is
+//! worker before any I/O starts; one that fails a check is
 //! answered at once with `IOERR` or `UNSUPP` in its status byte. A chain
 //! without a writable byte has nowhere to put a status: it is answered with
 //! a used length of 0 and logged.

@@ -19,6 +19,7 @@ pub mod blk;
 pub mod control;
 pub mod fleet;
 pub mod rng;
+pub mod runner;
 pub mod serial;
 pub mod slow;
 pub mod topology;

@@ -60,6 +60,66 @@ enum Command {
         /// The topology file (JSON).
         file: PathBuf,
     },
+    /// Start every device of a topology file in this process, until SIGINT or SIGTERM.
+    ///
+    /// The file is checked first (as `switchboard check` does; an invalid
+    /// file exits 2 and starts nothing). Each device gets a one-line
+    /// summary; vhost-user devices also get the QEMU arguments that connect
+    /// to them. A device that fails to start is reported and the others
+    /// keep running, unless --strict. With --control, a control socket
+    /// takes QMP-style commands (see `switchboard ctl --help`). On SIGINT or
+    /// SIGTERM every device is drained and stopped, then the process exits 0.
+    Run {
+        /// The topology file (JSON).
+        file: PathBuf,
+        /// Listen for control commands on this unix socket.
+        #[arg(long, value_name = "SOCKET")]
+        control: Option<PathBuf>,
+        /// Stop everything and exit 1 if any device fails to start.
+        #[arg(long)]
+        strict: bool,
+        /// Create each virtio-blk image that does not exist as a sparse file
+        /// of SIZE bytes first (suffixes K, M, G: 64M).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        create_images: Option<u64>,
+    },
+    /// Send one command to the control socket of a `switchboard run`.
+    ///
+    /// Commands: query-devices, query-stats, device-add ARGS (a device
+    /// object as in a topology file), device-del '{"id": "disk0"}',
+    /// query-commands. The reply is printed readably (a table for
+    /// query-devices); an error reply is printed on stderr and exits 1.
+    ///
+    /// Example: switchboard ctl /run/sb.sock device-del '{"id": "disk0"}'
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// The command (QMP-style name).
+        command: String,
+        /// The command's arguments: a JSON object.
+        arguments: Option<String>,
+        /// Print the reply line as JSON, unformatted.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `64M` and the like, in bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 65536, 64M or 1G"))?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| *b >= 512)
+        .ok_or_else(|| format!("'{s}' must be from 512 bytes to 16 EiB"))?;
+    Ok(bytes)
 }
 
 #[derive(Debug, Subcommand)]
@@ -331,6 +391,18 @@ fn default_workers(queues: u16) -> usize {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::Run {
+            file,
+            control,
+            strict,
+            create_images,
+        } => run_topology(&file, control.as_deref(), strict, create_images),
+        Command::Ctl {
+            socket,
+            command,
+            arguments,
+            json,
+        } => ctl(&socket, &command, arguments.as_deref(), json),
         Command::Serve(Device::Rng { socket, rate_limit }) => {
             let endpoints = socket.endpoints()?;
             serve_all(endpoints, 1, |_| {
@@ -426,6 +498,204 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
             .into())
         }
     }
+}
+
+/// Creates the missing virtio-blk images of `file` as sparse files.
+fn create_images(file: &std::path::Path, size: u64) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+    // An unparsable file is left for the check to report.
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let base = file.parent().unwrap_or(std::path::Path::new(""));
+    let devices = value["devices"].as_array().cloned().unwrap_or_default();
+    for d in devices {
+        if d["kind"] != "virtio-blk" {
+            continue;
+        }
+        let Some(path) = d["path"].as_str() else {
+            continue;
+        };
+        let path = base.join(path);
+        if path.exists() {
+            continue;
+        }
+        std::fs::File::create_new(&path)
+            .and_then(|f| f.set_len(size))
+            .with_context(|| format!("create the image {}", path.display()))?;
+        eprintln!(
+            "switchboard: created {} ({} MiB, sparse)",
+            path.display(),
+            size >> 20
+        );
+    }
+    Ok(())
+}
+
+fn run_topology(
+    file: &std::path::Path,
+    control: Option<&std::path::Path>,
+    strict: bool,
+    create: Option<u64>,
+) -> anyhow::Result<()> {
+    use switchboard_devices::control::ControlServer;
+    use switchboard_devices::runner::Runner;
+
+    // Signals first: a signal that arrives while devices start is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("install signal handlers")?;
+    if let Some(size) = create {
+        create_images(file, size)?;
+    }
+    let topology = match switchboard_devices::topology::check_file(file) {
+        Ok(t) => t,
+        Err(diagnostics) => {
+            for d in &diagnostics {
+                eprintln!("{}", d.in_file(file));
+            }
+            return Err(InvalidTopology {
+                file: file.to_path_buf(),
+                errors: diagnostics.len(),
+            }
+            .into());
+        }
+    };
+    if let Some(c) = control {
+        check_socket_path(c).with_context(|| format!("--control {}", c.display()))?;
+    }
+    let base = file.parent().unwrap_or(std::path::Path::new(""));
+    let t0 = std::time::Instant::now();
+    let (runner, started) = Runner::start(topology, base).context("start the runtime")?;
+    let elapsed = t0.elapsed();
+    let runner = Arc::new(runner);
+    let mut failed = 0;
+    for s in &started {
+        match &s.result {
+            Ok(what) => println!("{}: {what}", s.id),
+            Err(why) => {
+                failed += 1;
+                eprintln!("{}: FAILED: {why}", s.id);
+            }
+        }
+    }
+    if failed > 0 && strict {
+        runner.shutdown();
+        bail!(
+            "{failed} of {} devices did not start (--strict)",
+            started.len()
+        );
+    }
+    let server = match control {
+        Some(c) => {
+            let server = ControlServer::start(c, runner.clone())
+                .with_context(|| format!("--control {}", c.display()))?;
+            runner.set_events(server.events());
+            Some(server)
+        }
+        None => None,
+    };
+    println!(
+        "switchboard: {} of {} devices running (started in {} ms){}; SIGINT or SIGTERM stops",
+        started.len() - failed,
+        started.len(),
+        elapsed.as_millis(),
+        control
+            .map(|c| format!("; control socket {}", c.display()))
+            .unwrap_or_default()
+    );
+    if let Some(qemu) = runner.qemu_command() {
+        println!("connect QEMU with:\n  {qemu}");
+    }
+    if let Some(sig) = signals.forever().next() {
+        eprintln!("switchboard: signal {sig}: draining every device");
+    }
+    let t1 = std::time::Instant::now();
+    let results = runner.shutdown();
+    let mut errors = 0;
+    for (id, r) in &results {
+        if let Err(e) = r {
+            errors += 1;
+            eprintln!("switchboard: {id}: {e}");
+        }
+    }
+    if let Some(s) = server {
+        s.stop();
+    }
+    eprintln!(
+        "switchboard: stopped {} devices in {} ms",
+        results.len(),
+        t1.elapsed().as_millis()
+    );
+    if errors > 0 {
+        bail!("{errors} devices did not stop cleanly");
+    }
+    Ok(())
+}
+
+fn ctl(
+    socket: &std::path::Path,
+    command: &str,
+    arguments: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use switchboard_devices::control::Client;
+
+    let arguments = arguments
+        .map(|a| {
+            let v: serde_json::Value =
+                serde_json::from_str(a).with_context(|| format!("ARGUMENTS {a:?} is not JSON"))?;
+            if !v.is_object() {
+                bail!("ARGUMENTS must be a JSON object, like '{{\"id\": \"disk0\"}}'");
+            }
+            Ok(v)
+        })
+        .transpose()?;
+    let mut client = Client::connect(socket)
+        .with_context(|| format!("connect to the control socket {}", socket.display()))?;
+    let reply = client
+        .execute(command, arguments)
+        .with_context(|| format!("{command} on {}", socket.display()))?;
+    if json {
+        println!("{reply}");
+    }
+    if let Some(e) = reply.get("error") {
+        bail!(
+            "{}: {}",
+            e["class"].as_str().unwrap_or("Error"),
+            e["desc"].as_str().unwrap_or("")
+        );
+    }
+    if json {
+        return Ok(());
+    }
+    let ret = &reply["return"];
+    match (command, ret.as_array()) {
+        ("query-devices", Some(devices)) => {
+            println!(
+                "{:<16} {:<12} {:<12} {:>9} {:>10}  AT",
+                "ID", "KIND", "STATE", "IN-FLIGHT", "HANDLED"
+            );
+            for d in devices {
+                println!(
+                    "{:<16} {:<12} {:<12} {:>9} {:>10}  {}",
+                    d["id"].as_str().unwrap_or("?"),
+                    d["kind"].as_str().unwrap_or("?"),
+                    d["state"].as_str().unwrap_or("?"),
+                    d["in_flight"].as_u64().unwrap_or(0),
+                    d["handled"].as_u64().unwrap_or(0),
+                    d["at"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => println!(
+            "{}",
+            serde_json::to_string_pretty(ret).unwrap_or_else(|_| ret.to_string())
+        ),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

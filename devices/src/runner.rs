@@ -1,0 +1,351 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `switchboard run`: a topology's devices in one [`Fleet`], driven over the
+//! control socket ([`crate::control`]).
+//!
+//! Control commands:
+//! - `query-devices`: every device with its id, kind, state, requests in
+//!   flight, requests handled, and where it is (socket or bus address).
+//! - `device-add`: arguments are one device object, as in a topology file
+//!   (relative paths are taken from the topology file's directory). It is
+//!   checked like a file's devices, against the devices running now.
+//! - `device-del {"id": ID}`: replies once the device is drained and
+//!   stopped, with the drain time; a second `device-del` of a device being
+//!   removed waits for the same drain.
+//! - `query-stats`: uptime, device count, totals, resident memory, threads
+//!   and bus counters.
+//!
+//! Events: `DEVICE_ADDED {"id"}`, `DEVICE_DELETED {"id", "drain_ms"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::control::{CommandError, Controller, Events};
+use crate::fleet::{self, Fleet, Plan};
+use crate::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
+
+/// What to start for a checked device.
+pub fn plan(spec: &DeviceSpec) -> Plan {
+    match spec {
+        DeviceSpec::VirtioBlk(b) => Plan::Blk {
+            id: b.id().to_string(),
+            path: b.path.clone(),
+            options: b.blk_options(),
+            socket: b.vhost_user.socket.clone(),
+        },
+        DeviceSpec::VirtioRng(r) => Plan::Rng {
+            id: r.id().to_string(),
+            rate_limit: r.rate_limit,
+            socket: r.vhost_user.socket.clone(),
+        },
+        DeviceSpec::Uart16550(u) => Plan::Uart {
+            id: u.id().to_string(),
+            bus: u.bus.to_string(),
+            addr: u.addr.0,
+            sink: (&u.output).into(),
+        },
+        DeviceSpec::TestDevice(t) => Plan::TestDevice {
+            id: t.id().to_string(),
+            bus: t.bus.to_string(),
+            addr: t.addr.0,
+            read_delay: t.config().read_delay,
+        },
+    }
+}
+
+/// One line about a device: where it is and, for vhost-user devices, the
+/// QEMU arguments that connect to it.
+pub fn describe(spec: &DeviceSpec) -> String {
+    match spec {
+        DeviceSpec::VirtioBlk(b) => {
+            let size = std::fs::metadata(&b.path).map_or(0, |m| m.len());
+            format!(
+                "virtio-blk on {} ({} MiB, {}, {} queue{}), socket {}\n    qemu: -chardev socket,id={id},path={} -device vhost-user-blk-pci,chardev={id},num-queues={}",
+                b.path.display(),
+                size >> 20,
+                if b.read_only { "read-only" } else { "read-write" },
+                b.vhost_user.queues,
+                if b.vhost_user.queues == 1 { "" } else { "s" },
+                b.vhost_user.socket.display(),
+                b.vhost_user.socket.display(),
+                b.vhost_user.queues,
+                id = b.id(),
+            )
+        }
+        DeviceSpec::VirtioRng(r) => format!(
+            "virtio-rng{}, socket {}\n    qemu: -chardev socket,id={id},path={} -device vhost-user-rng-pci,chardev={id}",
+            r.rate_limit
+                .map(|l| format!(" limited to {l} bytes/s"))
+                .unwrap_or_default(),
+            r.vhost_user.socket.display(),
+            r.vhost_user.socket.display(),
+            id = r.id(),
+        ),
+        DeviceSpec::Uart16550(u) => {
+            format!("uart-16550 on bus {} at {:#x}, output {}", u.bus, u.addr.0, u.output)
+        }
+        DeviceSpec::TestDevice(t) => format!(
+            "test-device on bus {} at {:#x}, reads take {} us",
+            t.bus, t.addr.0, t.read_delay_us
+        ),
+    }
+}
+
+/// How one device's start went.
+#[derive(Debug)]
+pub struct Started {
+    /// Device id.
+    pub id: String,
+    /// A description, or why it did not start.
+    pub result: Result<String, String>,
+}
+
+/// A running topology.
+pub struct Runner {
+    fleet: Arc<Fleet>,
+    buses: Vec<BusSpec>,
+    /// The specs of the devices running (or being removed).
+    specs: Mutex<Vec<DeviceSpec>>,
+    base_dir: PathBuf,
+    events: Mutex<Option<Events>>,
+    started: Instant,
+    /// Serialises device-add checks with their start.
+    adding: Mutex<()>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("fleet", &self.fleet)
+            .finish()
+    }
+}
+
+impl Runner {
+    /// Starts a checked topology's buses and devices. A device that fails
+    /// to start is reported in the list and the rest are started.
+    pub fn start(topology: Topology, base_dir: &Path) -> std::io::Result<(Self, Vec<Started>)> {
+        let fleet = Arc::new(Fleet::new()?);
+        for bus in &topology.buses {
+            fleet.add_bus(bus.id().as_str())?;
+        }
+        let mut specs = Vec::new();
+        let mut report = Vec::new();
+        for spec in topology.devices {
+            let id = spec.id().to_string();
+            match fleet.add(&plan(&spec)) {
+                Ok(()) => {
+                    report.push(Started {
+                        id,
+                        result: Ok(describe(&spec)),
+                    });
+                    specs.push(spec);
+                }
+                Err(e) => report.push(Started {
+                    id,
+                    result: Err(e.to_string()),
+                }),
+            }
+        }
+        Ok((
+            Runner {
+                fleet,
+                buses: topology.buses,
+                specs: Mutex::new(specs),
+                base_dir: base_dir.to_path_buf(),
+                events: Mutex::default(),
+                started: Instant::now(),
+                adding: Mutex::default(),
+            },
+            report,
+        ))
+    }
+
+    /// A QEMU command line that connects to every vhost-user device
+    /// running (guest RAM in shared memory, as vhost-user needs), or `None`
+    /// when there is none. Kernel, disk and other options are the user's.
+    pub fn qemu_command(&self) -> Option<String> {
+        let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut args = Vec::new();
+        for spec in specs.iter() {
+            match spec {
+                DeviceSpec::VirtioBlk(b) => args.push(format!(
+                    "-chardev socket,id={id},path={} -device vhost-user-blk-pci,chardev={id},num-queues={}",
+                    b.vhost_user.socket.display(),
+                    b.vhost_user.queues,
+                    id = b.id()
+                )),
+                DeviceSpec::VirtioRng(r) => args.push(format!(
+                    "-chardev socket,id={id},path={} -device vhost-user-rng-pci,chardev={id}",
+                    r.vhost_user.socket.display(),
+                    id = r.id()
+                )),
+                _ => {}
+            }
+        }
+        if args.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G -smp 2 \\\n    -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    {} \\\n    -kernel vmlinuz -append console=ttyS0 -nographic",
+            args.join(" \\\n    ")
+        ))
+    }
+
+    /// The fleet.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Where events go (the control socket's clients).
+    pub fn set_events(&self, events: Events) {
+        *self.events.lock().unwrap_or_else(|e| e.into_inner()) = Some(events);
+    }
+
+    fn emit(&self, event: &str, data: Value) {
+        if let Some(e) = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            e.emit(event, data);
+        }
+    }
+
+    /// Drains and stops every device; returns each one's drain time or
+    /// error.
+    pub fn shutdown(&self) -> Vec<(String, Result<Duration, fleet::Error>)> {
+        let r = self.fleet.remove_all();
+        self.specs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        r
+    }
+
+    fn device_add(&self, arguments: &Map<String, Value>) -> Result<Value, CommandError> {
+        let value = Value::Object(arguments.clone());
+        let spec = parse_device(&value, "", &self.base_dir).map_err(|d| {
+            CommandError::generic(
+                d.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        let _adding = self.adding.lock().unwrap_or_else(|e| e.into_inner());
+        let running = self.specs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let errors = check_device_against(&self.buses, &running, &spec, "");
+        if !errors.is_empty() {
+            return Err(CommandError::generic(
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
+        self.fleet
+            .add(&plan(&spec))
+            .map_err(|e| CommandError::generic(e.to_string()))?;
+        let id = spec.id().to_string();
+        let description = describe(&spec);
+        self.specs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(spec);
+        self.emit("DEVICE_ADDED", json!({ "id": id }));
+        Ok(json!({ "id": id, "description": description }))
+    }
+
+    fn device_del(&self, arguments: &Map<String, Value>) -> Result<Value, CommandError> {
+        let id = match arguments.get("id") {
+            Some(Value::String(id)) => id.clone(),
+            Some(other) => {
+                return Err(CommandError::generic(format!(
+                    "'id' must be a string, not {other}"
+                )))
+            }
+            None => return Err(CommandError::generic("device-del needs 'id'")),
+        };
+        if let Some(extra) = arguments.keys().find(|k| *k != "id") {
+            return Err(CommandError::generic(format!(
+                "device-del takes only 'id', not '{extra}'"
+            )));
+        }
+        match self.fleet.remove(&id) {
+            Ok(drain) => {
+                self.specs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|s| s.id().as_str() != id);
+                let drain_ms = drain.as_secs_f64() * 1000.0;
+                self.emit("DEVICE_DELETED", json!({ "id": id, "drain_ms": drain_ms }));
+                Ok(json!({ "id": id, "drain_ms": drain_ms }))
+            }
+            Err(fleet::Error::NotFound(_)) => Err(CommandError::device_not_found(&id)),
+            Err(e) => Err(CommandError::generic(e.to_string())),
+        }
+    }
+
+    fn query_stats(&self) -> Value {
+        let devices = self.fleet.query();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let buses: Vec<Value> = self
+            .fleet
+            .bus_stats()
+            .into_iter()
+            .map(|(id, s)| match s {
+                Some(s) => json!({
+                    "id": id,
+                    "device_accesses": s.device_accesses,
+                    "unassigned_reads": s.unassigned_reads,
+                    "unassigned_writes": s.unassigned_writes,
+                    "regions": s.regions,
+                }),
+                None => json!({ "id": id, "state": "unresponsive" }),
+            })
+            .collect();
+        json!({
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "devices": devices.len(),
+            "in_flight": devices.iter().map(|d| d.in_flight).sum::<u64>(),
+            "handled": devices.iter().map(|d| d.handled).sum::<u64>(),
+            "resident_kib": field("VmRSS:"),
+            "threads": field("Threads:"),
+            "buses": buses,
+        })
+    }
+}
+
+impl Controller for Runner {
+    fn execute(
+        &self,
+        command: &str,
+        arguments: &Map<String, Value>,
+    ) -> Result<Value, CommandError> {
+        match command {
+            "query-devices" => Ok(serde_json::to_value(self.fleet.query())
+                .map_err(|e| CommandError::generic(e.to_string()))?),
+            "device-add" => self.device_add(arguments),
+            "device-del" => self.device_del(arguments),
+            "query-stats" => Ok(self.query_stats()),
+            other => Err(CommandError {
+                class: "CommandNotFound",
+                desc: format!("The command {other} has not been found"),
+            }),
+        }
+    }
+
+    fn commands(&self) -> Vec<&'static str> {
+        vec!["query-devices", "device-add", "device-del", "query-stats"]
+    }
+}
