@@ -500,6 +500,15 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+/// Prints a line on stdout, ignoring a closed stdout: a long-running
+/// `run` must not die because whoever read its summary went away.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Creates the missing virtio-blk images of `file` as sparse files.
 fn create_images(file: &std::path::Path, size: u64) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
@@ -574,7 +583,7 @@ fn run_topology(
     let mut failed = 0;
     for s in &started {
         match &s.result {
-            Ok(what) => println!("{}: {what}", s.id),
+            Ok(what) => say!("{}: {what}", s.id),
             Err(why) => {
                 failed += 1;
                 eprintln!("{}: FAILED: {why}", s.id);
@@ -597,7 +606,7 @@ fn run_topology(
         }
         None => None,
     };
-    println!(
+    say!(
         "switchboard: {} of {} devices running (started in {} ms){}; SIGINT or SIGTERM stops",
         started.len() - failed,
         started.len(),
@@ -607,7 +616,7 @@ fn run_topology(
             .unwrap_or_default()
     );
     if let Some(qemu) = runner.qemu_command() {
-        println!("connect QEMU with:\n  {qemu}");
+        say!("connect QEMU with:\n  {qemu}");
     }
     if let Some(sig) = signals.forever().next() {
         eprintln!("switchboard: signal {sig}: draining every device");
