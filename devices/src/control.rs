@@ -54,6 +54,14 @@ impl CommandError {
         }
     }
 
+    /// A `CommandNotFound` for `command`.
+    pub fn command_not_found(command: &str) -> Self {
+        CommandError {
+            class: "CommandNotFound",
+            desc: format!("The command {command} has not been found"),
+        }
+    }
+
     /// A `DeviceNotFound` for `id`.
     pub fn device_not_found(id: &str) -> Self {
         CommandError {
@@ -369,10 +377,7 @@ pub fn handle_line(text: &str, controller: &dyn Controller) -> Value {
             ))
         }
         c if controller.commands().contains(&c) => controller.execute(c, &arguments),
-        c => Err(CommandError {
-            class: "CommandNotFound",
-            desc: format!("The command {c} has not been found"),
-        }),
+        c => Err(CommandError::command_not_found(c)),
     };
     match result {
         Ok(v) => {

@@ -40,11 +40,12 @@ use switchboard_bus::{BusHandle, RegionId};
 use switchboard_runtime::{BusAddr, DeviceId, DeviceRef, IrqLine, IrqNumber, Runtime, State};
 
 use crate::blk::{Blk, BlkOptions};
+use crate::error_chain;
 use crate::rng::Rng;
 use crate::serial::{spawn_serial, SERIAL_REGION_SIZE};
 use crate::slow::{SlowDevice, SlowDeviceConfig, SLOW_REGION_SIZE};
 use crate::uart_sink::Sink;
-use crate::vhost_user::{bind, serve_bound, StopHandle, VhostUserServer};
+use crate::vhost_user::{bind, default_workers, serve_bound, StopHandle, VhostUserServer};
 use crate::virtio::VirtioDevice;
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
@@ -386,9 +387,7 @@ impl Fleet {
                 socket,
             } => {
                 let blk = Blk::open(path, options).map_err(|e| fail(error_chain(&e)))?;
-                let workers = thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .min(usize::from(options.queues));
+                let workers = default_workers(usize::from(options.queues));
                 self.start_vhost_user(id, plan.kind(), blk, workers, socket)
             }
             Plan::Rng {
@@ -735,15 +734,4 @@ fn state_name(s: State) -> &'static str {
         State::Draining => "draining",
         State::Stopped => "stopped",
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

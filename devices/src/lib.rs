@@ -30,3 +30,16 @@ pub mod virtio;
 
 pub use serial::{spawn_serial, Serial, SerialEvent};
 pub use slow::{SlowDevice, SlowDeviceConfig, SlowDeviceProbe};
+
+/// An error and its sources, joined with `": "`: the one-line form used in
+/// logs, CLI messages and control replies.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -338,10 +338,7 @@ impl Controller for Runner {
             "device-add" => self.device_add(arguments),
             "device-del" => self.device_del(arguments),
             "query-stats" => Ok(self.query_stats()),
-            other => Err(CommandError {
-                class: "CommandNotFound",
-                desc: format!("The command {other} has not been found"),
-            }),
+            other => Err(CommandError::command_not_found(other)),
         }
     }
 

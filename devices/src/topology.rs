@@ -101,6 +101,7 @@ use serde_json::Value;
 use switchboard_runtime::{BusAddr, DeviceId};
 
 use crate::blk::{BlkOptions, ID_LEN, SECTOR_SIZE};
+use crate::error_chain;
 use crate::serial::SERIAL_REGION_SIZE;
 use crate::slow::{SlowDeviceConfig, SLOW_REGION_SIZE};
 use crate::uart_sink::Sink;
@@ -1879,17 +1880,6 @@ fn label(id: &DeviceId, at: Option<&JsonPath>) -> String {
         Some(p) => format!("device `{id}` ({p})"),
         None => format!("device `{id}`"),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn describe_io(e: &io::Error) -> String {

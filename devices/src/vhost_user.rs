@@ -681,6 +681,13 @@ impl StopHandle {
     }
 }
 
+/// The default number of queue workers for `queues` queues: one per
+/// queue, at most one per CPU.
+pub fn default_workers(queues: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    queues.clamp(1, cpus)
+}
+
 /// Refuses a socket path that exists and is not a socket, or is a socket
 /// some process still listens on. A stale socket is fine (it is replaced).
 pub fn check_socket_path(path: &Path) -> Result<()> {

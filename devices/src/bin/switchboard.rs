@@ -21,9 +21,10 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use switchboard_bus::BusHandle;
 use switchboard_devices::blk::{Blk, BlkOptions};
+use switchboard_devices::error_chain;
 use switchboard_devices::rng::Rng;
 use switchboard_devices::vhost_user::{
-    check_socket_path, serve, serve_unix_listener, StopHandle, VhostUserServer,
+    check_socket_path, default_workers, serve, serve_unix_listener, StopHandle, VhostUserServer,
 };
 use switchboard_devices::virtio::VirtioDevice;
 use switchboard_runtime::Runtime;
@@ -372,22 +373,6 @@ fn serve_all<D: VirtioDevice>(
     Ok(())
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-fn default_workers(queues: u16) -> usize {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    usize::from(queues).min(cpus)
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { file } => check(&file),
@@ -442,7 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let first =
                 Blk::open(&path, &options).with_context(|| format!("--path {}", path.display()))?;
             let endpoints = socket.endpoints()?;
-            let workers = workers.map_or_else(|| default_workers(queues), usize::from);
+            let workers = workers.map_or_else(|| default_workers(usize::from(queues)), usize::from);
             let first = std::sync::Mutex::new(Some(first));
             serve_all(endpoints, workers, |_| {
                 let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
