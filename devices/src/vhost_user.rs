@@ -426,14 +426,16 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let _ = c.event.read();
         // A swap, so that it synchronizes with the completers' swaps.
         c.armed.swap(false, Ordering::AcqRel);
-        let mut touched = vec![false; vrings.len()];
+        // Vrings to signal, as a bitmask: a worker has at most 64 (the
+        // crate's `queues_per_thread` masks are u64).
+        let mut touched = 0u64;
         while let Ok((request, len)) = c.rx.try_recv() {
             let queue = usize::from(request.queue());
             let local = self.local_index(queue);
             match vrings.get(local) {
                 Some(vring) => {
                     self.finish(vring, request, len);
-                    touched[local] = true;
+                    touched |= 1 << local;
                 }
                 None => {
                     tracing::error!(
@@ -446,8 +448,8 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 }
             }
         }
-        for (vring, t) in vrings.iter().zip(touched) {
-            if t {
+        for (i, vring) in vrings.iter().enumerate() {
+            if touched & (1 << i) != 0 {
                 self.signal(vring);
             }
         }
