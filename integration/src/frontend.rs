@@ -314,11 +314,13 @@ impl TestFrontend {
         data: &[u8],
         writable: bool,
     ) -> anyhow::Result<u16> {
-        let (hdr, status, buf) = blk_slot(n);
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&h, GuestAddress(hdr))?;
+        let BlkSlot {
+            hdr,
+            status,
+            data: buf,
+        } = blk_slot(n);
+        self.mem
+            .write_slice(&blk_header(kind, sector), GuestAddress(hdr))?;
         self.mem.write_obj(0xffu8, GuestAddress(status))?;
         let mut descs = vec![(hdr, 16, 0)];
         if !data.is_empty() {
@@ -332,13 +334,14 @@ impl TestFrontend {
 
     /// The status byte of the blk request in slot `n`.
     pub fn blk_status(&self, n: u64) -> anyhow::Result<u8> {
-        Ok(self.mem.read_obj(GuestAddress(blk_slot(n).1))?)
+        Ok(self.mem.read_obj(GuestAddress(blk_slot(n).status))?)
     }
 
     /// `len` bytes of the data buffer of the blk request in slot `n`.
     pub fn blk_data(&self, n: u64, len: usize) -> anyhow::Result<Vec<u8>> {
         let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(blk_slot(n).2))?;
+        self.mem
+            .read_slice(&mut v, GuestAddress(blk_slot(n).data))?;
         Ok(v)
     }
 }
@@ -348,8 +351,32 @@ pub const VIRTIO_BLK_T_IN: u32 = 0;
 /// A write.
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 
-/// Header, status and data addresses of blk slot `n`.
-fn blk_slot(n: u64) -> (u64, u64, u64) {
+/// Guest addresses of a blk request's buffers in slot `n` (1 MiB apart
+/// past the rings; slots 0 to 14 fit in [`MEM_SIZE`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BlkSlot {
+    /// The 16-byte header.
+    pub hdr: u64,
+    /// The status byte.
+    pub status: u64,
+    /// The data buffer.
+    pub data: u64,
+}
+
+/// The buffers of blk slot `n`.
+pub fn blk_slot(n: u64) -> BlkSlot {
     let base = 0x10_0000 + n * 0x10_0000;
-    (base, base + 0x100, base + 0x1000)
+    BlkSlot {
+        hdr: base,
+        status: base + 0x100,
+        data: base + 0x1000,
+    }
+}
+
+/// A virtio-blk request header: `kind`, reserved, `sector`.
+pub fn blk_header(kind: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    h
 }

@@ -28,3 +28,73 @@ pub fn start_guest_memory_bus() -> switchboard_bus::BusHandle {
     });
     rx.recv().expect("the actor thread starts the bus")
 }
+
+/// A virtio device served over vhost-user in this process, on a socket, as
+/// the tests use it. Stops serving when dropped.
+pub struct Served<D: switchboard_devices::virtio::VirtioDevice> {
+    /// The server (in-flight and handled counters, the device).
+    pub server: switchboard_devices::vhost_user::VhostUserServer<D>,
+    /// The socket it listens on.
+    pub socket: std::path::PathBuf,
+    /// Stops it.
+    pub stop: switchboard_devices::vhost_user::StopHandle,
+    serving: Option<std::thread::JoinHandle<switchboard_devices::vhost_user::Result<()>>>,
+}
+
+impl<D: switchboard_devices::virtio::VirtioDevice> std::fmt::Debug for Served<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+/// Serves `device` on `socket` with its queues on `workers` threads and
+/// its guest memory on a bus of its own; returns once the socket exists.
+pub fn serve_in_process<D: switchboard_devices::virtio::VirtioDevice>(
+    device: D,
+    workers: usize,
+    socket: std::path::PathBuf,
+) -> Served<D> {
+    use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
+    let server = VhostUserServer::new(
+        std::sync::Arc::new(device),
+        start_guest_memory_bus(),
+        workers,
+    )
+    .expect("vhost-user server");
+    let stop = StopHandle::default();
+    let serving = {
+        let (server, socket, stop) = (server.clone(), socket.clone(), stop.clone());
+        std::thread::spawn(move || serve(server, &socket, &stop))
+    };
+    let start = std::time::Instant::now();
+    while !socket.exists() && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Served {
+        server,
+        socket,
+        stop,
+        serving: Some(serving),
+    }
+}
+
+impl<D: switchboard_devices::virtio::VirtioDevice> Served<D> {
+    /// Stops serving; asserts that nothing was left in flight, that serving
+    /// ended without an error and that the socket file is gone.
+    pub fn finish(mut self) {
+        assert_eq!(self.server.in_flight(), 0, "requests left in flight");
+        self.stop.stop();
+        if let Some(t) = self.serving.take() {
+            t.join().expect("server thread").expect("serve");
+        }
+        assert!(!self.socket.exists(), "socket left behind");
+    }
+}
+
+impl<D: switchboard_devices::virtio::VirtioDevice> Drop for Served<D> {
+    fn drop(&mut self) {
+        self.stop.stop();
+    }
+}

@@ -9,13 +9,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Once};
-use std::thread;
+use std::sync::Once;
 
 use switchboard_devices::blk::{Blk, BlkOptions};
 use switchboard_devices::rng::Rng;
-use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
-use switchboard_devices::virtio::VirtioDevice;
 
 fn qemu_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
@@ -58,47 +55,6 @@ fn run_guest(socket: &Path, device: &str, test: &str, more: &[&str]) -> String {
         .find(|l| l.starts_with("HARNESS RESULT"))
         .unwrap_or_else(|| panic!("no HARNESS RESULT line:\n{stdout}"))
         .to_string()
-}
-
-/// A device served in process on a socket.
-struct Served<D: VirtioDevice> {
-    server: VhostUserServer<D>,
-    socket: PathBuf,
-    stop: StopHandle,
-    serving: thread::JoinHandle<switchboard_devices::vhost_user::Result<()>>,
-}
-
-fn serve_in_process<D: VirtioDevice>(device: D, workers: usize, socket: PathBuf) -> Served<D> {
-    let bus = switchboard_integration::start_guest_memory_bus();
-    let server = VhostUserServer::new(Arc::new(device), bus, workers).expect("server");
-    let stop = StopHandle::default();
-    let serving = {
-        let (server, socket, stop) = (server.clone(), socket.clone(), stop.clone());
-        thread::spawn(move || serve(server, &socket, &stop))
-    };
-    // Wait for the socket before QEMU dials it.
-    for _ in 0..500 {
-        if socket.exists() {
-            break;
-        }
-        thread::sleep(std::time::Duration::from_millis(10));
-    }
-    Served {
-        server,
-        socket,
-        stop,
-        serving,
-    }
-}
-
-impl<D: VirtioDevice> Served<D> {
-    /// Stops serving; asserts that nothing was left in flight or behind.
-    fn finish(self) {
-        assert_eq!(self.server.in_flight(), 0, "requests left in flight");
-        self.stop.stop();
-        self.serving.join().expect("server thread").expect("serve");
-        assert!(!self.socket.exists(), "socket left behind");
-    }
 }
 
 /// A 256 MiB sparse image whose first MiB holds known bytes; returns the
@@ -148,7 +104,7 @@ fn test_linux_guest_writes_and_reads_back_a_pattern_on_switchboard_blk() {
         },
     )
     .expect("open image");
-    let served = serve_in_process(blk, 2, dir.path().join("blk.sock"));
+    let served = switchboard_integration::serve_in_process(blk, 2, dir.path().join("blk.sock"));
     let guest_dir = dir.path().join("rw");
     let result = run_guest(
         &served.socket,
@@ -205,7 +161,7 @@ fn test_blk_survives_device_del_and_serves_the_device_plugged_back() {
     let image = dir.path().join("disk.img");
     make_image(&image);
     let blk = Blk::open(&image, &BlkOptions::default()).expect("open image");
-    let served = serve_in_process(blk, 1, dir.path().join("blk.sock"));
+    let served = switchboard_integration::serve_in_process(blk, 1, dir.path().join("blk.sock"));
     // QMP device_del (SET_VRING_ENABLE 0 and GET_VRING_BASE, connection
     // kept), chardev-remove (disconnect), then chardev-add and device_add:
     // a new connection on the same socket, and the guest sees the disk again.
@@ -248,7 +204,11 @@ fn test_blk_survives_device_del_and_serves_the_device_plugged_back() {
 fn test_linux_guest_reads_hwrng_from_the_switchboard_rng_backend() {
     setup();
     let dir = tempfile::tempdir().expect("tempdir");
-    let served = serve_in_process(Rng::new(None).expect("rng"), 1, dir.path().join("rng.sock"));
+    let served = switchboard_integration::serve_in_process(
+        Rng::new(None).expect("rng"),
+        1,
+        dir.path().join("rng.sock"),
+    );
     let socket = served.socket.clone();
     let result = run_guest(&socket, "rng", "rng", &[]);
     assert!(result.contains("ok=1"), "{result}");

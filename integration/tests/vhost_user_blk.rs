@@ -9,15 +9,16 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use switchboard_devices::blk::{
     Blk, BlkOptions, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
-use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
-use switchboard_integration::frontend::{self, region_infos, TestFrontend, VIRTQ_DESC_F_WRITE};
+use switchboard_integration::frontend::{
+    self, blk_header, blk_slot, region_infos, TestFrontend, VIRTQ_DESC_F_WRITE,
+};
+use switchboard_integration::{serve_in_process, Served};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -36,17 +37,9 @@ const SECTORS: u64 = IMAGE_SIZE / 512;
 const WAIT: Duration = Duration::from_secs(10);
 
 struct Backend {
-    path: PathBuf,
+    served: Served<Blk>,
     image: PathBuf,
-    stop: StopHandle,
-    server: VhostUserServer<Blk>,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.stop();
-    }
 }
 
 fn start(options: BlkOptions, workers: usize) -> Backend {
@@ -59,20 +52,11 @@ fn start(options: BlkOptions, workers: usize) -> Backend {
         f.write_all_at(&s.to_le_bytes(), s * 512).expect("fill");
     }
     drop(f);
-    let path = dir.path().join("blk.sock");
     let blk = Blk::open(&image, &options).expect("open image");
-    let bus = switchboard_integration::start_guest_memory_bus();
-    let server = VhostUserServer::new(Arc::new(blk), bus, workers).expect("server");
-    let stop = StopHandle::default();
-    {
-        let (server, path, stop) = (server.clone(), path.clone(), stop.clone());
-        thread::spawn(move || serve(server, &path, &stop).expect("serve"));
-    }
+    let served = serve_in_process(blk, workers, dir.path().join("blk.sock"));
     Backend {
-        path,
+        served,
         image,
-        stop,
-        server,
         _dir: dir,
     }
 }
@@ -85,31 +69,8 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn header(kind: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    h
-}
-
-/// Guest addresses of one request's buffers (request `slot`, 1 MiB apart
-/// past the rings; slots 0 to 14 fit in the test's guest memory).
-struct Slot {
-    hdr: u64,
-    data: u64,
-    status: u64,
-}
-
-fn slot(n: u64) -> Slot {
-    let base = 0x10_0000 + n * 0x10_0000;
-    Slot {
-        hdr: base,
-        status: base + 0x100,
-        data: base + 0x1000,
-    }
-}
-
-/// Places a standard 3-descriptor request (header, data, status) in `slot`.
+/// Places a standard request (header, data, status) in slot `n`
+/// ([`TestFrontend::push_blk`]).
 fn request(
     fe: &mut TestFrontend,
     q: usize,
@@ -119,37 +80,16 @@ fn request(
     data: &[u8],
     data_writable: bool,
 ) -> u16 {
-    let s = slot(n);
-    fe.mem
-        .write_slice(&header(kind, sector), GuestAddress(s.hdr))
-        .expect("header");
-    fe.mem
-        .write_obj(0xffu8, GuestAddress(s.status))
-        .expect("status");
-    let mut descs = vec![(s.hdr, 16, 0)];
-    if !data.is_empty() {
-        fe.mem
-            .write_slice(data, GuestAddress(s.data))
-            .expect("data");
-        let flags = if data_writable { VIRTQ_DESC_F_WRITE } else { 0 };
-        descs.push((s.data, data.len() as u32, flags));
-    }
-    descs.push((s.status, 1, VIRTQ_DESC_F_WRITE));
-    fe.add_chain(q, &descs).expect("chain")
+    fe.push_blk(q, n, kind, sector, data, data_writable)
+        .expect("place the request")
 }
 
 fn status(fe: &TestFrontend, n: u64) -> u8 {
-    fe.mem
-        .read_obj(GuestAddress(slot(n).status))
-        .expect("status")
+    fe.blk_status(n).expect("status")
 }
 
 fn data(fe: &TestFrontend, n: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fe.mem
-        .read_slice(&mut v, GuestAddress(slot(n).data))
-        .expect("data");
-    v
+    fe.blk_data(n, len).expect("data")
 }
 
 /// Sends one request on queue 0 and waits for it; returns (status, used len).
@@ -179,7 +119,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 #[test]
 fn test_writes_reach_the_image_and_reads_return_it() {
     let b = start(BlkOptions::default(), 1);
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
 
     // Reads of the known content, at several offsets and sizes.
     for (sector, len) in [
@@ -212,9 +152,9 @@ fn test_writes_reach_the_image_and_reads_return_it() {
     }
 
     // A read whose data spans two descriptors, across a write's edge.
-    let s = slot(1);
+    let s = blk_slot(1);
     fe.mem
-        .write_slice(&header(T_IN, 32), GuestAddress(s.hdr))
+        .write_slice(&blk_header(T_IN, 32), GuestAddress(s.hdr))
         .expect("header");
     let head = fe
         .add_chain(
@@ -250,7 +190,7 @@ fn test_flush_get_id_discard_and_write_zeroes() {
         },
         1,
     );
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
 
     assert_eq!(one(&mut fe, T_FLUSH, 0, &[], true), (VIRTIO_BLK_S_OK, 1));
 
@@ -331,7 +271,7 @@ fn test_config_space_describes_the_disk() {
         },
         1,
     );
-    let mut fe = frontend::connect(&b.path, 2, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 2, 64).expect("connect");
     let (_, config) = fe
         .frontend
         .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
@@ -401,7 +341,7 @@ fn test_read_only_disk_refuses_writes_and_never_changes_the_file() {
         "image open with modes {modes:?}, not O_RDONLY"
     );
     let before = std::fs::read(&b.image).expect("read image");
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     let features = fe.frontend.get_features().expect("GET_FEATURES");
     assert!(features & (1 << 5) != 0, "RO not offered");
     assert!(
@@ -439,7 +379,7 @@ type BadCase = (&'static str, u32, u64, Vec<u8>, bool, u8);
 #[test]
 fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
     let b = start(BlkOptions::default(), 1);
-    let mut fe = frontend::connect(&b.path, 1, 128).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 128).expect("connect");
     let before = std::fs::read(&b.image).expect("read image");
     let cases: Vec<BadCase> = vec![
         (
@@ -544,9 +484,9 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
     }
 
     // Chains that cannot carry a status, or reach outside guest memory.
-    let s = slot(12);
+    let s = blk_slot(12);
     fe.mem
-        .write_slice(&header(T_IN, 0), GuestAddress(s.hdr))
+        .write_slice(&blk_header(T_IN, 0), GuestAddress(s.hdr))
         .expect("header");
     let short = {
         fe.mem
@@ -607,7 +547,7 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
     let (st, _) = one(&mut fe, T_IN, 5, &[0u8; 512], true);
     assert_eq!(st, VIRTIO_BLK_S_OK);
     assert_eq!(std::fs::read(&b.image).expect("read image"), before);
-    assert_eq!(b.server.in_flight(), 0);
+    assert_eq!(b.served.server.in_flight(), 0);
 }
 
 #[test]
@@ -620,12 +560,12 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
         },
         1,
     );
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     for n in 0..6 {
         request(&mut fe, 0, n, T_IN, n * 8, &[0u8; 4096], true);
     }
     fe.kick(0).expect("kick");
-    until("requests in flight", || b.server.in_flight() >= 4);
+    until("requests in flight", || b.served.server.in_flight() >= 4);
     let base = fe.frontend.get_vring_base(0).expect("GET_VRING_BASE");
     assert_eq!(base, 6, "next avail index");
     assert_eq!(
@@ -637,7 +577,7 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
         assert_eq!(status(&fe, n), VIRTIO_BLK_S_OK);
         assert_eq!(data(&fe, n, 8), (n * 8).to_le_bytes());
     }
-    assert_eq!(b.server.in_flight(), 0);
+    assert_eq!(b.served.server.in_flight(), 0);
 }
 
 #[test]
@@ -649,7 +589,7 @@ fn test_rem_mem_reg_is_acked_only_after_the_read_into_it_completed() {
         },
         1,
     );
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     let file2 = tempfile::tempfile().expect("file");
     file2.set_len(1 << 20).expect("size");
     let region2 = GuestMemoryMmap::from_ranges_with_files([(
@@ -662,9 +602,9 @@ fn test_rem_mem_reg_is_acked_only_after_the_read_into_it_completed() {
     fe.frontend.add_mem_region(&info2).expect("ADD_MEM_REG");
 
     // Header and status in region 1, the data buffer in region 2.
-    let s = slot(0);
+    let s = blk_slot(0);
     fe.mem
-        .write_slice(&header(T_IN, 9), GuestAddress(s.hdr))
+        .write_slice(&blk_header(T_IN, 9), GuestAddress(s.hdr))
         .expect("header");
     let head = fe
         .add_chain(
@@ -677,7 +617,7 @@ fn test_rem_mem_reg_is_acked_only_after_the_read_into_it_completed() {
         )
         .expect("chain");
     fe.kick(0).expect("kick");
-    until("request in flight", || b.server.in_flight() == 1);
+    until("request in flight", || b.served.server.in_flight() == 1);
     let asked = Instant::now();
     fe.frontend
         .remove_mem_region(&info2)
@@ -709,7 +649,7 @@ fn test_every_queue_serves_with_queues_spread_over_workers() {
         },
         2,
     );
-    let mut fe = frontend::connect(&b.path, 4, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 4, 64).expect("connect");
     for q in 0..4usize {
         // Slot per queue; queue q writes sector 1000 + q then reads it back.
         let p = pattern(q as u8 + 10, 512);
@@ -754,16 +694,18 @@ fn test_socket_accepts_a_new_frontend_after_a_disconnect_with_io_in_flight() {
         1,
     );
     for round in 0..3u64 {
-        let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+        let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
         let p = pattern(round as u8, 512);
         request(&mut fe, 0, 0, T_OUT, round, &p, false);
         request(&mut fe, 0, 1, T_IN, 50, &[0u8; 512], true);
         fe.kick(0).expect("kick");
         if round == 1 {
             // Hang up with both requests in flight.
-            until("in flight", || b.server.in_flight() > 0);
+            until("in flight", || b.served.server.in_flight() > 0);
             drop(fe);
-            until("drained after the disconnect", || b.server.in_flight() == 0);
+            until("drained after the disconnect", || {
+                b.served.server.in_flight() == 0
+            });
             continue;
         }
         fe.wait_used(0, 2, WAIT).expect("used");

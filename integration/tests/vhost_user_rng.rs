@@ -5,42 +5,25 @@
 //! wait for requests in flight, malformed chains do not hurt, and the socket
 //! takes a new frontend after a disconnect.
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use switchboard_devices::rng::Rng;
-use switchboard_devices::vhost_user::{serve, StopHandle, VhostUserServer};
 use switchboard_integration::frontend::{self, region_infos, VIRTQ_DESC_F_WRITE};
+use switchboard_integration::{serve_in_process, Served};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 struct Backend {
-    path: PathBuf,
-    stop: StopHandle,
-    server: VhostUserServer<Rng>,
+    served: Served<Rng>,
     _dir: tempfile::TempDir,
 }
 
 fn start(rate: Option<u64>) -> Backend {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("rng.sock");
-    let bus = switchboard_integration::start_guest_memory_bus();
-    let server =
-        VhostUserServer::new(Arc::new(Rng::new(rate).expect("rng")), bus, 1).expect("server");
-    let stop = StopHandle::default();
-    {
-        let (server, path, stop) = (server.clone(), path.clone(), stop.clone());
-        thread::spawn(move || serve(server, &path, &stop).expect("serve"));
-    }
-    Backend {
-        path,
-        stop,
-        server,
-        _dir: dir,
-    }
+    let served = serve_in_process(Rng::new(rate).expect("rng"), 1, dir.path().join("rng.sock"));
+    Backend { served, _dir: dir }
 }
 
 fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -57,7 +40,7 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn test_guest_gets_entropy_in_every_writable_buffer() {
     let b = start(None);
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     let head = fe
         .add_chain(
             0,
@@ -84,7 +67,7 @@ fn test_guest_gets_entropy_in_every_writable_buffer() {
     );
     assert_ne!(a[..16], c[..16], "the same bytes twice");
     assert!(fe.take_call(0), "guest not signalled");
-    b.stop.stop();
+    b.served.stop.stop();
 }
 
 #[test]
@@ -92,7 +75,7 @@ fn test_rem_mem_reg_is_acked_only_after_the_request_using_it_completed() {
     // 512 bytes per second: the first request takes the burst, the second
     // waits about a second in the limiter, holding a lease on region 2.
     let b = start(Some(512));
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     let file2 = tempfile::tempfile().expect("file");
     file2.set_len(1 << 20).expect("size");
     let region2 = GuestMemoryMmap::from_ranges_with_files([(
@@ -113,7 +96,7 @@ fn test_rem_mem_reg_is_acked_only_after_the_request_using_it_completed() {
         .add_chain(0, &[(0x4000_0000, 512, VIRTQ_DESC_F_WRITE)])
         .expect("chain in region 2");
     fe.kick(0).expect("kick");
-    until("request in flight", || b.server.in_flight() == 1);
+    until("request in flight", || b.served.server.in_flight() == 1);
     let used_before = fe.used_idx(0).expect("used idx");
 
     let asked = Instant::now();
@@ -143,19 +126,19 @@ fn test_rem_mem_reg_is_acked_only_after_the_request_using_it_completed() {
         buf.iter().any(|&x| x != 0),
         "entropy not written before the ack"
     );
-    b.stop.stop();
+    b.served.stop.stop();
 }
 
 #[test]
 fn test_get_vring_base_waits_for_every_request_in_flight() {
     let b = start(Some(1024));
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     for i in 0..3u64 {
         fe.add_chain(0, &[(0x10_0000 + i * 0x1000, 1024, VIRTQ_DESC_F_WRITE)])
             .expect("chain");
     }
     fe.kick(0).expect("kick");
-    until("requests in flight", || b.server.in_flight() >= 2);
+    until("requests in flight", || b.served.server.in_flight() >= 2);
     let base = fe.frontend.get_vring_base(0).expect("GET_VRING_BASE");
     assert_eq!(base, 3, "next avail index");
     assert_eq!(
@@ -163,14 +146,14 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
         3,
         "replied before every used entry was written"
     );
-    assert_eq!(b.server.in_flight(), 0);
-    b.stop.stop();
+    assert_eq!(b.served.server.in_flight(), 0);
+    b.served.stop.stop();
 }
 
 #[test]
 fn test_malformed_chains_get_an_empty_answer_and_the_backend_stays_up() {
     let b = start(None);
-    let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     // A buffer far outside guest memory.
     let bad = fe
         .add_chain(0, &[(0x7_0000_0000, 64, VIRTQ_DESC_F_WRITE)])
@@ -192,15 +175,15 @@ fn test_malformed_chains_get_an_empty_answer_and_the_backend_stays_up() {
     fe.kick(0).expect("kick");
     let used = fe.wait_used(0, 4, Duration::from_secs(10)).expect("used");
     assert_eq!(used, vec![(bad, 0), (edge, 0), (order, 0), (good, 16)]);
-    assert_eq!(b.server.in_flight(), 0);
-    b.stop.stop();
+    assert_eq!(b.served.server.in_flight(), 0);
+    b.served.stop.stop();
 }
 
 #[test]
 fn test_socket_accepts_a_new_frontend_after_a_disconnect() {
     let b = start(None);
     for round in 0..3 {
-        let mut fe = frontend::connect(&b.path, 1, 64).expect("connect");
+        let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
         let head = fe
             .add_chain(0, &[(0x10_0000, 8, VIRTQ_DESC_F_WRITE)])
             .expect("chain");
@@ -209,5 +192,5 @@ fn test_socket_accepts_a_new_frontend_after_a_disconnect() {
         assert_eq!(used, vec![(head, 8)], "round {round}");
         drop(fe);
     }
-    b.stop.stop();
+    b.served.stop.stop();
 }
