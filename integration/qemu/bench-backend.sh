@@ -120,7 +120,7 @@ sync_image() { sync "$IMG" || die "cannot sync the image $IMG"; }
 
 # start_backend NAME: starts it on $W/NAME.sock, sets PID and SOCK; fails with WHY[NAME] set.
 start_backend() {
-    local name=$1 log=$W/$1.log i rc extra=()
+    local name=$1 log=$W/$1.log extra=()
     SOCK=$W/$name.sock
     rm -f "$SOCK"
     read -r -a extra <<< "${OURS_ARGS:-}"
@@ -129,19 +129,11 @@ start_backend() {
         ours) "$SWITCHBOARD" serve blk --path "$IMG" --socket-path "$SOCK" "${extra[@]}" > "$log" 2>&1 & ;;
     esac
     PID=$!
-    for ((i = 0; i < 200; i++)); do
-        [ -S "$SOCK" ] && return 0
-        if ! kill -0 "$PID" 2>/dev/null; then
-            wait "$PID" 2>/dev/null && rc=0 || rc=$?
-            PID=
-            WHY[$name]="exited with status $rc before listening on its socket (log: $log)"
-            tail -n 20 "$log" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
-    WHY[$name]="no socket $SOCK after 10 s (log: $log)"
-    stop_backend
+    local st=0
+    await_socket "$PID" "$SOCK" "$log" || st=$?
+    [ $st = 0 ] && return 0
+    WHY[$name]=$AWAIT_WHY
+    if [ $st = 1 ]; then PID=; else stop_backend; fi
     return 1
 }
 stop_backend() {

@@ -50,3 +50,24 @@ check_cache_location() {
 print_help() {
     sed -n '2,/^set -/p' "$1" | sed '/^# SPDX-License-Identifier/d; $d; s/^# \{0,1\}//' | sed '/./,$!d'
 }
+
+# await_socket PID SOCK LOG: waits up to 10 s for the backend PID (a child of
+# this shell) to listen on SOCK. Returns 0 once it does; 1 when it exited first
+# (its status reaped, the tail of LOG on stderr); 2 on timeout (it still runs).
+# On failure AWAIT_WHY says what happened.
+await_socket() {
+    local pid=$1 sock=$2 log=$3 i rc
+    AWAIT_WHY=
+    for ((i = 0; i < 200; i++)); do
+        [ -S "$sock" ] && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null && rc=0 || rc=$?
+            AWAIT_WHY="exited with status $rc before listening on its socket (log: $log)"
+            tail -n 20 "$log" >&2
+            return 1
+        fi
+        sleep 0.05
+    done
+    AWAIT_WHY="no socket $sock after 10 s (log: $log)"
+    return 2
+}
