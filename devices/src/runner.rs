@@ -56,41 +56,66 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
     }
 }
 
+/// The QEMU arguments that connect to a vhost-user device; `None` for a
+/// device on a bus.
+pub fn qemu_args(spec: &DeviceSpec) -> Option<String> {
+    let (vu, driver, extra) = match spec {
+        DeviceSpec::VirtioBlk(b) => (
+            &b.vhost_user,
+            "vhost-user-blk-pci",
+            format!(",num-queues={}", b.vhost_user.queues),
+        ),
+        DeviceSpec::VirtioRng(r) => (&r.vhost_user, "vhost-user-rng-pci", String::new()),
+        DeviceSpec::Uart16550(_) | DeviceSpec::TestDevice(_) => return None,
+    };
+    Some(format!(
+        "-chardev socket,id={id},path={} -device {driver},chardev={id}{extra}",
+        vu.socket.display(),
+        id = spec.id(),
+    ))
+}
+
 /// One line about a device: where it is and, for vhost-user devices, the
 /// QEMU arguments that connect to it.
 pub fn describe(spec: &DeviceSpec) -> String {
-    match spec {
+    let what = match spec {
         DeviceSpec::VirtioBlk(b) => {
             let size = std::fs::metadata(&b.path).map_or(0, |m| m.len());
             format!(
-                "virtio-blk on {} ({} MiB, {}, {} queue{}), socket {}\n    qemu: -chardev socket,id={id},path={} -device vhost-user-blk-pci,chardev={id},num-queues={}",
+                "virtio-blk on {} ({} MiB, {}, {} queue{}), socket {}",
                 b.path.display(),
                 size >> 20,
-                if b.read_only { "read-only" } else { "read-write" },
+                if b.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
                 b.vhost_user.queues,
                 if b.vhost_user.queues == 1 { "" } else { "s" },
                 b.vhost_user.socket.display(),
-                b.vhost_user.socket.display(),
-                b.vhost_user.queues,
-                id = b.id(),
             )
         }
         DeviceSpec::VirtioRng(r) => format!(
-            "virtio-rng{}, socket {}\n    qemu: -chardev socket,id={id},path={} -device vhost-user-rng-pci,chardev={id}",
+            "virtio-rng{}, socket {}",
             r.rate_limit
                 .map(|l| format!(" limited to {l} bytes/s"))
                 .unwrap_or_default(),
             r.vhost_user.socket.display(),
-            r.vhost_user.socket.display(),
-            id = r.id(),
         ),
         DeviceSpec::Uart16550(u) => {
-            format!("uart-16550 on bus {} at {:#x}, output {}", u.bus, u.addr.0, u.output)
+            format!(
+                "uart-16550 on bus {} at {:#x}, output {}",
+                u.bus, u.addr.0, u.output
+            )
         }
         DeviceSpec::TestDevice(t) => format!(
             "test-device on bus {} at {:#x}, reads take {} us",
             t.bus, t.addr.0, t.read_delay_us
         ),
+    };
+    match qemu_args(spec) {
+        Some(args) => format!("{what}\n    qemu: {args}"),
+        None => what,
     }
 }
 
@@ -169,23 +194,7 @@ impl Runner {
     /// when there is none. Kernel, disk and other options are the user's.
     pub fn qemu_command(&self) -> Option<String> {
         let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut args = Vec::new();
-        for spec in specs.iter() {
-            match spec {
-                DeviceSpec::VirtioBlk(b) => args.push(format!(
-                    "-chardev socket,id={id},path={} -device vhost-user-blk-pci,chardev={id},num-queues={}",
-                    b.vhost_user.socket.display(),
-                    b.vhost_user.queues,
-                    id = b.id()
-                )),
-                DeviceSpec::VirtioRng(r) => args.push(format!(
-                    "-chardev socket,id={id},path={} -device vhost-user-rng-pci,chardev={id}",
-                    r.vhost_user.socket.display(),
-                    id = r.id()
-                )),
-                _ => {}
-            }
-        }
+        let args: Vec<String> = specs.iter().filter_map(qemu_args).collect();
         if args.is_empty() {
             return None;
         }
