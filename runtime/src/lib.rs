@@ -52,6 +52,7 @@ pub mod ids;
 pub mod irq;
 pub mod journal;
 pub mod lifecycle;
+pub mod recording;
 pub mod send;
 pub mod supervisor;
 

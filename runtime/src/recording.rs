@@ -1,0 +1,1017 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Message logs: the recorder that writes them and the reader that reads
+//! them back.
+//!
+//! # Format (version 1)
+//!
+//! JSON Lines. The first line is the [`Header`]: `format`
+//! (`"switchboard-log"`), `version`, the `switchboard` version that wrote it,
+//! the command, the data mode, the topology and one entry per actor saying
+//! how to rebuild it for replay (or why it cannot be). Every further line is
+//! one record:
+//!
+//! ```json
+//! {"seq":7,"time":1250000,"latency":41000,"from":"driver/q0","to":"disk0",
+//!  "type":"read","payload":{...},"reply":{...}}
+//! ```
+//!
+//! - `seq` counts records from 1, dense and increasing: it is given by the
+//!   writer thread in the order records leave the buffer.
+//! - `time` is when the message was delivered and `latency` how long its
+//!   reply took, both in nanoseconds since the recording started.
+//! - `payload` and `reply` are shaped by the message type.
+//! - A record of type `gap` (from and to `recorder`) says how many records
+//!   were dropped because the buffer was full (`--record-full gap`).
+//!
+//! Bulk data (guest memory, file contents, entropy) is a string: `b64:...`
+//! holds the bytes; `xxh3:LEN:HEX` holds only their length and 128-bit XXH3
+//! hash. Data of at most [`INLINE_MAX`] bytes (request headers, status
+//! bytes) is always held by value, because replay decides with it.
+//!
+//! # Writing
+//!
+//! [`Recorder::record`] is called on the data path. It only moves an
+//! [`Entry`] into a bounded buffer; a writer thread numbers, serializes and
+//! writes it. When the buffer is full the caller either waits
+//! ([`WhenFull::Wait`], nothing lost) or the entry is dropped and counted,
+//! and a `gap` record takes its place ([`WhenFull::Gap`]); never a silent
+//! drop.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The `format` field of a header.
+pub const FORMAT: &str = "switchboard-log";
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Data of at most this many bytes is always recorded by value.
+pub const INLINE_MAX: usize = 64;
+/// The default number of records the buffer holds.
+pub const DEFAULT_BUFFER: usize = 65_536;
+
+/// How bulk data is recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataMode {
+    /// The bytes themselves: a replay compares bytes and can show them, and
+    /// the log grows by about 4/3 of the data moved.
+    #[default]
+    Value,
+    /// A 128-bit hash and the length: logs stay small and recording stays
+    /// cheap; a replay still checks every byte moved, through the hashes,
+    /// but cannot show the bytes.
+    Hash,
+}
+
+/// What the recorder does when its buffer is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// The data path waits for the writer: nothing is lost.
+    #[default]
+    Wait,
+    /// The record is dropped, counted, and a `gap` record is written.
+    Gap,
+}
+
+/// Recorder settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordOptions {
+    /// How bulk data is recorded.
+    pub data: DataMode,
+    /// Records the buffer holds.
+    pub buffer: usize,
+    /// What happens when it is full.
+    pub when_full: WhenFull,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        RecordOptions {
+            data: DataMode::Value,
+            buffer: DEFAULT_BUFFER,
+            when_full: WhenFull::Wait,
+        }
+    }
+}
+
+/// The 128-bit XXH3 hash of `bytes`.
+pub fn hash(bytes: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// Bulk data as recorded: the bytes, or their length and hash.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Data {
+    /// The bytes.
+    Bytes(Vec<u8>),
+    /// Their length and [`hash`].
+    Hash {
+        /// Length in bytes.
+        len: u64,
+        /// XXH3-128 of the bytes.
+        hash: u128,
+    },
+}
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+impl Data {
+    /// `bytes` as `mode` records them (small data always by value).
+    pub fn capture(mode: DataMode, bytes: &[u8]) -> Data {
+        if mode == DataMode::Value || bytes.len() <= INLINE_MAX {
+            Data::Bytes(bytes.to_vec())
+        } else {
+            Data::Hash {
+                len: bytes.len() as u64,
+                hash: hash(bytes),
+            }
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::Hash { len, .. } => *len,
+        }
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The hash of the bytes (computed for [`Data::Bytes`]).
+    pub fn content_hash(&self) -> u128 {
+        match self {
+            Data::Bytes(b) => hash(b),
+            Data::Hash { hash, .. } => *hash,
+        }
+    }
+
+    /// Whether both stand for the same bytes: compared by value when both
+    /// hold bytes, else by length and hash.
+    pub fn same(&self, other: &Data) -> bool {
+        match (self, other) {
+            (Data::Bytes(a), Data::Bytes(b)) => a == b,
+            _ => self.len() == other.len() && self.content_hash() == other.content_hash(),
+        }
+    }
+
+    /// The string form: `b64:...` or `xxh3:LEN:HEX`.
+    pub fn encode(&self) -> String {
+        match self {
+            Data::Bytes(b) => {
+                let mut s = String::with_capacity(4 + b.len().div_ceil(3) * 4);
+                s.push_str("b64:");
+                base64::engine::general_purpose::STANDARD.encode_string(b, &mut s);
+                s
+            }
+            Data::Hash { len, hash } => format!("xxh3:{len}:{hash:032x}"),
+        }
+    }
+
+    /// Parses the string form.
+    pub fn decode(s: &str) -> Result<Data, String> {
+        if let Some(b) = s.strip_prefix("b64:") {
+            return base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map(Data::Bytes)
+                .map_err(|e| format!("bad base64 data: {e}"));
+        }
+        if let Some(rest) = s.strip_prefix("xxh3:") {
+            let (len, hex) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("bad hashed data {s:?}: expected xxh3:LEN:HEX"))?;
+            let len = len
+                .parse()
+                .map_err(|_| format!("bad length in hashed data {s:?}"))?;
+            if hex.len() != 32 {
+                return Err(format!("bad hash in {s:?}: expected 32 hex digits"));
+            }
+            let hash = u128::from_str_radix(hex, 16)
+                .map_err(|_| format!("bad hash in {s:?}: expected 32 hex digits"))?;
+            return Ok(Data::Hash { len, hash });
+        }
+        Err(format!(
+            "bad data {:?}: expected \"b64:...\" or \"xxh3:LEN:HEX\"",
+            s.chars().take(40).collect::<String>()
+        ))
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s: std::borrow::Cow<'de, str> = Deserialize::deserialize(d)?;
+        Data::decode(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An actor of the log, as the header describes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActorInfo {
+    /// Its id: the `to` of its records.
+    pub id: String,
+    /// What it is (`virtio-blk`, `uart-16550`, ...).
+    pub kind: String,
+    /// What replay needs to rebuild it; absent when it cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<serde_json::Value>,
+    /// Why it cannot be replayed, when it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_replayable: Option<String>,
+}
+
+/// The first line of a log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format version ([`FORMAT_VERSION`] when written by this build).
+    pub version: u32,
+    /// The switchboard version that wrote the log.
+    pub switchboard: String,
+    /// The command that recorded (`run FILE`, `serve blk`).
+    pub command: String,
+    /// When recording started, in milliseconds since the Unix epoch.
+    pub started_unix_ms: u64,
+    /// How bulk data is recorded.
+    pub data: DataMode,
+    /// The topology that was run (for `serve`, one made from its options).
+    pub topology: serde_json::Value,
+    /// Every actor present at the start. Actors added later are described
+    /// by their `added` record.
+    pub actors: Vec<ActorInfo>,
+}
+
+impl Header {
+    /// A header for this build.
+    pub fn new(
+        command: String,
+        data: DataMode,
+        topology: serde_json::Value,
+        actors: Vec<ActorInfo>,
+    ) -> Self {
+        Header {
+            format: FORMAT.to_string(),
+            version: FORMAT_VERSION,
+            switchboard: env!("CARGO_PKG_VERSION").to_string(),
+            command,
+            started_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            data,
+            topology,
+            actors,
+        }
+    }
+}
+
+/// The payload and reply of a record, serialized on the writer thread.
+pub trait Body: Send + 'static {
+    /// Writes the payload as one JSON value.
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+    /// Writes the reply as one JSON value.
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+}
+
+/// A body made of two JSON values.
+#[derive(Debug)]
+pub struct JsonBody {
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// The reply.
+    pub reply: serde_json::Value,
+}
+
+impl Body for JsonBody {
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &self.payload)
+    }
+
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &self.reply)
+    }
+}
+
+/// One record as a source hands it over (without its `seq`).
+pub struct Entry {
+    /// Delivery time, ns since the recording started ([`Recorder::now`]).
+    pub time: u64,
+    /// Time until the reply, in ns.
+    pub latency: u64,
+    /// Sender.
+    pub from: Arc<str>,
+    /// Receiver.
+    pub to: Arc<str>,
+    /// Message type.
+    pub kind: &'static str,
+    /// Payload and reply.
+    pub body: Box<dyn Body>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("time", &self.time)
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Msg {
+    Entry(Entry),
+    Gap(u64),
+    End,
+}
+
+/// What a finished recording wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Records written (gap records included).
+    pub records: u64,
+    /// Records dropped because the buffer was full (in `gap` mode).
+    pub dropped: u64,
+    /// Bytes written, header included.
+    pub bytes: u64,
+}
+
+struct Inner {
+    tx: crossbeam_channel::Sender<Msg>,
+    mode: DataMode,
+    when_full: WhenFull,
+    start: Instant,
+    /// Entries dropped and not yet announced by a gap record.
+    dropped: AtomicU64,
+    ended: AtomicBool,
+    writer: Mutex<Option<thread::JoinHandle<io::Result<Summary>>>>,
+    path: PathBuf,
+}
+
+/// Writes a message log. Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Recorder {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("path", &self.inner.path)
+            .field("mode", &self.inner.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recorder {
+    /// Creates (or truncates) `path`, writes `header` and starts the writer
+    /// thread.
+    pub fn create(path: &Path, header: &Header, options: RecordOptions) -> io::Result<Recorder> {
+        let file = File::create(path)?;
+        Self::to_writer(Box::new(file), path, header, options)
+    }
+
+    /// As [`Recorder::create`], writing to `out`; `path` only names it.
+    pub fn to_writer(
+        out: Box<dyn Write + Send>,
+        path: &Path,
+        header: &Header,
+        options: RecordOptions,
+    ) -> io::Result<Recorder> {
+        let mut out = BufWriter::with_capacity(1 << 18, out);
+        let mut line = serde_json::to_vec(header).map_err(io::Error::other)?;
+        line.push(b'\n');
+        out.write_all(&line)?;
+        out.flush()?;
+        let (tx, rx) = crossbeam_channel::bounded(options.buffer.max(1));
+        let bytes = line.len() as u64;
+        let writer = thread::Builder::new()
+            .name("record-writer".into())
+            .spawn(move || write_loop(rx, out, bytes))?;
+        Ok(Recorder {
+            inner: Arc::new(Inner {
+                tx,
+                mode: options.data,
+                when_full: options.when_full,
+                start: Instant::now(),
+                dropped: AtomicU64::new(0),
+                ended: AtomicBool::new(false),
+                writer: Mutex::new(Some(writer)),
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// How bulk data is recorded.
+    pub fn data_mode(&self) -> DataMode {
+        self.inner.mode
+    }
+
+    /// Nanoseconds since the recording started.
+    pub fn now(&self) -> u64 {
+        self.inner.start.elapsed().as_nanos() as u64
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Hands a record to the writer. Waits if the buffer is full and the
+    /// mode is [`WhenFull::Wait`]; drops and counts it under
+    /// [`WhenFull::Gap`].
+    pub fn record(&self, entry: Entry) {
+        let inner = &*self.inner;
+        if inner.ended.load(Ordering::Acquire) {
+            tracing::debug!(to = %entry.to, kind = entry.kind, "record after the log was closed; not written");
+            return;
+        }
+        match inner.when_full {
+            WhenFull::Wait => {
+                // Fails only once the writer is gone (finished or failed).
+                let _ = inner.tx.send(Msg::Entry(entry));
+            }
+            WhenFull::Gap => {
+                let owed = inner.dropped.swap(0, Ordering::AcqRel);
+                if owed > 0 {
+                    if let Err(e) = inner.tx.try_send(Msg::Gap(owed)) {
+                        inner.dropped.fetch_add(owed + 1, Ordering::AcqRel);
+                        drop(e);
+                        return;
+                    }
+                }
+                if inner.tx.try_send(Msg::Entry(entry)).is_err() {
+                    inner.dropped.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// Writes everything buffered and closes the log. Later records are
+    /// not written. Safe to call more than once (later calls return the
+    /// default summary).
+    pub fn finish(&self) -> io::Result<Summary> {
+        let inner = &*self.inner;
+        inner.ended.store(true, Ordering::Release);
+        let Some(writer) = inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Ok(Summary::default());
+        };
+        let owed = inner.dropped.swap(0, Ordering::AcqRel);
+        if owed > 0 {
+            let _ = inner.tx.send(Msg::Gap(owed));
+        }
+        let _ = inner.tx.send(Msg::End);
+        writer
+            .join()
+            .map_err(|_| io::Error::other("the log writer thread panicked"))?
+    }
+}
+
+/// The body of a `gap` record.
+struct GapBody(u64);
+
+impl Body for GapBody {
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &serde_json::json!({ "dropped": self.0 }))
+    }
+
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"null");
+        Ok(())
+    }
+}
+
+fn write_loop(
+    rx: crossbeam_channel::Receiver<Msg>,
+    mut out: BufWriter<Box<dyn Write + Send>>,
+    mut bytes: u64,
+) -> io::Result<Summary> {
+    let mut summary = Summary::default();
+    let mut seq = 0u64;
+    let mut line = Vec::with_capacity(4096);
+    let recorder: Arc<str> = Arc::from("recorder");
+    loop {
+        let msg = match rx.try_recv() {
+            Ok(m) => m,
+            Err(_) => {
+                // Idle: make what we have readable, then wait.
+                out.flush()?;
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            }
+        };
+        let entry = match msg {
+            Msg::Entry(e) => e,
+            Msg::Gap(n) => {
+                summary.dropped += n;
+                Entry {
+                    time: 0,
+                    latency: 0,
+                    from: Arc::clone(&recorder),
+                    to: Arc::clone(&recorder),
+                    kind: "gap",
+                    body: Box::new(GapBody(n)),
+                }
+            }
+            Msg::End => break,
+        };
+        seq += 1;
+        line.clear();
+        encode_line(&mut line, seq, &entry).map_err(io::Error::other)?;
+        out.write_all(&line)?;
+        bytes += line.len() as u64;
+        summary.records += 1;
+    }
+    out.flush()?;
+    summary.bytes = bytes;
+    Ok(summary)
+}
+
+/// Serializes one record line (with its newline).
+fn encode_line(line: &mut Vec<u8>, seq: u64, e: &Entry) -> serde_json::Result<()> {
+    use std::io::Write as _;
+    // The fields in a fixed order, so that logs diff well.
+    let _ = write!(
+        line,
+        "{{\"seq\":{seq},\"time\":{},\"latency\":{},\"from\":",
+        e.time, e.latency
+    );
+    serde_json::to_writer(&mut *line, &*e.from)?;
+    line.extend_from_slice(b",\"to\":");
+    serde_json::to_writer(&mut *line, &*e.to)?;
+    line.extend_from_slice(b",\"type\":");
+    serde_json::to_writer(&mut *line, e.kind)?;
+    line.extend_from_slice(b",\"payload\":");
+    e.body.payload(line)?;
+    line.extend_from_slice(b",\"reply\":");
+    e.body.reply(line)?;
+    line.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// One record as read back, borrowing from its line.
+#[derive(Debug, Deserialize)]
+pub struct Record<'a> {
+    /// Sequence number.
+    pub seq: u64,
+    /// Delivery time (ns since the recording started).
+    pub time: u64,
+    /// Time until the reply (ns).
+    #[serde(default)]
+    pub latency: u64,
+    /// Sender.
+    #[serde(borrow)]
+    pub from: std::borrow::Cow<'a, str>,
+    /// Receiver.
+    #[serde(borrow)]
+    pub to: std::borrow::Cow<'a, str>,
+    /// Message type.
+    #[serde(rename = "type", borrow)]
+    pub kind: std::borrow::Cow<'a, str>,
+    /// Payload, unparsed.
+    #[serde(borrow)]
+    pub payload: &'a RawValue,
+    /// Reply, unparsed.
+    #[serde(borrow)]
+    pub reply: &'a RawValue,
+}
+
+/// Why a log cannot be read (further).
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The log.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is empty.
+    #[error("{path}: empty file, not a switchboard log")]
+    Empty {
+        /// The log.
+        path: PathBuf,
+    },
+    /// The first line is not a switchboard log header.
+    #[error("{path}:1: not a switchboard log header: {why}")]
+    NotALog {
+        /// The log.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Written by a newer format version.
+    #[error(
+        "{path}:1: log format version {version} (written by switchboard {writer}) is newer than \
+         this switchboard ({ours}) reads (version {FORMAT_VERSION}); use switchboard {writer} or newer"
+    )]
+    NewerVersion {
+        /// The log.
+        path: PathBuf,
+        /// Its version.
+        version: u64,
+        /// The switchboard that wrote it.
+        writer: String,
+        /// This build's version.
+        ours: &'static str,
+    },
+    /// The log ends in the middle of a record.
+    #[error(
+        "{path}:{line}: the log ends in the middle of a record (cut off after {len} bytes); \
+         the {complete} complete records before it are usable"
+    )]
+    Truncated {
+        /// The log.
+        path: PathBuf,
+        /// The line holding the partial record.
+        line: u64,
+        /// Bytes of it present.
+        len: usize,
+        /// Complete records before it.
+        complete: u64,
+    },
+    /// A line that is not a record.
+    #[error("{path}:{line}: not a record: {why}")]
+    BadRecord {
+        /// The log.
+        path: PathBuf,
+        /// The line.
+        line: u64,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Reads a log line by line.
+#[derive(Debug)]
+pub struct LogReader {
+    path: PathBuf,
+    input: BufReader<File>,
+    header: Header,
+    line_no: u64,
+    records: u64,
+    buf: String,
+    len: u64,
+}
+
+impl LogReader {
+    /// Opens `path` and reads its header.
+    pub fn open(path: &Path) -> Result<LogReader, LogError> {
+        let io_err = |source| LogError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        let mut input = BufReader::with_capacity(1 << 20, file);
+        let mut first = String::new();
+        input.read_line(&mut first).map_err(io_err)?;
+        if first.is_empty() {
+            return Err(LogError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        let header = parse_header(path, &first)?;
+        Ok(LogReader {
+            path: path.to_path_buf(),
+            input,
+            header,
+            line_no: 1,
+            records: 0,
+            buf: String::new(),
+            len,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The file's size in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.len
+    }
+
+    /// The line number of the last line read.
+    pub fn line(&self) -> u64 {
+        self.line_no
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the next line: `Ok(None)` at the end of the log; an error for
+    /// a cut-off or malformed record. The line is parsed with
+    /// [`LogReader::parse`].
+    pub fn next_line(&mut self) -> Result<Option<&str>, LogError> {
+        self.buf.clear();
+        let n = self
+            .input
+            .read_line(&mut self.buf)
+            .map_err(|source| LogError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.line_no += 1;
+        if !self.buf.ends_with('\n') {
+            return Err(LogError::Truncated {
+                path: self.path.clone(),
+                line: self.line_no,
+                len: self.buf.len(),
+                complete: self.records,
+            });
+        }
+        self.records += 1;
+        Ok(Some(self.buf.trim_end_matches('\n')))
+    }
+
+    /// Parses a line [`LogReader::next_line`] returned, naming `line` in
+    /// the error.
+    pub fn parse<'a>(path: &Path, line: u64, text: &'a str) -> Result<Record<'a>, LogError> {
+        serde_json::from_str(text).map_err(|e| LogError::BadRecord {
+            path: path.to_path_buf(),
+            line,
+            why: e.to_string(),
+        })
+    }
+}
+
+/// Parses a header line, checking format and version before the rest so
+/// that a newer log is refused rather than misread.
+fn parse_header(path: &Path, line: &str) -> Result<Header, LogError> {
+    let not_a_log = |why: String| LogError::NotALog {
+        path: path.to_path_buf(),
+        why,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| not_a_log(format!("not JSON: {e}")))?;
+    match v.get("format").and_then(|f| f.as_str()) {
+        Some(FORMAT) => {}
+        Some(other) => {
+            return Err(not_a_log(format!(
+                "format is {other:?}, expected {FORMAT:?}"
+            )))
+        }
+        None => return Err(not_a_log(format!("no \"format\": {FORMAT:?} field"))),
+    }
+    let version = v
+        .get("version")
+        .and_then(|f| f.as_u64())
+        .ok_or_else(|| not_a_log("no numeric \"version\" field".into()))?;
+    if version > u64::from(FORMAT_VERSION) {
+        return Err(LogError::NewerVersion {
+            path: path.to_path_buf(),
+            version,
+            writer: v
+                .get("switchboard")
+                .and_then(|s| s.as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+            ours: env!("CARGO_PKG_VERSION"),
+        });
+    }
+    serde_json::from_value(v).map_err(|e| not_a_log(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header::new(
+            "test".into(),
+            DataMode::Value,
+            serde_json::json!({}),
+            vec![ActorInfo {
+                id: "a".into(),
+                kind: "test".into(),
+                rebuild: Some(serde_json::json!({})),
+                not_replayable: None,
+            }],
+        )
+    }
+
+    fn entry(i: u64) -> Entry {
+        Entry {
+            time: i,
+            latency: 1,
+            from: Arc::from("me"),
+            to: Arc::from("a"),
+            kind: "ping",
+            body: Box::new(JsonBody {
+                payload: serde_json::json!({ "i": i }),
+                reply: serde_json::json!("pong"),
+            }),
+        }
+    }
+
+    fn read_all(path: &Path) -> Result<Vec<(u64, String)>, LogError> {
+        let mut r = LogReader::open(path)?;
+        let mut out = Vec::new();
+        loop {
+            let line = r.line();
+            let Some(text) = r.next_line()? else { break };
+            let text = text.to_string();
+            let rec = LogReader::parse(r.path(), line + 1, &text)?;
+            out.push((rec.seq, rec.kind.to_string()));
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn test_data_round_trips_and_small_data_stays_by_value() {
+        let big = vec![7u8; 100];
+        for mode in [DataMode::Value, DataMode::Hash] {
+            let d = Data::capture(mode, &big);
+            assert_eq!(Data::decode(&d.encode()).ok(), Some(d.clone()));
+            assert!(d.same(&Data::Bytes(big.clone())));
+            assert!(!d.same(&Data::Bytes(vec![7u8; 99])));
+            let small = Data::capture(mode, &[1, 2, 3]);
+            assert_eq!(small, Data::Bytes(vec![1, 2, 3]));
+        }
+        assert!(matches!(
+            Data::capture(DataMode::Hash, &big),
+            Data::Hash { len: 100, .. }
+        ));
+        assert!(Data::decode("xxh3:1:zz").is_err());
+        assert!(Data::decode("hex:00").is_err());
+    }
+
+    #[test]
+    fn test_records_are_numbered_in_order_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let rec = Recorder::create(&path, &header(), RecordOptions::default()).expect("create");
+        for i in 0..1000 {
+            rec.record(entry(i));
+        }
+        let summary = rec.finish().expect("finish");
+        assert_eq!(summary.records, 1000);
+        assert_eq!(summary.bytes, std::fs::metadata(&path).expect("meta").len());
+        let got = read_all(&path).expect("read");
+        assert_eq!(got.len(), 1000);
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, (seq, _))| *seq == i as u64 + 1));
+    }
+
+    /// A writer that blocks until told to go on, to fill the buffer.
+    struct Gate(
+        Arc<(Mutex<bool>, std::sync::Condvar)>,
+        Vec<u8>,
+        Arc<Mutex<Vec<u8>>>,
+    );
+
+    impl Write for Gate {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.1.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            let (lock, cv) = &*self.0;
+            let mut open = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while !*open {
+                open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+            }
+            self.2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(&self.1);
+            self.1.clear();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn test_a_full_buffer_in_gap_mode_writes_a_gap_record_with_the_count() {
+        let gate = Arc::new((Mutex::new(true), std::sync::Condvar::new()));
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        let out = Gate(Arc::clone(&gate), Vec::new(), Arc::clone(&sink));
+        let options = RecordOptions {
+            data: DataMode::Hash,
+            buffer: 4,
+            when_full: WhenFull::Gap,
+        };
+        let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
+            .expect("recorder");
+        *gate.0.lock().expect("lock") = false;
+        // The writer blocks in its first flush; the buffer then holds 4.
+        let mut sent = 0;
+        for i in 0..100 {
+            rec.record(entry(i));
+            sent += 1;
+        }
+        *gate.0.lock().expect("lock") = true;
+        gate.1.notify_all();
+        let summary = rec.finish().expect("finish");
+        assert!(summary.dropped > 0, "{summary:?}");
+        let text = String::from_utf8(sink.lock().expect("lock").clone()).expect("utf8");
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        let pings = lines.iter().filter(|l| l.contains("\"ping\"")).count() as u64;
+        let gaps: u64 = lines
+            .iter()
+            .filter(|l| l.contains("\"gap\""))
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+                v["payload"]["dropped"].as_u64().expect("count")
+            })
+            .sum();
+        // Every record is either written or counted in a gap record.
+        assert_eq!(pings + gaps, sent);
+        assert_eq!(gaps, summary.dropped);
+    }
+
+    #[test]
+    fn test_a_cut_off_log_names_the_line_and_keeps_the_prefix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let rec = Recorder::create(&path, &header(), RecordOptions::default()).expect("create");
+        for i in 0..10 {
+            rec.record(entry(i));
+        }
+        rec.finish().expect("finish");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let cut = text.len() - 20;
+        std::fs::write(&path, &text[..cut]).expect("write");
+        let mut r = LogReader::open(&path).expect("open");
+        let mut complete = 0;
+        let err = loop {
+            match r.next_line() {
+                Ok(Some(_)) => complete += 1,
+                Ok(None) => panic!("no error for a cut-off log"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(complete, 9);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(":11: the log ends in the middle of a record"),
+            "{msg}"
+        );
+        assert!(msg.contains("the 9 complete records"), "{msg}");
+    }
+
+    #[test]
+    fn test_a_newer_format_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let mut h = serde_json::to_value(header()).expect("json");
+        h["version"] = serde_json::json!(FORMAT_VERSION + 1);
+        h["switchboard"] = serde_json::json!("9.0.0");
+        h["something_new"] = serde_json::json!(true);
+        std::fs::write(&path, format!("{h}\n")).expect("write");
+        let err = LogReader::open(&path).expect_err("newer version");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("log format version {}", FORMAT_VERSION + 1)),
+            "{msg}"
+        );
+        assert!(msg.contains("switchboard 9.0.0 or newer"), "{msg}");
+        std::fs::write(&path, "{\"format\":\"other\",\"version\":1}\n").expect("write");
+        assert!(LogReader::open(&path)
+            .expect_err("not a log")
+            .to_string()
+            .contains("not a switchboard log header"));
+    }
+}
