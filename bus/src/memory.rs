@@ -92,6 +92,15 @@ pub enum Error {
         /// Region size.
         size: u64,
     },
+    /// A replayed request asked for guest memory its recording does not
+    /// hold.
+    #[error("Guest memory +{offset:#x}+{len:#x} is not in the recording")]
+    NotRecorded {
+        /// Offset into the request's buffers.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
     /// The copy itself failed.
     #[error("Access guest memory at +{offset:#x}")]
     Access {

@@ -233,6 +233,25 @@ pub struct Blk {
     pool: Arc<PoolShared>,
     threads: Vec<thread::JoinHandle<()>>,
     io_threads: usize,
+    /// A replayed device: no image, no I/O threads; `end_batch` runs the
+    /// staged jobs on the caller's thread against their recordings.
+    replay: bool,
+}
+
+/// What replay needs to rebuild a [`Blk`] (the log header holds it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkRebuild {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Read-only.
+    pub read_only: bool,
+    /// Virtqueues.
+    pub queues: u16,
+    /// Queue size.
+    pub queue_size: u16,
+    /// The GET_ID answer (up to 20 bytes).
+    pub serial: String,
 }
 
 impl std::fmt::Debug for Blk {
@@ -353,6 +372,50 @@ impl Blk {
             pool,
             threads,
             io_threads: options.io_threads,
+            replay: false,
+        })
+    }
+
+    /// What replay needs to rebuild this device.
+    pub fn rebuild_info(&self) -> BlkRebuild {
+        let n = self.id.iter().position(|b| *b == 0).unwrap_or(ID_LEN);
+        BlkRebuild {
+            capacity: self.capacity,
+            read_only: self.read_only,
+            queues: self.queues,
+            queue_size: self.queue_size,
+            serial: String::from_utf8_lossy(&self.id[..n]).into_owned(),
+        }
+    }
+
+    /// A device rebuilt for replay: same geometry and answers, no image and
+    /// no I/O threads.
+    pub fn replay(info: &BlkRebuild) -> Result<Self, Error> {
+        if !(1..=64).contains(&info.queues) || info.queue_size < 2 || info.capacity == 0 {
+            return Err(Error::Option(format!(
+                "cannot rebuild a disk from {info:?}"
+            )));
+        }
+        if info.serial.len() > ID_LEN {
+            return Err(Error::Option(format!(
+                "serial {:?} is more than {ID_LEN} bytes",
+                info.serial
+            )));
+        }
+        let mut id = [0u8; ID_LEN];
+        id[..info.serial.len()].copy_from_slice(info.serial.as_bytes());
+        Ok(Blk {
+            path: PathBuf::new(),
+            read_only: info.read_only,
+            capacity: info.capacity,
+            queues: info.queues,
+            queue_size: info.queue_size,
+            id,
+            staged: (0..info.queues).map(|_| Mutex::default()).collect(),
+            pool: Arc::new(PoolShared::default()),
+            threads: Vec::new(),
+            io_threads: 1,
+            replay: true,
         })
     }
 
@@ -429,6 +492,7 @@ impl Blk {
     /// GET_ID is answered here, its ID written.
     fn parse(&self, request: &mut Request) -> Result<Parsed, u8> {
         if request.readable_len() < HEADER_LEN {
+            request.set_kind("short-header");
             return Err(VIRTIO_BLK_S_IOERR);
         }
         let mut header = [0u8; HEADER_LEN as usize];
@@ -436,6 +500,15 @@ impl Blk {
             .read_at(0, &mut header)
             .map_err(|_| VIRTIO_BLK_S_IOERR)?;
         let kind = u32::from_le_bytes(le_bytes(&header[0..4]));
+        request.set_kind(match kind {
+            VIRTIO_BLK_T_IN => "read",
+            VIRTIO_BLK_T_OUT => "write",
+            VIRTIO_BLK_T_FLUSH => "flush",
+            VIRTIO_BLK_T_GET_ID => "get-id",
+            VIRTIO_BLK_T_DISCARD => "discard",
+            VIRTIO_BLK_T_WRITE_ZEROES => "write-zeroes",
+            _ => "unsupported",
+        });
         let sector = u64::from_le_bytes(le_bytes(&header[8..16]));
         // Bytes between the header and the status byte, each way.
         let out_data = request.readable_len() - HEADER_LEN;
@@ -549,7 +622,7 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
         if !latency.is_zero() {
             thread::sleep(latency);
         }
-        run(job, file, &mut buf);
+        run(job, Some(file), &mut buf);
         if buf.capacity() > 4 * ZERO_CHUNK {
             buf = Vec::new();
         }
@@ -557,7 +630,7 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
 }
 
 /// Does one job's file I/O and answers it.
-fn run(job: Job, file: &File, buf: &mut Vec<u8>) {
+fn run(job: Job, file: Option<&File>, buf: &mut Vec<u8>) {
     let Job {
         mut request,
         op,
@@ -575,12 +648,23 @@ fn run(job: Job, file: &File, buf: &mut Vec<u8>) {
     done.complete(request, used);
 }
 
-/// Runs `op`; returns the data bytes written to the guest.
-fn execute(op: &Op, request: &mut Request, file: &File, buf: &mut Vec<u8>) -> io::Result<u64> {
+/// Runs `op`; returns the data bytes written to the guest. File contents
+/// reach the request only through [`Request::input`] and changes to the
+/// file only through [`Request::effect`], so a recording holds both and a
+/// replay (`file` is `None`) needs no image.
+fn execute(
+    op: &Op,
+    request: &mut Request,
+    file: Option<&File>,
+    buf: &mut Vec<u8>,
+) -> io::Result<u64> {
+    let file = || file.ok_or_else(|| io::Error::other("no image file (replay)"));
     match *op {
         Op::Read { offset, len } => {
             buf.resize(len, 0);
-            file.read_exact_at(&mut buf[..len], offset)?;
+            request.input("file-read", offset, &mut buf[..len], |b| {
+                file()?.read_exact_at(b, offset)
+            })?;
             request.write_at(0, &buf[..len]).map_err(io::Error::other)?;
             Ok(len as u64)
         }
@@ -589,28 +673,40 @@ fn execute(op: &Op, request: &mut Request, file: &File, buf: &mut Vec<u8>) -> io
             request
                 .read_at(HEADER_LEN, &mut buf[..len])
                 .map_err(io::Error::other)?;
-            file.write_all_at(&buf[..len], offset)?;
+            let data = &buf[..len];
+            request.effect("file-write", offset, len as u64, Some(data), || {
+                file()?.write_all_at(data, offset)
+            })?;
             Ok(0)
         }
         Op::Flush => {
-            file.sync_data()?;
+            request.effect("flush", 0, 0, None, || file()?.sync_data())?;
             Ok(0)
         }
         Op::Discard(ref ranges) => {
             for &(offset, len) in ranges {
-                let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-                match rustix::fs::fallocate(file, flags, offset, len) {
-                    // Discard is a hint: a file system that cannot punch
-                    // holes keeps the data, which is allowed.
-                    Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
-                    Err(e) => return Err(e.into()),
-                }
+                request.effect("discard", offset, len, None, || {
+                    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                    match rustix::fs::fallocate(file()?, flags, offset, len) {
+                        // Discard is a hint: a file system that cannot punch
+                        // holes keeps the data, which is allowed.
+                        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+                        Err(e) => Err(e.into()),
+                    }
+                })?;
             }
             Ok(0)
         }
         Op::WriteZeroes(ref ranges) => {
             for &(offset, len, unmap) in ranges {
-                zero(file, offset, len, unmap, buf)?;
+                let what = if unmap {
+                    "write-zeroes-unmap"
+                } else {
+                    "write-zeroes"
+                };
+                request.effect(what, offset, len, None, || {
+                    zero(file()?, offset, len, unmap, buf)
+                })?;
             }
             Ok(0)
         }
@@ -683,6 +779,7 @@ impl VirtioDevice for Blk {
     fn handle(&self, mut request: Request, done: &Completer) -> Handled {
         let writable = request.writable_len();
         if writable == 0 {
+            request.set_kind("no-status");
             tracing::warn!(
                 queue = request.queue(),
                 head = request.head(),
@@ -728,6 +825,13 @@ impl VirtioDevice for Blk {
         if staged.is_empty() {
             return;
         }
+        if self.replay {
+            let mut buf = Vec::new();
+            for job in staged.drain(..) {
+                run(job, None, &mut buf);
+            }
+            return;
+        }
         let n = staged.len();
         self.pool.lock().jobs.extend(staged.drain(..));
         if n >= self.io_threads {
@@ -737,6 +841,10 @@ impl VirtioDevice for Blk {
                 self.pool.ready.notify_one();
             }
         }
+    }
+
+    fn rebuild_info(&self) -> Result<serde_json::Value, String> {
+        serde_json::to_value(Blk::rebuild_info(self)).map_err(|e| e.to_string())
     }
 
     fn reject(&self, queue: u16, head: u16, error: &ChainError) {

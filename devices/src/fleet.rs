@@ -29,7 +29,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use actix::{Arbiter, ArbiterHandle, System};
 use serde::Serialize;
 use switchboard_bus::{BusHandle, RegionId};
+use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, JsonBody, Recorder};
 use switchboard_runtime::{BusAddr, DeviceId, DeviceRef, IrqLine, IrqNumber, Runtime, State};
 
 use crate::blk::{Blk, BlkOptions};
@@ -301,6 +302,7 @@ pub struct Fleet {
     buses: Mutex<HashMap<String, Bus>>,
     devices: Mutex<BTreeMap<String, Slot>>,
     next_region: AtomicU64,
+    recorder: OnceLock<Recorder>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -324,7 +326,34 @@ impl Fleet {
             buses: Mutex::default(),
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
+            recorder: OnceLock::new(),
         })
+    }
+
+    /// Records, from now on, every device added (with how to rebuild it for
+    /// replay), its messages, and its removal. Returns false if the fleet
+    /// already records.
+    pub fn record_to(&self, recorder: Recorder) -> bool {
+        self.recorder.set(recorder).is_ok()
+    }
+
+    fn note(
+        &self,
+        id: &str,
+        kind: &'static str,
+        payload: serde_json::Value,
+        reply: serde_json::Value,
+    ) {
+        if let Some(r) = self.recorder.get() {
+            r.record(LogEntry {
+                time: r.now(),
+                latency: 0,
+                from: Arc::from("switchboard"),
+                to: Arc::from(id),
+                kind,
+                body: Box::new(JsonBody { payload, reply }),
+            });
+        }
     }
 
     fn lock_devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
@@ -481,6 +510,9 @@ impl Fleet {
         );
         let server = VhostUserServer::new(Arc::new(device), bus, workers)
             .map_err(|e| fail(error_chain(&e)))?;
+        if let Some(r) = self.recorder.get() {
+            server.record_to(r.clone(), id);
+        }
         let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
         let stop = StopHandle::default();
         let thread = {
@@ -522,6 +554,20 @@ impl Fleet {
             device: id.to_string(),
             bus: bus.to_string(),
         })?;
+        let info = ActorInfo {
+            id: id.to_string(),
+            kind: kind.to_string(),
+            rebuild: None,
+            not_replayable: Some(format!(
+                "{kind} is an MMIO/PIO device: its accesses are not recorded and it cannot be replayed yet"
+            )),
+        };
+        self.note(
+            id,
+            "added",
+            serde_json::to_value(&info).unwrap_or_default(),
+            serde_json::Value::Null,
+        );
         let timeout = Duration::from_secs(10);
         wait_for(device.realize_and_start(), timeout)
             .ok_or_else(|| fail("the device did not start within 10 s".into()))?
@@ -597,7 +643,27 @@ impl Fleet {
             }
         };
         let result = if first {
+            let start = self.recorder.get().map(Recorder::now);
             let result = self.unplug_and_stop(&entry);
+            if let Some(start) = start {
+                let reply = match &result {
+                    Ok(d) => serde_json::json!({ "drain_ms": d.as_secs_f64() * 1000.0 }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                if let Some(r) = self.recorder.get() {
+                    r.record(LogEntry {
+                        time: start,
+                        latency: r.now().saturating_sub(start),
+                        from: Arc::from("switchboard"),
+                        to: Arc::from(id),
+                        kind: "removed",
+                        body: Box::new(JsonBody {
+                            payload: serde_json::Value::Null,
+                            reply,
+                        }),
+                    });
+                }
+            }
             *removal.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
             removal.done.notify_all();
             self.lock_devices().remove(id);

@@ -51,14 +51,29 @@ impl Bucket {
 #[derive(Debug)]
 pub struct Rng {
     limiter: Option<Mutex<crossbeam_channel::Sender<(Request, Completer)>>>,
+    /// Bytes per second, if limited: also the most one request gets.
+    rate: Option<u64>,
+}
+
+/// What replay needs to rebuild an [`Rng`] (the log header holds it).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngRebuild {
+    /// The rate limit in bytes per second, if any.
+    pub bytes_per_second: Option<u64>,
 }
 
 /// Fills the request's writable buffers (up to `limit` bytes) with entropy;
-/// returns the bytes written.
+/// returns the bytes written. The entropy is an input of the request, so
+/// it is recorded and a replay gets the same bytes.
 fn fill(request: &mut Request, limit: u64) -> u32 {
+    request.set_kind("entropy");
     let n = request.writable_len().min(limit).min(MAX_FILL) as usize;
     let mut buf = vec![0u8; n];
-    if let Err(e) = getrandom::fill(&mut buf) {
+    if let Err(e) = request.input("entropy", 0, &mut buf, |b| {
+        getrandom::fill(b)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
+    }) {
         tracing::error!(error = %e, "getrandom failed; answering with no bytes");
         return 0;
     }
@@ -76,7 +91,10 @@ impl Rng {
     /// non-zero).
     pub fn new(bytes_per_second: Option<u64>) -> std::io::Result<Self> {
         let Some(rate) = bytes_per_second.filter(|r| *r > 0) else {
-            return Ok(Rng { limiter: None });
+            return Ok(Rng {
+                limiter: None,
+                rate: None,
+            });
         };
         let (tx, rx) = crossbeam_channel::unbounded::<(Request, Completer)>();
         thread::Builder::new()
@@ -100,7 +118,24 @@ impl Rng {
             })?;
         Ok(Rng {
             limiter: Some(Mutex::new(tx)),
+            rate: Some(rate),
         })
+    }
+
+    /// What replay needs to rebuild this device.
+    pub fn rebuild_info(&self) -> RngRebuild {
+        RngRebuild {
+            bytes_per_second: self.rate,
+        }
+    }
+
+    /// A device rebuilt for replay: the same answers, at once (the rate
+    /// limit bounds each request's size as it did, but nothing waits).
+    pub fn replay(info: &RngRebuild) -> Self {
+        Rng {
+            limiter: None,
+            rate: info.bytes_per_second.filter(|r| *r > 0),
+        }
     }
 }
 
@@ -121,10 +156,14 @@ impl VirtioDevice for Rng {
         0
     }
 
+    fn rebuild_info(&self) -> Result<serde_json::Value, String> {
+        serde_json::to_value(Rng::rebuild_info(self)).map_err(|e| e.to_string())
+    }
+
     fn handle(&self, mut request: Request, done: &Completer) -> Handled {
         match &self.limiter {
             None => {
-                let len = fill(&mut request, MAX_FILL);
+                let len = fill(&mut request, self.rate.unwrap_or(MAX_FILL));
                 Handled::Done { request, len }
             }
             Some(tx) => {

@@ -56,6 +56,32 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
     }
 }
 
+/// The devices of `topology` as a log header lists them. A vhost-user
+/// device's rebuild data comes in its `added` record, written when it
+/// starts; an MMIO/PIO device says it cannot be replayed.
+pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::ActorInfo> {
+    topology
+        .devices
+        .iter()
+        .map(|spec| {
+            let p = plan(spec);
+            let not_replayable = match p {
+                Plan::Blk { .. } | Plan::Rng { .. } => None,
+                Plan::Uart { .. } | Plan::TestDevice { .. } => Some(format!(
+                    "{} is an MMIO/PIO device: its accesses are not recorded and it cannot be replayed yet",
+                    p.kind()
+                )),
+            };
+            switchboard_runtime::recording::ActorInfo {
+                id: spec.id().to_string(),
+                kind: p.kind().to_string(),
+                rebuild: None,
+                not_replayable,
+            }
+        })
+        .collect()
+}
+
 /// The QEMU arguments that connect to a vhost-user device; `None` for a
 /// device on a bus.
 pub fn qemu_args(spec: &DeviceSpec) -> Option<String> {
@@ -153,7 +179,20 @@ impl Runner {
     /// Starts a checked topology's buses and devices. A device that fails
     /// to start is reported in the list and the rest are started.
     pub fn start(topology: Topology, base_dir: &Path) -> std::io::Result<(Self, Vec<Started>)> {
+        Self::start_recording(topology, base_dir, None)
+    }
+
+    /// As [`Runner::start`], recording every device's messages to
+    /// `recorder` from its start on.
+    pub fn start_recording(
+        topology: Topology,
+        base_dir: &Path,
+        recorder: Option<switchboard_runtime::recording::Recorder>,
+    ) -> std::io::Result<(Self, Vec<Started>)> {
         let fleet = Arc::new(Fleet::new()?);
+        if let Some(r) = recorder {
+            fleet.record_to(r);
+        }
         for bus in &topology.buses {
             fleet.add_bus(bus.id().as_str())?;
         }

@@ -41,7 +41,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use switchboard_bus::{
@@ -60,7 +60,9 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::{Completer, Handled, Request, VirtioDevice};
+use switchboard_runtime::recording::{Body, Entry, JsonBody, Recorder};
+
+use crate::virtio::{Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -218,6 +220,77 @@ struct Shared<D: VirtioDevice> {
     /// Requests answered (used entries written) since the server started.
     handled: AtomicU64,
     completions: Vec<Completions>,
+    record: OnceLock<RecordTo>,
+}
+
+/// Where a server records its messages.
+struct RecordTo {
+    recorder: Recorder,
+    /// The device's actor id: the `to` of its records.
+    id: Arc<str>,
+    /// The sender of each queue's requests: `driver/q0`, ...
+    queues: Vec<Arc<str>>,
+    /// The sender of protocol messages.
+    frontend: Arc<str>,
+}
+
+/// The record of one request: what the driver put in the chain and what the
+/// device read, took in and did.
+pub(crate) struct RequestRecord {
+    pub(crate) queue: u16,
+    pub(crate) head: u16,
+    pub(crate) readable: Vec<u32>,
+    pub(crate) writable: Vec<u32>,
+    pub(crate) trace: Trace,
+    pub(crate) len: u32,
+}
+
+/// A request record's payload as written and read back.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestPayload<R = Vec<crate::virtio::At>, I = Vec<crate::virtio::External>> {
+    pub(crate) queue: u16,
+    pub(crate) head: u16,
+    pub(crate) readable: Vec<u32>,
+    pub(crate) writable: Vec<u32>,
+    pub(crate) reads: R,
+    pub(crate) inputs: I,
+}
+
+/// A request record's reply as written and read back.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestReply<W = Vec<crate::virtio::At>, E = Vec<crate::virtio::External>> {
+    pub(crate) len: u32,
+    pub(crate) writes: W,
+    pub(crate) effects: E,
+}
+
+impl Body for RequestRecord {
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(
+            out,
+            &RequestPayload {
+                queue: self.queue,
+                head: self.head,
+                readable: self.readable.clone(),
+                writable: self.writable.clone(),
+                reads: &self.trace.reads,
+                inputs: &self.trace.inputs,
+            },
+        )
+    }
+
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(
+            out,
+            &RequestReply {
+                len: self.len,
+                writes: &self.trace.writes,
+                effects: &self.trace.effects,
+            },
+        )
+    }
 }
 
 /// A virtio device served over vhost-user. Cheap to clone (the crate
@@ -289,8 +362,73 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 mirror: Mutex::new(Mirror::default()),
                 handled: AtomicU64::new(0),
                 completions,
+                record: OnceLock::new(),
             }),
         })
+    }
+
+    /// Records every request and protocol message from now on to
+    /// `recorder`, as actor `id`, starting with an `added` record that
+    /// says how to rebuild the device for replay (or why it cannot be).
+    /// Returns false if it already records.
+    pub fn record_to(&self, recorder: Recorder, id: &str) -> bool {
+        let device = &self.shared.device;
+        let (rebuild, not_replayable) = match device.rebuild_info() {
+            Ok(v) => (Some(v), None),
+            Err(why) => (None, Some(why)),
+        };
+        let info = switchboard_runtime::recording::ActorInfo {
+            id: id.to_string(),
+            kind: device.kind().to_string(),
+            rebuild,
+            not_replayable,
+        };
+        let added = Entry {
+            time: recorder.now(),
+            latency: 0,
+            from: Arc::from("switchboard"),
+            to: Arc::from(id),
+            kind: "added",
+            body: Box::new(JsonBody {
+                payload: serde_json::to_value(&info).unwrap_or_default(),
+                reply: serde_json::Value::Null,
+            }),
+        };
+        let to = RecordTo {
+            recorder,
+            id: Arc::from(id),
+            queues: (0..self.shared.in_flight.len())
+                .map(|q| Arc::from(format!("driver/q{q}")))
+                .collect(),
+            frontend: Arc::from("frontend"),
+        };
+        if self.shared.record.get().is_some() {
+            return false;
+        }
+        // The `added` record goes first: nothing of the device's can be
+        // recorded before it.
+        to.recorder.record(added);
+        self.shared.record.set(to).is_ok()
+    }
+
+    /// Records a protocol message (or a connection event) with its reply.
+    fn note(&self, kind: &'static str, payload: serde_json::Value, reply: serde_json::Value) {
+        if let Some(r) = self.shared.record.get() {
+            let time = r.recorder.now();
+            r.recorder.record(Entry {
+                time,
+                latency: 0,
+                from: Arc::clone(&r.frontend),
+                to: Arc::clone(&r.id),
+                kind,
+                body: Box::new(JsonBody { payload, reply }),
+            });
+        }
+    }
+
+    /// Records a connection starting or ending (called by the serve loop).
+    pub fn note_connection(&self, kind: &'static str) {
+        self.note(kind, serde_json::Value::Null, serde_json::Value::Null);
     }
 
     /// The device.
@@ -342,12 +480,34 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     }
 
     /// Writes the used entry, then drops the request (and its leases).
-    fn finish(&self, vring: &VringRwLock, request: Request, len: u32) {
+    fn finish(&self, vring: &VringRwLock, mut request: Request, len: u32) {
         let queue = usize::from(request.queue());
         if let Err(e) = vring.add_used(request.head(), len) {
             tracing::error!(queue, head = request.head(), error = %e, "write used entry");
         }
+        let recorded = self.shared.record.get().and_then(|r| {
+            let (time, kind, trace) = request.take_recording()?;
+            let record = RequestRecord {
+                queue: request.queue(),
+                head: request.head(),
+                readable: request.readable().iter().map(|s| s.len).collect(),
+                writable: request.writable().iter().map(|s| s.len).collect(),
+                trace,
+                len,
+            };
+            Some((r, time, kind, record))
+        });
         drop(request);
+        if let Some((r, time, kind, record)) = recorded {
+            r.recorder.record(Entry {
+                time,
+                latency: r.recorder.now().saturating_sub(time),
+                from: Arc::clone(&r.queues[queue]),
+                to: Arc::clone(&r.id),
+                kind,
+                body: Box::new(record),
+            });
+        }
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
         self.shared.in_flight[queue].dec();
     }
@@ -388,8 +548,18 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     .collect();
                 self.shared.in_flight[queue].inc();
                 let memreq = self.shared.bus.guest_memory().request();
+                let record = self.shared.record.get();
+                let time = record.map(|r| r.recorder.now()).unwrap_or(0);
                 match Request::new(queue as u16, head, descriptors, memreq) {
-                    Ok(request) => match device.handle(request, completer) {
+                    Ok(mut request) => match device.handle(
+                        {
+                            if let Some(r) = record {
+                                request.record(r.recorder.data_mode(), time);
+                            }
+                            request
+                        },
+                        completer,
+                    ) {
                         Handled::Done { request, len } => {
                             self.finish(vring, request, len);
                             used = true;
@@ -399,6 +569,21 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     Err(e) => {
                         tracing::warn!(queue, error = %e, "malformed request");
                         device.reject(queue as u16, head, &e);
+                        if let Some(r) = record {
+                            r.recorder.record(Entry {
+                                time,
+                                latency: r.recorder.now().saturating_sub(time),
+                                from: Arc::clone(&r.queues[queue]),
+                                to: Arc::clone(&r.id),
+                                kind: "malformed",
+                                body: Box::new(JsonBody {
+                                    payload: serde_json::json!({
+                                        "queue": queue, "head": head, "error": e.to_string()
+                                    }),
+                                    reply: serde_json::json!({ "len": 0 }),
+                                }),
+                            });
+                        }
                         if let Err(e) = vring.add_used(head, 0) {
                             tracing::error!(queue, head, error = %e, "write used entry");
                         }
@@ -537,6 +722,11 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
         self.shared
             .acked_features
             .store(features, Ordering::Release);
+        self.note(
+            "SET_FEATURES",
+            serde_json::json!({ "features": features }),
+            serde_json::Value::Null,
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -550,6 +740,11 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     fn reset_device(&self) {
         self.drain_all("RESET_DEVICE");
         self.shared.device.reset();
+        self.note(
+            "RESET_DEVICE",
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+        );
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -564,13 +759,34 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
             .min(config.len());
         let mut out = config[start..end].to_vec();
         out.resize(size as usize, 0);
+        self.note(
+            "GET_CONFIG",
+            serde_json::json!({ "offset": offset, "size": size }),
+            serde_json::json!({ "data": switchboard_runtime::recording::Data::Bytes(out.clone()) }),
+        );
         out
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         let snapshot = mem.memory();
         *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
-        self.mirror_memory(&snapshot)
+        let result = self.mirror_memory(&snapshot);
+        if self.shared.record.get().is_some() {
+            let regions: Vec<serde_json::Value> = snapshot
+                .iter()
+                .map(|r| serde_json::json!({ "gpa": r.start_addr().0, "size": r.len() }))
+                .collect();
+            let reply = match &result {
+                Ok(()) => serde_json::json!("ok"),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            };
+            self.note(
+                "SET_MEM_TABLE",
+                serde_json::json!({ "regions": regions }),
+                reply,
+            );
+        }
+        result
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -601,6 +817,11 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
         if let Some(q) = self.shared.in_flight.get(queue_index as usize) {
             q.wait_zero("GET_VRING_BASE");
         }
+        self.note(
+            "GET_VRING_BASE",
+            serde_json::json!({ "queue": queue_index }),
+            serde_json::json!({ "in_flight": 0 }),
+        );
         Ok(())
     }
 

@@ -15,10 +15,14 @@
 //! SET_MEM_TABLE that drops a region) is answered only after every request
 //! using that memory has completed and written its used entry.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use switchboard_bus::{GuestAddr, MemRequest, MemoryError};
+use switchboard_runtime::recording::{hash, Data, DataMode};
 
 /// One guest buffer of a descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +79,146 @@ pub struct Request {
     head: u16,
     readable: Vec<Segment>,
     writable: Vec<Segment>,
-    mem: MemRequest,
+    /// Guest memory; `None` for a replayed request, whose memory is its
+    /// recording.
+    mem: Option<MemRequest>,
+    tape: Tape,
+}
+
+/// Guest memory the handler read or wrote, `at` bytes into the readable
+/// (or writable) buffers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct At {
+    /// Offset into the buffers.
+    pub at: u64,
+    /// The bytes.
+    pub data: Data,
+}
+
+/// An input from outside the guest (file contents, entropy) or an effect
+/// on the outside (a file write), with its outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct External {
+    /// What it is: `file-read`, `entropy`, `file-write`, `flush`, ...
+    pub what: String,
+    /// Where (a file offset), when that means something.
+    #[serde(default)]
+    pub at: u64,
+    /// How many bytes it covers.
+    #[serde(default)]
+    pub len: u64,
+    /// The bytes read (an input) or written (an effect), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Data>,
+    /// The OS error it failed with, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+}
+
+/// Everything a request's handler exchanged with the world.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Guest-memory reads, in order.
+    #[serde(default)]
+    pub reads: Vec<At>,
+    /// Inputs from outside, in order.
+    #[serde(default)]
+    pub inputs: Vec<External>,
+    /// Guest-memory writes, in order.
+    #[serde(default)]
+    pub writes: Vec<At>,
+    /// Effects on the outside, in order.
+    #[serde(default)]
+    pub effects: Vec<External>,
+}
+
+/// What a replayed request did, to compare with its recording.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The message type the device gave it.
+    pub kind: &'static str,
+    /// Its guest-memory writes and effects.
+    pub trace: Trace,
+    /// The first place it asked for something the recording does not
+    /// have (a read at another offset, an input of another kind).
+    pub divergence: Option<String>,
+}
+
+enum Tape {
+    Off,
+    Record(Box<Recording>),
+    Replay(Box<Replaying>),
+}
+
+struct Recording {
+    mode: DataMode,
+    time: u64,
+    kind: &'static str,
+    trace: Trace,
+}
+
+struct Replaying {
+    mode: DataMode,
+    kind: &'static str,
+    expected: Trace,
+    next_read: usize,
+    next_input: usize,
+    next_effect: usize,
+    actual: Trace,
+    /// Hash of the stand-in bytes handed out for hashed data -> the
+    /// recorded hash: so that data copied through unchanged compares equal.
+    fills: HashMap<u128, u128>,
+    divergence: Option<String>,
+}
+
+impl Replaying {
+    fn diverge(&mut self, why: String) {
+        if self.divergence.is_none() {
+            self.divergence = Some(why);
+        }
+    }
+
+    /// Fills `buf` with the recorded `data`: its bytes, or for hashed data
+    /// stand-in bytes derived from the hash, remembered so that a copy of
+    /// them compares equal to the recorded hash.
+    fn fill(&mut self, data: &Data, buf: &mut [u8]) {
+        match data {
+            Data::Bytes(b) => buf.copy_from_slice(b),
+            Data::Hash { hash: h, .. } => {
+                let mut x = (*h as u64) ^ ((*h >> 64) as u64) | 1;
+                for chunk in buf.chunks_mut(8) {
+                    // xorshift64: any fixed expansion of the hash will do.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let b = x.to_le_bytes();
+                    chunk.copy_from_slice(&b[..chunk.len()]);
+                }
+                self.fills.insert(hash(buf), *h);
+            }
+        }
+    }
+
+    /// `bytes` as the recording would hold them. (Stand-in bytes exist only
+    /// for hashed data, which is never small, so only hashes translate.)
+    fn capture(&self, bytes: &[u8]) -> Data {
+        match Data::capture(self.mode, bytes) {
+            Data::Hash { len, hash } => Data::Hash {
+                len,
+                hash: self.fills.get(&hash).copied().unwrap_or(hash),
+            },
+            d => d,
+        }
+    }
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The error a replayed request gets where it left its recording.
+fn off_the_record() -> io::Error {
+    io::Error::other("replay: not in the recording")
 }
 
 impl fmt::Debug for Request {
@@ -132,8 +275,208 @@ impl Request {
             head,
             readable,
             writable,
-            mem,
+            mem: Some(mem),
+            tape: Tape::Off,
         })
+    }
+
+    /// A request rebuilt from its recording: buffers of the recorded sizes,
+    /// whose reads and inputs return the recorded data and whose writes
+    /// and effects are kept for [`Request::replayed`].
+    pub fn replay(
+        queue: u16,
+        head: u16,
+        readable: &[u32],
+        writable: &[u32],
+        expected: Trace,
+        mode: DataMode,
+    ) -> Self {
+        let segs = |lens: &[u32]| {
+            lens.iter()
+                .map(|&len| Segment {
+                    addr: GuestAddr(0),
+                    len,
+                })
+                .collect()
+        };
+        Request {
+            queue,
+            head,
+            readable: segs(readable),
+            writable: segs(writable),
+            mem: None,
+            tape: Tape::Replay(Box::new(Replaying {
+                mode,
+                kind: "request",
+                expected,
+                next_read: 0,
+                next_input: 0,
+                next_effect: 0,
+                actual: Trace::default(),
+                fills: HashMap::new(),
+                divergence: None,
+            })),
+        }
+    }
+
+    /// Starts recording what the handler does with this request; `time`
+    /// is its delivery time.
+    pub fn record(&mut self, mode: DataMode, time: u64) {
+        self.tape = Tape::Record(Box::new(Recording {
+            mode,
+            time,
+            kind: "request",
+            trace: Trace::default(),
+        }));
+    }
+
+    /// The recording made since [`Request::record`]: delivery time, type
+    /// and trace.
+    pub fn take_recording(&mut self) -> Option<(u64, &'static str, Trace)> {
+        match std::mem::replace(&mut self.tape, Tape::Off) {
+            Tape::Record(r) => Some((r.time, r.kind, r.trace)),
+            other => {
+                self.tape = other;
+                None
+            }
+        }
+    }
+
+    /// What a replayed request did.
+    pub fn replayed(&mut self) -> Option<Replayed> {
+        match std::mem::replace(&mut self.tape, Tape::Off) {
+            Tape::Replay(r) => Some(Replayed {
+                kind: r.kind,
+                trace: r.actual,
+                divergence: r.divergence,
+            }),
+            other => {
+                self.tape = other;
+                None
+            }
+        }
+    }
+
+    /// Names the message type (`read`, `flush`) for the log.
+    pub fn set_kind(&mut self, kind: &'static str) {
+        match &mut self.tape {
+            Tape::Off => {}
+            Tape::Record(r) => r.kind = kind,
+            Tape::Replay(r) => r.kind = kind,
+        }
+    }
+
+    /// Takes an input from outside the guest into `buf`: `produce` fills
+    /// it (reads the file, asks the OS for entropy). Recorded, it is
+    /// logged with its outcome; replayed, `produce` is not called and the
+    /// recorded outcome is returned instead. Every input a device takes
+    /// must come through here, or its replay cannot be exact.
+    pub fn input(
+        &mut self,
+        what: &'static str,
+        at: u64,
+        buf: &mut [u8],
+        produce: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match &mut self.tape {
+            Tape::Off => produce(buf),
+            Tape::Record(r) => {
+                let result = produce(buf);
+                r.trace.inputs.push(External {
+                    what: what.to_string(),
+                    at,
+                    len: buf.len() as u64,
+                    data: result.as_ref().ok().map(|_| Data::capture(r.mode, buf)),
+                    errno: result.as_ref().err().map(errno_of),
+                });
+                result
+            }
+            Tape::Replay(r) => {
+                let i = r.next_input;
+                r.next_input += 1;
+                let Some(rec) = r.expected.inputs.get(i).cloned() else {
+                    r.diverge(format!(
+                        "the device took input {i} ({what} of {} bytes at {at:#x}); \
+                         the recording has only {} inputs",
+                        buf.len(),
+                        r.expected.inputs.len()
+                    ));
+                    return Err(off_the_record());
+                };
+                if rec.what != what || rec.at != at || rec.len != buf.len() as u64 {
+                    r.diverge(format!(
+                        "input {i}: the device took {what} of {} bytes at {at:#x}; \
+                         the recording has {} of {} bytes at {:#x}",
+                        buf.len(),
+                        rec.what,
+                        rec.len,
+                        rec.at
+                    ));
+                    return Err(off_the_record());
+                }
+                if let Some(errno) = rec.errno {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                match &rec.data {
+                    Some(d) if d.len() == buf.len() as u64 => {
+                        r.fill(d, buf);
+                        Ok(())
+                    }
+                    _ => {
+                        r.diverge(format!(
+                            "input {i}: the recording holds no data of {} bytes",
+                            buf.len()
+                        ));
+                        Err(off_the_record())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on the outside (writes the file, flushes it): `perform` does
+    /// it. Recorded, it is logged with its data and outcome; replayed,
+    /// `perform` is not called, the effect is kept for comparison and the
+    /// recorded outcome returned.
+    pub fn effect(
+        &mut self,
+        what: &'static str,
+        at: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        perform: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        match &mut self.tape {
+            Tape::Off => perform(),
+            Tape::Record(r) => {
+                let result = perform();
+                r.trace.effects.push(External {
+                    what: what.to_string(),
+                    at,
+                    len,
+                    data: data.map(|d| Data::capture(r.mode, d)),
+                    errno: result.as_ref().err().map(errno_of),
+                });
+                result
+            }
+            Tape::Replay(r) => {
+                let i = r.next_effect;
+                r.next_effect += 1;
+                let errno = r.expected.effects.get(i).and_then(|e| e.errno);
+                let data = data.map(|d| r.capture(d));
+                r.actual.effects.push(External {
+                    what: what.to_string(),
+                    at,
+                    len,
+                    data,
+                    errno,
+                });
+                match errno {
+                    Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 
     /// The virtqueue it came from.
@@ -169,19 +512,82 @@ impl Request {
     /// Copies readable bytes starting `offset` bytes into the readable
     /// buffers into `buf`. Fails if they are fewer than `buf.len()`.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let spans = Self::spans(&self.readable, offset, buf.len() as u64)?;
+        if let Tape::Replay(r) = &mut self.tape {
+            let i = r.next_read;
+            r.next_read += 1;
+            return match r.expected.reads.get(i).cloned() {
+                Some(rec) if rec.at == offset && rec.data.len() == buf.len() as u64 => {
+                    r.fill(&rec.data, buf);
+                    Ok(())
+                }
+                rec => {
+                    r.diverge(match rec {
+                        Some(rec) => format!(
+                            "read {i}: the device read {} bytes of guest memory at +{offset:#x}; \
+                             the recording has {} bytes at +{:#x}",
+                            buf.len(),
+                            rec.data.len(),
+                            rec.at
+                        ),
+                        None => format!(
+                            "read {i}: the device read {} bytes of guest memory at +{offset:#x}; \
+                             the recording has only {} reads",
+                            buf.len(),
+                            r.expected.reads.len()
+                        ),
+                    });
+                    Err(MemoryError::NotRecorded {
+                        offset,
+                        len: buf.len() as u64,
+                    })
+                }
+            };
+        }
+        let Some(mem) = self.mem.as_mut() else {
+            return Err(MemoryError::NotRecorded {
+                offset,
+                len: buf.len() as u64,
+            });
+        };
         let mut done = 0usize;
-        for (addr, n) in Self::spans(&self.readable, offset, buf.len() as u64)? {
-            self.mem.read(addr, &mut buf[done..done + n])?;
+        for (addr, n) in spans {
+            mem.read(addr, &mut buf[done..done + n])?;
             done += n;
+        }
+        if let Tape::Record(r) = &mut self.tape {
+            r.trace.reads.push(At {
+                at: offset,
+                data: Data::capture(r.mode, buf),
+            });
         }
         Ok(())
     }
 
     /// Copies `buf` into the writable buffers, starting `offset` bytes in.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        let spans = Self::spans(&self.writable, offset, buf.len() as u64)?;
+        match &mut self.tape {
+            Tape::Replay(r) => {
+                let data = r.capture(buf);
+                r.actual.writes.push(At { at: offset, data });
+                return Ok(());
+            }
+            Tape::Record(r) => r.trace.writes.push(At {
+                at: offset,
+                data: Data::capture(r.mode, buf),
+            }),
+            Tape::Off => {}
+        }
+        let Some(mem) = self.mem.as_mut() else {
+            return Err(MemoryError::NotRecorded {
+                offset,
+                len: buf.len() as u64,
+            });
+        };
         let mut done = 0usize;
-        for (addr, n) in Self::spans(&self.writable, offset, buf.len() as u64)? {
-            self.mem.write(addr, &buf[done..done + n])?;
+        for (addr, n) in spans {
+            mem.write(addr, &buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -298,4 +704,9 @@ pub trait VirtioDevice: Send + Sync + 'static {
     fn reject(&self, _queue: u16, _head: u16, _error: &ChainError) {}
     /// Forgets per-connection state.
     fn reset(&self) {}
+    /// What replay needs to rebuild this device without its backing (the
+    /// log holds it), or why it cannot be rebuilt.
+    fn rebuild_info(&self) -> Result<serde_json::Value, String> {
+        Err(format!("{} devices cannot be replayed", self.kind()))
+    }
 }

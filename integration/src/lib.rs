@@ -10,6 +10,43 @@
 
 pub mod frontend;
 
+/// The `switchboard` binary of this build profile, built (or brought up
+/// to date) on first use: tests that drive the real command call this.
+pub fn switchboard_bin() -> std::path::PathBuf {
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        // The test executable is target/<profile>/deps/<name>.
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let mut build = std::process::Command::new(env!("CARGO"));
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "switchboard-devices",
+                "--bin",
+                "switchboard",
+            ])
+            .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the switchboard binary failed"
+        );
+        profile_dir.join("switchboard")
+    })
+    .clone()
+}
+
 /// Starts an actix system on a thread of its own with a guest-memory bus on
 /// it, as a vhost-user server needs; the system runs until the process ends.
 pub fn start_guest_memory_bus() -> switchboard_bus::BusHandle {

@@ -7,6 +7,9 @@
 //! switchboard serve rng --socket-path /tmp/rng.sock [--rate-limit 65536]
 //! switchboard serve rng --socket-fd 3
 //! switchboard check topology.json
+//! switchboard run topology.json --record run.log
+//! switchboard replay run.log
+//! switchboard log run.log --stats
 //! ```
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -27,6 +30,9 @@ use switchboard_devices::vhost_user::{
     check_socket_path, default_workers, serve, serve_unix_listener, StopHandle, VhostUserServer,
 };
 use switchboard_devices::virtio::VirtioDevice;
+use switchboard_runtime::recording::{
+    ActorInfo, DataMode, Header, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
+};
 use switchboard_runtime::Runtime;
 
 /// A typed actor runtime for virtual-machine devices.
@@ -83,6 +89,63 @@ enum Command {
         /// of SIZE bytes first (suffixes K, M, G: 64M).
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         create_images: Option<u64>,
+        #[command(flatten)]
+        record: RecordArgs,
+    },
+    /// Replay a message log and check that every device answers as recorded.
+    ///
+    /// Each recorded device is rebuilt from the log (no image, guest or
+    /// entropy source needed: their data is in the log) and fed its
+    /// recorded messages in order; every reply, guest-memory write and
+    /// effect on the outside (file writes, flushes, ...) is compared with
+    /// the recorded one. Exits 0 when all match. At the first difference,
+    /// prints its sequence number, the message, expected against actual
+    /// and the last messages that device handled, and exits 1. A log that
+    /// cannot be read (cut off, malformed, from a newer switchboard) exits
+    /// 2, after replaying what comes before the damage.
+    Replay {
+        /// The log (written by --record).
+        log: PathBuf,
+        /// Replay only this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// Compare from this sequence number on.
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+        /// Stop after this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        until: Option<u64>,
+        /// Do not draw a progress bar (it is drawn only on a terminal).
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Print a message log, filtered, or statistics about it.
+    ///
+    /// One line per record: sequence number, time, latency, sender and
+    /// receiver, type, and payload and reply with bulk data abbreviated.
+    /// --stats prints, per device and message type, the count and latency
+    /// percentiles instead.
+    Log {
+        /// The log (written by --record).
+        log: PathBuf,
+        /// Only records to (or from) this device.
+        #[arg(long, value_name = "ID")]
+        device: Option<String>,
+        /// Only records of this type (read, write, entropy, GET_CONFIG, ...).
+        #[arg(long = "type", value_name = "T")]
+        kind: Option<String>,
+        /// From this sequence number on.
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+        /// Up to this sequence number.
+        #[arg(long, value_name = "SEQ")]
+        until: Option<u64>,
+        /// Counts and latency percentiles per device and type.
+        #[arg(long)]
+        stats: bool,
+        /// Print the matching records as they are in the log (JSON Lines).
+        #[arg(long, conflicts_with = "stats")]
+        json: bool,
     },
     /// Send one command to the control socket of a `switchboard run`.
     ///
@@ -160,6 +223,8 @@ enum Device {
         serial: Option<String>,
         #[command(flatten)]
         socket: SocketArgs,
+        #[command(flatten)]
+        record: RecordArgs,
     },
     /// virtio-rng: entropy from the OS (getrandom).
     Rng {
@@ -168,6 +233,8 @@ enum Device {
         rate_limit: Option<u64>,
         #[command(flatten)]
         socket: SocketArgs,
+        #[command(flatten)]
+        record: RecordArgs,
     },
 }
 
@@ -179,6 +246,113 @@ fn queue_size(s: &str) -> Result<u16, String> {
         return Err(format!("{n} is not a power of two from 2 to 32768"));
     }
     Ok(n)
+}
+
+/// How bulk data goes into a log.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordData {
+    /// A 128-bit XXH3 hash and the length of each buffer: small logs and
+    /// little overhead; replay still checks every byte through the hashes,
+    /// but cannot show differing bytes.
+    Hash,
+    /// The bytes themselves (base64): logs about 4/3 the size of the data
+    /// moved; replay shows the first differing byte.
+    Value,
+}
+
+/// What happens when the log's buffer is full.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordFull {
+    /// The device waits for the log writer: nothing is lost.
+    Wait,
+    /// The record is dropped and a `gap` record says how many were.
+    Gap,
+}
+
+#[derive(Debug, Args)]
+struct RecordArgs {
+    /// Record every message each device receives, with its reply and the
+    /// data it read, to LOG (JSON Lines, see the README). LOG must not exist.
+    #[arg(long, value_name = "LOG")]
+    record: Option<PathBuf>,
+    /// How bulk data (guest memory, file contents, entropy) is recorded.
+    #[arg(long, value_enum, default_value_t = RecordData::Hash, value_name = "MODE")]
+    record_data: RecordData,
+    /// When the log's buffer is full: wait, or drop and mark a gap.
+    #[arg(long, value_enum, default_value_t = RecordFull::Wait, value_name = "WHAT")]
+    record_full: RecordFull,
+    /// Records the log's buffer holds.
+    #[arg(long, default_value_t = DEFAULT_BUFFER as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    record_buffer: u64,
+}
+
+impl RecordArgs {
+    /// Creates the log with its header, if --record was given.
+    fn start(
+        &self,
+        topology: serde_json::Value,
+        actors: Vec<ActorInfo>,
+    ) -> anyhow::Result<Option<Recorder>> {
+        let Some(path) = &self.record else {
+            return Ok(None);
+        };
+        if path.exists() {
+            bail!(
+                "--record {}: the file exists; remove it or choose another path (a log is never overwritten)",
+                path.display()
+            );
+        }
+        let data = match self.record_data {
+            RecordData::Hash => DataMode::Hash,
+            RecordData::Value => DataMode::Value,
+        };
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let header = Header::new(command, data, topology, actors);
+        let options = RecordOptions {
+            data,
+            buffer: self.record_buffer as usize,
+            when_full: match self.record_full {
+                RecordFull::Wait => WhenFull::Wait,
+                RecordFull::Gap => WhenFull::Gap,
+            },
+        };
+        let recorder = Recorder::create(path, &header, options)
+            .with_context(|| format!("--record {}", path.display()))?;
+        eprintln!(
+            "switchboard: recording to {} ({} data)",
+            path.display(),
+            match self.record_data {
+                RecordData::Hash => "hashed",
+                RecordData::Value => "by-value",
+            }
+        );
+        Ok(Some(recorder))
+    }
+}
+
+/// Closes a log and says what it holds.
+fn finish_recording(recorder: Option<Recorder>) -> anyhow::Result<()> {
+    let Some(r) = recorder else {
+        return Ok(());
+    };
+    let summary = r
+        .finish()
+        .with_context(|| format!("write the log {}", r.path().display()))?;
+    eprintln!(
+        "switchboard: recorded {} records ({} bytes) to {}{}",
+        summary.records,
+        summary.bytes,
+        r.path().display(),
+        if summary.dropped > 0 {
+            format!(
+                "; {} records were dropped (buffer full) and marked as gaps",
+                summary.dropped
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -306,8 +480,38 @@ fn start_actors() -> anyhow::Result<actix::ArbiterHandle> {
 fn serve_all<D: VirtioDevice>(
     endpoints: Vec<Endpoint>,
     workers: usize,
+    record: Option<(&RecordArgs, &str, serde_json::Value)>,
     make: impl Fn(usize) -> anyhow::Result<Arc<D>>,
 ) -> anyhow::Result<()> {
+    let devices = (0..endpoints.len())
+        .map(&make)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The log's header names each device as `<short><i>` (`blk0`).
+    let recorder = match record {
+        Some((args, short, ref spec)) => {
+            let mut specs = Vec::new();
+            let mut actors = Vec::new();
+            for (i, (device, endpoint)) in devices.iter().zip(&endpoints).enumerate() {
+                let id = format!("{short}{i}");
+                let mut spec = spec.clone();
+                spec["id"] = serde_json::json!(id);
+                spec["vhost_user"]["socket"] = serde_json::json!(endpoint.name());
+                specs.push(spec);
+                let (rebuild, not_replayable) = match device.rebuild_info() {
+                    Ok(v) => (Some(v), None),
+                    Err(why) => (None, Some(why)),
+                };
+                actors.push(ActorInfo {
+                    id,
+                    kind: device.kind().to_string(),
+                    rebuild,
+                    not_replayable,
+                });
+            }
+            args.start(serde_json::json!({ "devices": specs }), actors)?
+        }
+        None => None,
+    };
     // Signals first: a signal that arrives while devices start is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -318,11 +522,15 @@ fn serve_all<D: VirtioDevice>(
     let runtime = Runtime::new();
     let mut stops = Vec::new();
     let mut threads = Vec::new();
-    for (i, endpoint) in endpoints.into_iter().enumerate() {
-        let device = make(i)?;
+    for (i, (endpoint, device)) in endpoints.into_iter().zip(devices).enumerate() {
         let kind = device.kind();
         let bus = BusHandle::start(&runtime, &format!("{kind}{i}-guest-memory"), &arbiter);
         let server = VhostUserServer::new(device, bus, workers)?;
+        if let Some((r, (_, short, _))) = recorder.as_ref().zip(record.as_ref()) {
+            // The header already describes it; record_to adds an `added`
+            // record too, which replay takes as the same description.
+            server.record_to(r.clone(), &format!("{short}{i}"));
+        }
         let stop = StopHandle::default();
         stops.push(stop.clone());
         let name = endpoint.name();
@@ -367,6 +575,7 @@ fn serve_all<D: VirtioDevice>(
             }
         }
     }
+    finish_recording(recorder)?;
     if failed {
         bail!("some devices failed");
     }
@@ -381,16 +590,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             control,
             strict,
             create_images,
-        } => run_topology(&file, control.as_deref(), strict, create_images),
+            record,
+        } => run_topology(&file, control.as_deref(), strict, create_images, &record),
+        Command::Replay {
+            log,
+            device,
+            from,
+            until,
+            no_progress,
+        } => replay_log(
+            &log,
+            &switchboard_devices::replay::ReplayOptions {
+                device,
+                from,
+                until,
+                progress: !no_progress,
+            },
+        ),
+        Command::Log {
+            log,
+            device,
+            kind,
+            from,
+            until,
+            stats,
+            json,
+        } => show_log(
+            &log,
+            &switchboard_devices::inspect::InspectOptions {
+                device,
+                kind,
+                from,
+                until,
+                stats,
+                json,
+            },
+        ),
         Command::Ctl {
             socket,
             command,
             arguments,
             json,
         } => ctl(&socket, &command, arguments.as_deref(), json),
-        Command::Serve(Device::Rng { socket, rate_limit }) => {
+        Command::Serve(Device::Rng {
+            socket,
+            rate_limit,
+            record,
+        }) => {
             let endpoints = socket.endpoints()?;
-            serve_all(endpoints, 1, |_| {
+            let spec = serde_json::json!({
+                "kind": "virtio-rng", "rate_limit": rate_limit, "vhost_user": {}
+            });
+            serve_all(endpoints, 1, Some((&record, "rng", spec)), |_| {
                 Ok(Arc::new(
                     Rng::new(rate_limit).context("start the rate limiter")?,
                 ))
@@ -405,6 +656,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             serial,
             socket,
+            record,
         }) => {
             if socket.socket_count > 1 && !read_only {
                 bail!(
@@ -429,7 +681,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let endpoints = socket.endpoints()?;
             let workers = workers.map_or_else(|| default_workers(usize::from(queues)), usize::from);
             let first = std::sync::Mutex::new(Some(first));
-            serve_all(endpoints, workers, |_| {
+            let spec = serde_json::json!({
+                "kind": "virtio-blk", "path": path, "read_only": read_only,
+                "vhost_user": { "queues": queues }
+            });
+            serve_all(endpoints, workers, Some((&record, "blk", spec)), |_| {
                 let taken = first.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let blk = match taken {
                     Some(b) => b,
@@ -531,6 +787,7 @@ fn run_topology(
     control: Option<&std::path::Path>,
     strict: bool,
     create: Option<u64>,
+    record: &RecordArgs,
 ) -> anyhow::Result<()> {
     use switchboard_devices::control::ControlServer;
     use switchboard_devices::runner::Runner;
@@ -561,8 +818,13 @@ fn run_topology(
         check_socket_path(c).with_context(|| format!("--control {}", c.display()))?;
     }
     let base = file.parent().unwrap_or(std::path::Path::new(""));
+    let recorder = record.start(
+        serde_json::to_value(&topology).context("the topology as JSON")?,
+        switchboard_devices::runner::log_actors(&topology),
+    )?;
     let t0 = std::time::Instant::now();
-    let (runner, started) = Runner::start(topology, base).context("start the runtime")?;
+    let (runner, started) =
+        Runner::start_recording(topology, base, recorder.clone()).context("start the runtime")?;
     let elapsed = t0.elapsed();
     let runner = Arc::new(runner);
     let mut failed = 0;
@@ -577,6 +839,7 @@ fn run_topology(
     }
     if failed > 0 && strict {
         runner.shutdown();
+        finish_recording(recorder)?;
         bail!(
             "{failed} of {} devices did not start (--strict)",
             started.len()
@@ -623,10 +886,105 @@ fn run_topology(
         results.len(),
         t1.elapsed().as_millis()
     );
+    finish_recording(recorder)?;
     if errors > 0 {
         bail!("{errors} devices did not stop cleanly");
     }
     Ok(())
+}
+
+/// A replay that found a divergence (exit 1); already printed.
+#[derive(Debug)]
+struct Diverged;
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the replay diverged from the recording")
+    }
+}
+
+impl std::error::Error for Diverged {}
+
+/// A log that cannot be read (exit 2).
+#[derive(Debug)]
+struct BadLog(String);
+
+impl std::fmt::Display for BadLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadLog {}
+
+fn print_replayed(r: &switchboard_devices::replay::ReplayReport) {
+    for (id, n) in &r.per_actor {
+        say!("  {id}: {n} messages replayed, all matched");
+    }
+    for (id, (n, why)) in &r.not_replayable {
+        say!("  {id}: {n} messages not replayed: {why}");
+    }
+    if r.gaps > 0 {
+        say!(
+            "  {} gaps in the log: {} records were dropped while recording and could not be checked",
+            r.gaps, r.dropped
+        );
+    }
+}
+
+fn replay_log(
+    log: &std::path::Path,
+    options: &switchboard_devices::replay::ReplayOptions,
+) -> anyhow::Result<()> {
+    use switchboard_devices::replay::{replay, ReplayError};
+    match replay(log, options) {
+        Ok(report) => {
+            say!(
+                "{}: {} messages replayed, 0 divergences ({} records read, {} outside the selection)",
+                log.display(),
+                report.replayed(),
+                report.records,
+                report.skipped
+            );
+            print_replayed(&report);
+            Ok(())
+        }
+        Err(ReplayError::Diverged(d)) => {
+            say!("{}: {d}", log.display());
+            Err(Diverged.into())
+        }
+        Err(ReplayError::Log { error, replayed }) => {
+            let truncated = matches!(
+                error,
+                switchboard_runtime::recording::LogError::Truncated { .. }
+            );
+            if replayed.records == 0 && !truncated {
+                return Err(BadLog(error.to_string()).into());
+            }
+            say!(
+                "{}: the {} messages before the damage replayed with 0 divergences",
+                log.display(),
+                replayed.replayed()
+            );
+            print_replayed(&replayed);
+            Err(BadLog(error.to_string()).into())
+        }
+        Err(e @ ReplayError::Rebuild { .. }) => Err(BadLog(e.to_string()).into()),
+    }
+}
+
+fn show_log(
+    log: &std::path::Path,
+    options: &switchboard_devices::inspect::InspectOptions,
+) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = switchboard_devices::inspect::inspect(log, options, &mut out);
+    let _ = std::io::Write::flush(&mut out);
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(BadLog(e.to_string()).into()),
+    }
 }
 
 fn ctl(
@@ -702,12 +1060,13 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Diverged>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("switchboard: error: {e}");
             for cause in e.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            if e.is::<InvalidTopology>() {
+            if e.is::<InvalidTopology>() || e.is::<BadLog>() {
                 return ExitCode::from(2);
             }
             ExitCode::FAILURE

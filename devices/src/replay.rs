@@ -1,0 +1,762 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Replaying a message log: every recorded actor is rebuilt from the log
+//! header (or from its `added` record) and fed its recorded messages in
+//! order; each reply, guest-memory write and effect on the outside is
+//! compared with the recorded one. The first difference stops the replay
+//! and is reported with the message and the last messages that actor
+//! handled before it.
+//!
+//! A virtio device is rebuilt without its backing (no image file, no
+//! entropy source, no guest): its reads of guest memory, file contents and
+//! entropy come from the recording, through the same [`Request`] methods
+//! the live device uses, and its writes are collected instead of done.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use switchboard_runtime::recording::{ActorInfo, Data, DataMode, LogError, LogReader, Record};
+
+use crate::blk::{Blk, BlkRebuild};
+use crate::rng::{Rng, RngRebuild};
+use crate::vhost_user::{RequestPayload, RequestReply};
+use crate::virtio::{At, Completer, External, Handled, Request, Trace, VirtioDevice};
+
+/// How many earlier messages of the diverging actor a report shows.
+pub const HISTORY: usize = 5;
+
+/// What to replay.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayOptions {
+    /// Only this actor.
+    pub device: Option<String>,
+    /// Compare from this sequence number on (earlier messages that change
+    /// an actor's state are still applied).
+    pub from: Option<u64>,
+    /// Stop after this sequence number.
+    pub until: Option<u64>,
+    /// Show a progress bar on stderr (only drawn on a terminal).
+    pub progress: bool,
+}
+
+/// A replay that matched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Messages replayed and compared, per actor.
+    pub per_actor: BTreeMap<String, u64>,
+    /// Records read.
+    pub records: u64,
+    /// Records outside `--device`/`--from`/`--until`.
+    pub skipped: u64,
+    /// Records to actors that cannot be replayed, per actor, with why.
+    pub not_replayable: BTreeMap<String, (u64, String)>,
+    /// Gap records, and the records they stand for.
+    pub gaps: u64,
+    /// Records lost in gaps.
+    pub dropped: u64,
+}
+
+impl ReplayReport {
+    /// Messages replayed in all.
+    pub fn replayed(&self) -> u64 {
+        self.per_actor.values().sum()
+    }
+}
+
+/// The first message whose replay differs from its recording.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Divergence {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its line in the log.
+    pub line: u64,
+    /// The actor.
+    pub actor: String,
+    /// The message type.
+    pub kind: String,
+    /// The message as recorded (abbreviated).
+    pub message: String,
+    /// What differs.
+    pub what: String,
+    /// The recorded value.
+    pub expected: String,
+    /// The replayed value.
+    pub actual: String,
+    /// The actor's previous messages: `(seq, type, abbreviated line)`.
+    pub history: Vec<(u64, String, String)>,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "divergence at seq {} (line {}): {} message to {}",
+            self.seq, self.line, self.kind, self.actor
+        )?;
+        writeln!(f, "  {}", self.what)?;
+        writeln!(f, "  expected: {}", self.expected)?;
+        writeln!(f, "  actual:   {}", self.actual)?;
+        writeln!(f, "  message:  {}", self.message)?;
+        if self.history.is_empty() {
+            writeln!(f, "  {} handled no message before it", self.actor)?;
+        } else {
+            writeln!(
+                f,
+                "  the last {} messages {} handled before it:",
+                self.history.len(),
+                self.actor
+            )?;
+            for (seq, kind, line) in &self.history {
+                writeln!(f, "    seq {seq} {kind}: {line}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a replay stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A reply or write differs.
+    #[error("{0}")]
+    Diverged(Box<Divergence>),
+    /// The log cannot be read (further). `replayed` matched before it.
+    #[error("{error}")]
+    Log {
+        /// Why.
+        #[source]
+        error: LogError,
+        /// What matched before the error.
+        replayed: Box<ReplayReport>,
+    },
+    /// An actor cannot be rebuilt from the log.
+    #[error("{path}: {what}")]
+    Rebuild {
+        /// The log.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// How a replayed message differs.
+#[derive(Debug)]
+struct Mismatch {
+    what: String,
+    expected: String,
+    actual: String,
+}
+
+impl Mismatch {
+    fn new(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl Into<String>,
+    ) -> Self {
+        Mismatch {
+            what: what.into(),
+            expected: expected.into(),
+            actual: actual.into(),
+        }
+    }
+}
+
+/// An actor rebuilt for replay.
+trait Replayer {
+    /// Replays one recorded message. `compare` false: apply it (for the
+    /// actor's state) without comparing.
+    fn replay(&mut self, rec: &Record<'_>, compare: bool) -> Result<(), Mismatch>;
+    /// Whether messages can change its state (then messages before
+    /// `--from` are still applied).
+    fn stateful(&self) -> bool;
+}
+
+/// A virtio device under replay.
+struct VirtioReplayer<D: VirtioDevice> {
+    device: D,
+    mode: DataMode,
+    completer: Completer,
+    done: crossbeam_channel::Receiver<(Request, u32)>,
+}
+
+impl<D: VirtioDevice> VirtioReplayer<D> {
+    fn new(device: D, mode: DataMode) -> Self {
+        let (tx, done) = crossbeam_channel::unbounded();
+        let completer = Completer::new(move |request, len| {
+            let _ = tx.send((request, len));
+        });
+        VirtioReplayer {
+            device,
+            mode,
+            completer,
+            done,
+        }
+    }
+
+    fn request(&mut self, rec: &Record<'_>) -> Result<(), Mismatch> {
+        let payload: RequestPayload = serde_json::from_str(rec.payload.get()).map_err(|e| {
+            Mismatch::new(
+                "the recorded payload is not a request",
+                "a request",
+                e.to_string(),
+            )
+        })?;
+        let reply: RequestReply = serde_json::from_str(rec.reply.get()).map_err(|e| {
+            Mismatch::new(
+                "the recorded reply is not a request's",
+                "a reply",
+                e.to_string(),
+            )
+        })?;
+        if usize::from(payload.queue) >= self.device.num_queues() {
+            return Err(Mismatch::new(
+                "the request's queue does not exist on the rebuilt device",
+                format!("queue < {}", self.device.num_queues()),
+                format!("queue {}", payload.queue),
+            ));
+        }
+        let expected = Trace {
+            reads: payload.reads,
+            inputs: payload.inputs,
+            writes: Vec::new(),
+            effects: reply.effects.clone(),
+        };
+        let request = Request::replay(
+            payload.queue,
+            payload.head,
+            &payload.readable,
+            &payload.writable,
+            expected,
+            self.mode,
+        );
+        let (mut request, len) = match self.device.handle(request, &self.completer) {
+            Handled::Done { request, len } => (request, len),
+            Handled::Pending => {
+                self.device.end_batch(payload.queue);
+                match self.done.try_recv() {
+                    Ok(done) => done,
+                    Err(_) => {
+                        return Err(Mismatch::new(
+                            "the device did not answer the request",
+                            format!("an answer of {} bytes", reply.len),
+                            "no answer",
+                        ))
+                    }
+                }
+            }
+        };
+        let Some(got) = request.replayed() else {
+            return Err(Mismatch::new(
+                "the device answered another request",
+                "this request",
+                "another",
+            ));
+        };
+        if let Some(why) = got.divergence {
+            return Err(Mismatch::new(
+                why,
+                "what the recording holds",
+                "the device asked for something else",
+            ));
+        }
+        if got.kind != rec.kind {
+            return Err(Mismatch::new(
+                "message type",
+                rec.kind.to_string(),
+                got.kind,
+            ));
+        }
+        compare_ats("guest-memory write", &reply.writes, &got.trace.writes)?;
+        compare_externals(&reply.effects, &got.trace.effects)?;
+        if len != reply.len {
+            return Err(Mismatch::new(
+                "used length (bytes written into the request's buffers)",
+                reply.len.to_string(),
+                len.to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn config(&self, rec: &Record<'_>) -> Result<(), Mismatch> {
+        #[derive(serde::Deserialize)]
+        struct Ask {
+            offset: u32,
+            size: u32,
+        }
+        #[derive(serde::Deserialize)]
+        struct Got {
+            data: Data,
+        }
+        let ask: Ask = serde_json::from_str(rec.payload.get()).map_err(|e| {
+            Mismatch::new("bad GET_CONFIG payload", "offset and size", e.to_string())
+        })?;
+        let got: Got = serde_json::from_str(rec.reply.get())
+            .map_err(|e| Mismatch::new("bad GET_CONFIG reply", "data", e.to_string()))?;
+        let config = self.device.config();
+        let start = (ask.offset as usize).min(config.len());
+        let end = (ask.offset as usize)
+            .saturating_add(ask.size as usize)
+            .min(config.len());
+        let mut out = config[start..end].to_vec();
+        out.resize(ask.size as usize, 0);
+        let actual = Data::Bytes(out);
+        if !actual.same(&got.data) {
+            return Err(Mismatch::new(
+                format!(
+                    "config space at {:#x}: {}",
+                    ask.offset,
+                    first_difference(&got.data, &actual)
+                ),
+                show(&got.data),
+                show(&actual),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<D: VirtioDevice> Replayer for VirtioReplayer<D> {
+    fn replay(&mut self, rec: &Record<'_>, compare: bool) -> Result<(), Mismatch> {
+        match &*rec.kind {
+            "RESET_DEVICE" => {
+                self.device.reset();
+                Ok(())
+            }
+            "GET_CONFIG" if compare => self.config(rec),
+            "SET_FEATURES" | "SET_MEM_TABLE" | "GET_VRING_BASE" | "connect" | "disconnect"
+            | "GET_CONFIG" | "malformed" => Ok(()),
+            _ if compare => self.request(rec),
+            _ => Ok(()),
+        }
+    }
+
+    fn stateful(&self) -> bool {
+        false
+    }
+}
+
+/// A short form of recorded data.
+fn show(d: &Data) -> String {
+    match d {
+        Data::Bytes(b) if b.len() <= 32 => {
+            let mut s = String::new();
+            for x in b {
+                let _ = write!(s, "{x:02x}");
+            }
+            format!("{} bytes: {}", b.len(), if s.is_empty() { "-" } else { &s })
+        }
+        Data::Bytes(b) => format!("{} bytes, xxh3 {:032x}", b.len(), d.content_hash()),
+        Data::Hash { len, hash } => format!("{len} bytes, xxh3 {hash:032x}"),
+    }
+}
+
+/// Where two data differ, when both hold bytes.
+fn first_difference(expected: &Data, actual: &Data) -> String {
+    match (expected, actual) {
+        (Data::Bytes(a), Data::Bytes(b)) => {
+            match a.iter().zip(b.iter()).position(|(x, y)| x != y) {
+                Some(i) => format!(
+                    "byte {i} differs: expected {:#04x}, got {:#04x}",
+                    a[i], b[i]
+                ),
+                None => format!("length differs: expected {}, got {}", a.len(), b.len()),
+            }
+        }
+        _ => "content differs (hashes)".to_string(),
+    }
+}
+
+fn compare_ats(what: &str, expected: &[At], actual: &[At]) -> Result<(), Mismatch> {
+    for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
+        if e.at != a.at || !e.data.same(&a.data) {
+            let detail = if e.at != a.at {
+                format!("at +{:#x} instead of +{:#x}", a.at, e.at)
+            } else {
+                first_difference(&e.data, &a.data)
+            };
+            return Err(Mismatch::new(
+                format!("{what} {i} at +{:#x}: {detail}", e.at),
+                show(&e.data),
+                show(&a.data),
+            ));
+        }
+    }
+    if expected.len() != actual.len() {
+        return Err(Mismatch::new(
+            format!("number of {what}s"),
+            expected.len().to_string(),
+            actual.len().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+fn describe(e: &External) -> String {
+    let mut s = format!("{} at {:#x}, {} bytes", e.what, e.at, e.len);
+    if let Some(d) = &e.data {
+        let _ = write!(s, ", data {}", show(d));
+    }
+    if let Some(errno) = e.errno {
+        let _ = write!(s, ", failed with errno {errno}");
+    }
+    s
+}
+
+fn compare_externals(expected: &[External], actual: &[External]) -> Result<(), Mismatch> {
+    for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
+        let same_data = match (&e.data, &a.data) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x.same(y),
+            _ => false,
+        };
+        if e.what != a.what || e.at != a.at || e.len != a.len || !same_data {
+            let detail = match (&e.data, &a.data) {
+                (Some(x), Some(y)) if e.what == a.what && e.at == a.at => {
+                    format!(": {}", first_difference(x, y))
+                }
+                _ => String::new(),
+            };
+            return Err(Mismatch::new(
+                format!("effect {i} on the outside{detail}"),
+                describe(e),
+                describe(a),
+            ));
+        }
+    }
+    if expected.len() != actual.len() {
+        return Err(Mismatch::new(
+            "number of effects on the outside (file writes, flushes, ...)",
+            expected.len().to_string(),
+            actual.len().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Rebuilds an actor from its header entry; `Err` says why it cannot be.
+fn rebuild(info: &ActorInfo, mode: DataMode) -> Result<Box<dyn Replayer>, String> {
+    if let Some(why) = &info.not_replayable {
+        return Err(why.clone());
+    }
+    let Some(spec) = info.rebuild.clone() else {
+        return Err("the log holds nothing to rebuild it from".into());
+    };
+    match info.kind.as_str() {
+        "virtio-blk" => {
+            let r: BlkRebuild =
+                serde_json::from_value(spec).map_err(|e| format!("bad rebuild data: {e}"))?;
+            let blk = Blk::replay(&r).map_err(|e| e.to_string())?;
+            Ok(Box::new(VirtioReplayer::new(blk, mode)))
+        }
+        "virtio-rng" => {
+            let r: RngRebuild =
+                serde_json::from_value(spec).map_err(|e| format!("bad rebuild data: {e}"))?;
+            Ok(Box::new(VirtioReplayer::new(Rng::replay(&r), mode)))
+        }
+        other => Err(format!("replay of {other} devices is not supported")),
+    }
+}
+
+/// An actor of the replay: rebuilt, or why not; and its last messages.
+struct Actor {
+    replayer: Result<Box<dyn Replayer>, String>,
+    /// Sequence numbers of its last messages, newest last.
+    history: std::collections::VecDeque<u64>,
+    removed: bool,
+}
+
+/// Abbreviates a record line for a report: bulk data shortened.
+pub fn abbreviate(line: &str, width: usize) -> String {
+    let mut out = String::with_capacity(line.len().min(width + 16));
+    let mut rest = line;
+    while let Some(i) = rest.find("\"b64:") {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 5..];
+        let end = tail.find('"').unwrap_or(tail.len());
+        let bytes = end / 4 * 3;
+        let _ = write!(out, "\"<~{bytes} bytes>");
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    if out.len() > width {
+        let mut cut = width;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+/// Draws a progress bar on stderr, at most ten times a second.
+struct Progress {
+    enabled: bool,
+    total: u64,
+    last: Instant,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(enabled: bool, total: u64) -> Self {
+        Progress {
+            enabled: enabled && std::io::stderr().is_terminal(),
+            total: total.max(1),
+            last: Instant::now(),
+            started: Instant::now(),
+        }
+    }
+
+    fn tick(&mut self, done: u64, records: u64) {
+        if !self.enabled || self.last.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last = Instant::now();
+        let frac = (done as f64 / self.total as f64).min(1.0);
+        let filled = (frac * 30.0) as usize;
+        let rate = records as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        let _ = write!(
+            std::io::stderr(),
+            "\r[{}{}] {:5.1}%  {records} records  {:.0}/s ",
+            "#".repeat(filled),
+            " ".repeat(30 - filled),
+            frac * 100.0,
+            rate
+        );
+    }
+
+    fn done(&self) {
+        if self.enabled {
+            let _ = write!(std::io::stderr(), "\r{}\r", " ".repeat(72));
+        }
+    }
+}
+
+/// Replays the log at `path`.
+pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    let mut reader = LogReader::open(path).map_err(|error| ReplayError::Log {
+        error,
+        replayed: Box::default(),
+    })?;
+    let header = reader.header().clone();
+    let mode = header.data;
+    let mut actors: HashMap<String, Actor> = HashMap::new();
+    for info in &header.actors {
+        actors.insert(
+            info.id.clone(),
+            Actor {
+                replayer: rebuild(info, mode),
+                history: Default::default(),
+                removed: false,
+            },
+        );
+    }
+    if let Some(d) = &opts.device {
+        match actors.get(d) {
+            Some(Actor {
+                replayer: Err(why), ..
+            }) => {
+                return Err(ReplayError::Rebuild {
+                    path: path.display().to_string(),
+                    what: format!("actor {d} cannot be replayed: {why}"),
+                })
+            }
+            Some(_) => {}
+            None if header.actors.is_empty() => {}
+            None => {
+                // It may be added later; say so only if it never shows up.
+            }
+        }
+    }
+    let mut report = ReplayReport::default();
+    let mut progress = Progress::new(opts.progress, reader.file_len());
+    let mut done_bytes = 0u64;
+    let mut seen_device = false;
+    loop {
+        let line_no = reader.line() + 1;
+        let text = match reader.next_line() {
+            Ok(Some(t)) => t,
+            Ok(None) => break,
+            Err(error) => {
+                progress.done();
+                return Err(ReplayError::Log {
+                    error,
+                    replayed: Box::new(report),
+                });
+            }
+        };
+        done_bytes += text.len() as u64 + 1;
+        let rec = match LogReader::parse(path, line_no, text) {
+            Ok(r) => r,
+            Err(error) => {
+                progress.done();
+                return Err(ReplayError::Log {
+                    error,
+                    replayed: Box::new(report),
+                });
+            }
+        };
+        report.records += 1;
+        if report.records % 4096 == 0 {
+            progress.tick(done_bytes, report.records);
+        }
+        if opts.until.is_some_and(|u| rec.seq > u) {
+            break;
+        }
+        if rec.kind == "gap" && rec.to == "recorder" {
+            report.gaps += 1;
+            #[derive(serde::Deserialize)]
+            struct Gap {
+                dropped: u64,
+            }
+            if let Ok(g) = serde_json::from_str::<Gap>(rec.payload.get()) {
+                report.dropped += g.dropped;
+            }
+            continue;
+        }
+        if rec.kind == "added" {
+            let info: ActorInfo =
+                serde_json::from_str(rec.payload.get()).map_err(|e| ReplayError::Rebuild {
+                    path: path.display().to_string(),
+                    what: format!("line {line_no}: bad `added` record: {e}"),
+                })?;
+            actors.insert(
+                info.id.clone(),
+                Actor {
+                    replayer: rebuild(&info, mode),
+                    history: Default::default(),
+                    removed: false,
+                },
+            );
+            continue;
+        }
+        let wanted = opts.device.as_deref().is_none_or(|d| d == rec.to);
+        seen_device |= wanted;
+        let Some(actor) = actors.get_mut(&*rec.to) else {
+            if !wanted {
+                report.skipped += 1;
+                continue;
+            }
+            return Err(ReplayError::Rebuild {
+                path: path.display().to_string(),
+                what: format!(
+                    "line {line_no}: seq {} is addressed to {:?}, which neither the header nor an `added` record describes",
+                    rec.seq, rec.to
+                ),
+            });
+        };
+        let in_range = opts.from.is_none_or(|f| rec.seq >= f);
+        if !wanted {
+            report.skipped += 1;
+            continue;
+        }
+        if rec.kind == "removed" {
+            actor.removed = true;
+            continue;
+        }
+        let replayer = match &mut actor.replayer {
+            Ok(r) => r,
+            Err(why) => {
+                let e = report
+                    .not_replayable
+                    .entry(rec.to.to_string())
+                    .or_insert((0, why.clone()));
+                e.0 += 1;
+                continue;
+            }
+        };
+        if !in_range {
+            if replayer.stateful() {
+                let _ = replayer.replay(&rec, false);
+            }
+            report.skipped += 1;
+            continue;
+        }
+        if actor.removed {
+            let d = Divergence {
+                seq: rec.seq,
+                line: line_no,
+                actor: rec.to.to_string(),
+                kind: rec.kind.to_string(),
+                message: abbreviate(text, 200),
+                what: "a message to a device after its removal".into(),
+                expected: "no message".into(),
+                actual: "a message".into(),
+                history: Vec::new(),
+            };
+            progress.done();
+            return Err(ReplayError::Diverged(Box::new(d)));
+        }
+        if let Err(m) = replayer.replay(&rec, true) {
+            progress.done();
+            let history = actor.history.iter().copied().collect::<Vec<_>>();
+            let d = Divergence {
+                seq: rec.seq,
+                line: line_no,
+                actor: rec.to.to_string(),
+                kind: rec.kind.to_string(),
+                message: abbreviate(text, 200),
+                what: m.what,
+                expected: m.expected,
+                actual: m.actual,
+                history: Vec::new(),
+            };
+            drop(reader);
+            return Err(ReplayError::Diverged(Box::new(with_history(
+                path, d, &history,
+            ))));
+        }
+        if actor.history.len() == HISTORY {
+            actor.history.pop_front();
+        }
+        actor.history.push_back(rec.seq);
+        *report.per_actor.entry(rec.to.to_string()).or_default() += 1;
+    }
+    progress.done();
+    if let Some(d) = &opts.device {
+        if !seen_device && !actors.contains_key(d) {
+            return Err(ReplayError::Rebuild {
+                path: path.display().to_string(),
+                what: format!("no actor {d:?} in the log (actors: {})", {
+                    let mut ids: Vec<_> = actors.keys().cloned().collect();
+                    ids.sort();
+                    ids.join(", ")
+                }),
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Fills a divergence's history with the lines of the given sequence
+/// numbers (read again: cheaper than keeping every line while replaying).
+fn with_history(path: &Path, mut d: Divergence, seqs: &[u64]) -> Divergence {
+    if seqs.is_empty() {
+        return d;
+    }
+    let Ok(mut reader) = LogReader::open(path) else {
+        return d;
+    };
+    let last = seqs[seqs.len() - 1];
+    loop {
+        let line_no = reader.line() + 1;
+        let Ok(Some(text)) = reader.next_line() else {
+            break;
+        };
+        let Ok(rec) = LogReader::parse(path, line_no, text) else {
+            break;
+        };
+        if seqs.contains(&rec.seq) {
+            d.history
+                .push((rec.seq, rec.kind.to_string(), abbreviate(text, 160)));
+        }
+        if rec.seq >= last {
+            break;
+        }
+    }
+    d
+}

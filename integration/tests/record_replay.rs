@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Message logs of vhost-user devices driven by the `vhost` crate's real
+//! frontend, replayed by the `switchboard replay` command: a session
+//! replays with no divergence in both data modes; one changed byte of a
+//! reply is reported at exactly its sequence number; a log cut off in a
+//! record names the line and its prefix still replays; a log of a newer
+//! format is refused.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use switchboard_devices::blk::{Blk, BlkOptions, VIRTIO_BLK_S_OK};
+use switchboard_devices::rng::Rng;
+use switchboard_integration::frontend::{self, TestFrontend, VIRTQ_DESC_F_WRITE};
+use switchboard_integration::{serve_in_process, switchboard_bin};
+use switchboard_runtime::recording::{ActorInfo, DataMode, Header, RecordOptions, Recorder};
+use vm_memory::{Bytes, GuestAddress};
+
+const WAIT: Duration = Duration::from_secs(10);
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+fn recorder(path: &Path, mode: DataMode) -> Recorder {
+    let header = Header::new(
+        "test".into(),
+        mode,
+        serde_json::json!({}),
+        Vec::<ActorInfo>::new(),
+    );
+    Recorder::create(
+        path,
+        &header,
+        RecordOptions {
+            data: mode,
+            ..RecordOptions::default()
+        },
+    )
+    .expect("create the log")
+}
+
+fn one(fe: &mut TestFrontend, kind: u32, sector: u64, data: &[u8], writable: bool) -> u8 {
+    fe.push_blk(0, 0, kind, sector, data, writable)
+        .expect("place the request");
+    fe.kick(0).expect("kick");
+    fe.wait_used(0, 1, WAIT).expect("used");
+    fe.blk_status(0).expect("status")
+}
+
+/// Records a session of a disk (`disk0`: reads, writes, flush, get-id, a
+/// read of what was written, an out-of-range read) and an entropy device
+/// (`rng0`) into `log`.
+fn record_session(dir: &Path, log: &Path, mode: DataMode) {
+    let image = dir.join("disk.img");
+    let f = File::create(&image).expect("create image");
+    f.set_len(4 << 20).expect("size image");
+    for s in 0..(4 << 20) / 512u64 {
+        f.write_all_at(&s.to_le_bytes(), s * 512).expect("fill");
+    }
+    drop(f);
+    let rec = recorder(log, mode);
+
+    let blk = Blk::open(&image, &BlkOptions::default()).expect("open image");
+    let served = serve_in_process(blk, 1, dir.join("blk.sock"));
+    assert!(served.server.record_to(rec.clone(), "disk0"));
+    let mut fe = frontend::connect(&served.socket, 1, 64).expect("connect blk");
+    for i in 0..8u64 {
+        assert_eq!(
+            one(&mut fe, T_IN, i * 9, &[0u8; 4096], true),
+            VIRTIO_BLK_S_OK
+        );
+        let pattern: Vec<u8> = (0..4096).map(|b| (b as u8) ^ (i as u8)).collect();
+        assert_eq!(
+            one(&mut fe, T_OUT, 1000 + i * 8, &pattern, false),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(
+            one(&mut fe, T_IN, 1000 + i * 8, &[0u8; 4096], true),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(fe.blk_data(0, 4096).expect("data"), pattern);
+    }
+    assert_eq!(one(&mut fe, T_FLUSH, 0, &[], true), VIRTIO_BLK_S_OK);
+    assert_eq!(one(&mut fe, T_GET_ID, 0, &[0u8; 20], true), VIRTIO_BLK_S_OK);
+    // Past the end: an error status, recorded and replayed like the rest.
+    assert_ne!(
+        one(&mut fe, T_IN, 1 << 20, &[0u8; 512], true),
+        VIRTIO_BLK_S_OK
+    );
+    drop(fe);
+
+    let rng = serve_in_process(Rng::new(None).expect("rng"), 1, dir.join("rng.sock"));
+    assert!(rng.server.record_to(rec.clone(), "rng0"));
+    let mut fe = frontend::connect(&rng.socket, 1, 64).expect("connect rng");
+    for (i, len) in [16u32, 64, 512, 4096].into_iter().enumerate() {
+        let addr = 0x10_0000 + i as u64 * 0x1_0000;
+        let head = fe
+            .add_chain(0, &[(addr, len, VIRTQ_DESC_F_WRITE)])
+            .expect("chain");
+        fe.kick(0).expect("kick");
+        let used = fe.wait_used(0, 1, WAIT).expect("used");
+        assert_eq!(used, vec![(head, len)]);
+        let mut got = vec![0u8; len as usize];
+        fe.mem
+            .read_slice(&mut got, GuestAddress(addr))
+            .expect("read");
+        assert!(got.iter().any(|b| *b != 0), "entropy is not all zeroes");
+    }
+    drop(fe);
+    served.finish();
+    rng.finish();
+    rec.finish().expect("finish the log");
+}
+
+fn replay(log: &Path, more: &[&str]) -> Output {
+    Command::new(switchboard_bin())
+        .arg("replay")
+        .arg(log)
+        .args(more)
+        .output()
+        .expect("run switchboard replay")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The log's lines.
+fn lines(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .expect("read the log")
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn setup(mode: DataMode) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("session.log");
+    record_session(dir.path(), &log, mode);
+    (dir, log)
+}
+
+#[test]
+fn test_a_recorded_session_replays_with_no_divergence_in_both_modes() {
+    for mode in [DataMode::Hash, DataMode::Value] {
+        let (_dir, log) = setup(mode);
+        let all = lines(&log);
+        let requests = all
+            .iter()
+            .filter(|l| l.contains("\"from\":\"driver/q0\""))
+            .count();
+        // 8 x 3 disk requests, flush, get-id, a bad read, 4 entropy requests.
+        assert_eq!(requests, 24 + 3 + 4, "{mode:?}");
+        let out = replay(&log, &[]);
+        assert!(out.status.success(), "{mode:?}: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("0 divergences"), "{t}");
+        assert!(t.contains("disk0: "), "{t}");
+        assert!(t.contains("rng0: "), "{t}");
+        for device in ["disk0", "rng0"] {
+            let out = replay(&log, &["--device", device]);
+            assert!(out.status.success(), "{mode:?} {device}: {}", text(&out));
+        }
+    }
+}
+
+/// The log with `f` applied to line `index` (0 is the header).
+fn edit(log: &Path, index: usize, f: impl FnOnce(&str) -> String) -> PathBuf {
+    let mut all = lines(log);
+    all[index] = f(&all[index]);
+    let out = log.with_extension("edited");
+    std::fs::write(&out, all.join("\n") + "\n").expect("write");
+    out
+}
+
+fn seq_of(line: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(line).expect("record");
+    v["seq"].as_u64().expect("seq")
+}
+
+#[test]
+fn test_one_changed_byte_of_a_reply_is_reported_at_its_sequence_number() {
+    let (_dir, log) = setup(DataMode::Value);
+    let all = lines(&log);
+    // The fifth read's reply: its data (by value) and its status byte.
+    let index = all
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("\"type\":\"read\""))
+        .nth(4)
+        .map(|(i, _)| i)
+        .expect("a fifth read");
+    let seq = seq_of(&all[index]);
+    let edited = edit(&log, index, |l| {
+        let v: serde_json::Value = serde_json::from_str(l).expect("record");
+        let data = v["reply"]["writes"][0]["data"]
+            .as_str()
+            .expect("data")
+            .to_string();
+        // Flip one base64 digit in the middle: one byte changes.
+        let mid = data.len() / 2;
+        let c = data.as_bytes()[mid];
+        let flipped = if c == b'A' { 'B' } else { 'A' };
+        let changed = format!("{}{}{}", &data[..mid], flipped, &data[mid + 1..]);
+        l.replacen(&data, &changed, 1)
+    });
+    let out = replay(&edited, &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains(&format!("divergence at seq {seq} ")), "{t}");
+    assert!(t.contains("guest-memory write 0"), "{t}");
+    assert!(t.contains("differs: expected"), "{t}");
+    assert!(t.contains("expected:") && t.contains("actual:"), "{t}");
+    assert!(t.contains("messages disk0 handled before it"), "{t}");
+
+    // The status byte of a write's reply, in a hashed log.
+    let (_dir2, log) = setup(DataMode::Hash);
+    let all = lines(&log);
+    let index = all
+        .iter()
+        .position(|l| l.contains("\"type\":\"write\""))
+        .expect("a write");
+    let seq = seq_of(&all[index]);
+    // Status OK (0) is "b64:AA=="; make it 1 (IOERR).
+    let edited = edit(&log, index, |l| {
+        assert!(l.contains("\"data\":\"b64:AA==\""), "{l}");
+        l.replacen("\"data\":\"b64:AA==\"", "\"data\":\"b64:AQ==\"", 1)
+    });
+    let out = replay(&edited, &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains(&format!("divergence at seq {seq} ")), "{t}");
+    assert!(t.contains("byte 0 differs: expected 0x01, got 0x00"), "{t}");
+}
+
+#[test]
+fn test_a_cut_off_log_names_the_line_and_its_prefix_replays() {
+    let (_dir, log) = setup(DataMode::Hash);
+    let all = lines(&log);
+    let cut_line = all.len() - 3;
+    let mut text_ = all[..cut_line].join("\n") + "\n";
+    text_.push_str(&all[cut_line][..all[cut_line].len() / 2]);
+    let cut = log.with_extension("cut");
+    std::fs::write(&cut, &text_).expect("write");
+    let out = replay(&cut, &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    // Lines count from 1; the header is line 1.
+    assert!(
+        t.contains(&format!(
+            ":{}: the log ends in the middle of a record",
+            cut_line + 1
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains("before the damage replayed with 0 divergences"),
+        "{t}"
+    );
+    let messages = all[1..cut_line]
+        .iter()
+        .filter(|l| l.contains("\"from\":\"driver/q0\"") || l.contains("GET_CONFIG"))
+        .count();
+    assert!(messages > 20, "{messages}");
+}
+
+#[test]
+fn test_a_log_of_a_newer_format_is_refused() {
+    let (_dir, log) = setup(DataMode::Hash);
+    let edited = edit(&log, 0, |l| {
+        let mut v: serde_json::Value = serde_json::from_str(l).expect("header");
+        v["version"] = serde_json::json!(2);
+        v["switchboard"] = serde_json::json!("7.1.0");
+        v["compression"] = serde_json::json!("zstd");
+        v.to_string()
+    });
+    let out = replay(&edited, &[]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains(":1: log format version 2"), "{t}");
+    assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
+    assert!(!t.contains("divergence"), "{t}");
+}
