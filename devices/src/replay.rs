@@ -18,7 +18,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use switchboard_runtime::recording::{ActorInfo, Data, DataMode, LogError, LogReader, Record};
+use serde_json::value::RawValue;
+use switchboard_runtime::recording::{ActorInfo, Data, DataMode, LogError, LogReader};
 
 use crate::blk::{Blk, BlkRebuild};
 use crate::rng::{Rng, RngRebuild};
@@ -164,11 +165,71 @@ impl Mismatch {
     }
 }
 
+/// Record types that are not virtio requests.
+const NOT_REQUESTS: &[&str] = &[
+    "added",
+    "removed",
+    "gap",
+    "SET_FEATURES",
+    "GET_CONFIG",
+    "SET_MEM_TABLE",
+    "GET_VRING_BASE",
+    "RESET_DEVICE",
+    "connect",
+    "disconnect",
+    "malformed",
+];
+
+/// The `type` of a record line, found without parsing it: the writer puts
+/// `type` before `payload`, and a `","type":"` inside a JSON string would
+/// have its quotes escaped, so the first match is the field.
+fn peek_type(line: &str) -> Option<&str> {
+    const KEY: &str = "\",\"type\":\"";
+    let start = line.find(KEY)? + KEY.len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+/// A virtio request record, parsed in one pass.
+#[derive(serde::Deserialize)]
+struct RequestLine<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    to: std::borrow::Cow<'a, str>,
+    payload: RequestPayload,
+    reply: RequestReply,
+}
+
+/// A record as a replayer gets it.
+struct Msg<'a> {
+    kind: &'a str,
+    body: MsgBody<'a>,
+}
+
+enum MsgBody<'a> {
+    /// A virtio request, already parsed.
+    Request(RequestPayload, RequestReply),
+    /// Anything else, payload and reply unparsed.
+    Raw {
+        payload: &'a RawValue,
+        reply: &'a RawValue,
+    },
+}
+
+impl MsgBody<'_> {
+    fn raw(&self) -> (&str, &str) {
+        match self {
+            MsgBody::Raw { payload, reply } => (payload.get(), reply.get()),
+            MsgBody::Request(..) => ("null", "null"),
+        }
+    }
+}
+
 /// An actor rebuilt for replay.
 trait Replayer {
     /// Replays one recorded message. `compare` false: apply it (for the
     /// actor's state) without comparing.
-    fn replay(&mut self, rec: &Record<'_>, compare: bool) -> Result<(), Mismatch>;
+    fn replay(&mut self, msg: Msg<'_>, compare: bool) -> Result<(), Mismatch>;
     /// Whether messages can change its state (then messages before
     /// `--from` are still applied).
     fn stateful(&self) -> bool;
@@ -196,21 +257,12 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
         }
     }
 
-    fn request(&mut self, rec: &Record<'_>) -> Result<(), Mismatch> {
-        let payload: RequestPayload = serde_json::from_str(rec.payload.get()).map_err(|e| {
-            Mismatch::new(
-                "the recorded payload is not a request",
-                "a request",
-                e.to_string(),
-            )
-        })?;
-        let reply: RequestReply = serde_json::from_str(rec.reply.get()).map_err(|e| {
-            Mismatch::new(
-                "the recorded reply is not a request's",
-                "a reply",
-                e.to_string(),
-            )
-        })?;
+    fn request(
+        &mut self,
+        kind: &str,
+        payload: RequestPayload,
+        reply: RequestReply,
+    ) -> Result<(), Mismatch> {
         if usize::from(payload.queue) >= self.device.num_queues() {
             return Err(Mismatch::new(
                 "the request's queue does not exist on the rebuilt device",
@@ -222,7 +274,18 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
             reads: payload.reads,
             inputs: payload.inputs,
             writes: Vec::new(),
-            effects: reply.effects.clone(),
+            // Only the recorded outcome (errno) of each effect is used.
+            effects: reply
+                .effects
+                .iter()
+                .map(|e| External {
+                    what: String::new(),
+                    at: 0,
+                    len: 0,
+                    data: None,
+                    errno: e.errno,
+                })
+                .collect(),
         };
         let request = Request::replay(
             payload.queue,
@@ -262,12 +325,8 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
                 "the device asked for something else",
             ));
         }
-        if got.kind != rec.kind {
-            return Err(Mismatch::new(
-                "message type",
-                rec.kind.to_string(),
-                got.kind,
-            ));
+        if got.kind != kind {
+            return Err(Mismatch::new("message type", kind.to_string(), got.kind));
         }
         compare_ats("guest-memory write", &reply.writes, &got.trace.writes)?;
         compare_externals(&reply.effects, &got.trace.effects)?;
@@ -281,7 +340,7 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
         Ok(())
     }
 
-    fn config(&self, rec: &Record<'_>) -> Result<(), Mismatch> {
+    fn config(&self, payload: &str, reply: &str) -> Result<(), Mismatch> {
         #[derive(serde::Deserialize)]
         struct Ask {
             offset: u32,
@@ -291,10 +350,10 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
         struct Got {
             data: Data,
         }
-        let ask: Ask = serde_json::from_str(rec.payload.get()).map_err(|e| {
+        let ask: Ask = serde_json::from_str(payload).map_err(|e| {
             Mismatch::new("bad GET_CONFIG payload", "offset and size", e.to_string())
         })?;
-        let got: Got = serde_json::from_str(rec.reply.get())
+        let got: Got = serde_json::from_str(reply)
             .map_err(|e| Mismatch::new("bad GET_CONFIG reply", "data", e.to_string()))?;
         let config = self.device.config();
         let start = (ask.offset as usize).min(config.len());
@@ -320,17 +379,29 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
 }
 
 impl<D: VirtioDevice> Replayer for VirtioReplayer<D> {
-    fn replay(&mut self, rec: &Record<'_>, compare: bool) -> Result<(), Mismatch> {
-        match &*rec.kind {
-            "RESET_DEVICE" => {
+    fn replay(&mut self, msg: Msg<'_>, compare: bool) -> Result<(), Mismatch> {
+        let kind = msg.kind;
+        match (kind, msg.body) {
+            (_, MsgBody::Request(payload, reply)) if compare => self.request(kind, payload, reply),
+            (_, MsgBody::Request(..)) => Ok(()),
+            ("RESET_DEVICE", _) => {
                 self.device.reset();
                 Ok(())
             }
-            "GET_CONFIG" if compare => self.config(rec),
-            "SET_FEATURES" | "SET_MEM_TABLE" | "GET_VRING_BASE" | "connect" | "disconnect"
-            | "GET_CONFIG" | "malformed" => Ok(()),
-            _ if compare => self.request(rec),
-            _ => Ok(()),
+            ("GET_CONFIG", body) if compare => {
+                let (payload, reply) = body.raw();
+                self.config(payload, reply)
+            }
+            (
+                "SET_FEATURES" | "SET_MEM_TABLE" | "GET_VRING_BASE" | "connect" | "disconnect"
+                | "GET_CONFIG" | "malformed",
+                _,
+            ) => Ok(()),
+            (other, _) => Err(Mismatch::new(
+                format!("a {other} record is not a message a virtio device takes"),
+                "a request or a vhost-user message",
+                other.to_string(),
+            )),
         }
     }
 
@@ -469,6 +540,72 @@ struct Actor {
     removed: bool,
 }
 
+impl Actor {
+    fn new(info: &ActorInfo, mode: DataMode) -> Self {
+        Actor {
+            replayer: rebuild(info, mode),
+            history: Default::default(),
+            removed: false,
+        }
+    }
+}
+
+/// Lines read ahead by the reader thread.
+struct Batch {
+    /// Line number of the first line.
+    first_line: u64,
+    text: String,
+    /// End of each line in `text` (newlines are not kept).
+    ends: Vec<usize>,
+}
+
+/// Lines per batch.
+const BATCH: usize = 4096;
+
+/// Reads the log's lines on a thread of its own, in batches, so that
+/// reading overlaps replaying. The last item is `Err` for a damaged log.
+fn read_ahead(mut reader: LogReader) -> crossbeam_channel::Receiver<Result<Batch, LogError>> {
+    let (tx, rx) = crossbeam_channel::bounded(4);
+    let spawned = std::thread::Builder::new()
+        .name("replay-reader".into())
+        .spawn(move || loop {
+            let mut batch = Batch {
+                first_line: reader.line() + 1,
+                text: String::with_capacity(BATCH * 256),
+                ends: Vec::with_capacity(BATCH),
+            };
+            let mut error = None;
+            while batch.ends.len() < BATCH {
+                match reader.next_line() {
+                    Ok(Some(line)) => {
+                        batch.text.push_str(line);
+                        batch.ends.push(batch.text.len());
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            let last = batch.ends.len() < BATCH;
+            if !batch.ends.is_empty() && tx.send(Ok(batch)).is_err() {
+                return;
+            }
+            if let Some(e) = error {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            if last {
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no reader thread; the replay will see no records");
+    }
+    rx
+}
+
 /// Abbreviates a record line for a report: bulk data shortened.
 pub fn abbreviate(line: &str, width: usize) -> String {
     let mut out = String::with_capacity(line.len().min(width + 16));
@@ -538,7 +675,7 @@ impl Progress {
 
 /// Replays the log at `path`.
 pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
-    let mut reader = LogReader::open(path).map_err(|error| ReplayError::Log {
+    let reader = LogReader::open(path).map_err(|error| ReplayError::Log {
         error,
         replayed: Box::default(),
     })?;
@@ -546,41 +683,31 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
     let mode = header.data;
     let mut actors: HashMap<String, Actor> = HashMap::new();
     for info in &header.actors {
-        actors.insert(
-            info.id.clone(),
-            Actor {
-                replayer: rebuild(info, mode),
-                history: Default::default(),
-                removed: false,
-            },
-        );
+        actors.insert(info.id.clone(), Actor::new(info, mode));
     }
     if let Some(d) = &opts.device {
-        match actors.get(d) {
-            Some(Actor {
-                replayer: Err(why), ..
-            }) => {
-                return Err(ReplayError::Rebuild {
-                    path: path.display().to_string(),
-                    what: format!("actor {d} cannot be replayed: {why}"),
-                })
-            }
-            Some(_) => {}
-            None if header.actors.is_empty() => {}
-            None => {
-                // It may be added later; say so only if it never shows up.
-            }
+        if let Some(Actor {
+            replayer: Err(why), ..
+        }) = actors.get(d)
+        {
+            return Err(ReplayError::Rebuild {
+                path: path.display().to_string(),
+                what: format!("actor {d} cannot be replayed: {why}"),
+            });
         }
     }
+    let rebuild_error = |what: String| ReplayError::Rebuild {
+        path: path.display().to_string(),
+        what,
+    };
     let mut report = ReplayReport::default();
     let mut progress = Progress::new(opts.progress, reader.file_len());
+    let batches = read_ahead(reader);
     let mut done_bytes = 0u64;
     let mut seen_device = false;
-    loop {
-        let line_no = reader.line() + 1;
-        let text = match reader.next_line() {
-            Ok(Some(t)) => t,
-            Ok(None) => break,
+    'log: for batch in batches {
+        let batch = match batch {
+            Ok(b) => b,
             Err(error) => {
                 progress.done();
                 return Err(ReplayError::Log {
@@ -589,144 +716,155 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
                 });
             }
         };
-        done_bytes += text.len() as u64 + 1;
-        let rec = match LogReader::parse(path, line_no, text) {
-            Ok(r) => r,
-            Err(error) => {
-                progress.done();
-                return Err(ReplayError::Log {
-                    error,
-                    replayed: Box::new(report),
-                });
+        done_bytes += batch.text.len() as u64 + batch.ends.len() as u64;
+        progress.tick(done_bytes, report.records);
+        let mut start = 0;
+        for (i, &end) in batch.ends.iter().enumerate() {
+            let text = &batch.text[start..end];
+            start = end;
+            let line_no = batch.first_line + i as u64;
+            let kind = peek_type(text).unwrap_or("");
+            // A virtio request is parsed in one pass; anything else in two.
+            let parsed = if kind.is_empty() || NOT_REQUESTS.contains(&kind) {
+                LogReader::parse(path, line_no, text).map(|rec| {
+                    let msg = Msg {
+                        kind,
+                        body: MsgBody::Raw {
+                            payload: rec.payload,
+                            reply: rec.reply,
+                        },
+                    };
+                    (rec.seq, rec.to, msg)
+                })
+            } else {
+                serde_json::from_str::<RequestLine<'_>>(text)
+                    .map(|rec| {
+                        let msg = Msg {
+                            kind,
+                            body: MsgBody::Request(rec.payload, rec.reply),
+                        };
+                        (rec.seq, rec.to, msg)
+                    })
+                    .map_err(|e| LogError::BadRecord {
+                        path: path.to_path_buf(),
+                        line: line_no,
+                        why: e.to_string(),
+                    })
+            };
+            let (seq, to, msg) = match parsed {
+                Ok(p) => p,
+                Err(error) => {
+                    progress.done();
+                    return Err(ReplayError::Log {
+                        error,
+                        replayed: Box::new(report),
+                    });
+                }
+            };
+            report.records += 1;
+            if opts.until.is_some_and(|u| seq > u) {
+                break 'log;
             }
-        };
-        report.records += 1;
-        if report.records % 4096 == 0 {
-            progress.tick(done_bytes, report.records);
-        }
-        if opts.until.is_some_and(|u| rec.seq > u) {
-            break;
-        }
-        if rec.kind == "gap" && rec.to == "recorder" {
-            report.gaps += 1;
-            #[derive(serde::Deserialize)]
-            struct Gap {
-                dropped: u64,
+            if kind == "gap" && to == "recorder" {
+                report.gaps += 1;
+                #[derive(serde::Deserialize)]
+                struct Gap {
+                    dropped: u64,
+                }
+                if let Ok(g) = serde_json::from_str::<Gap>(msg.body.raw().0) {
+                    report.dropped += g.dropped;
+                }
+                continue;
             }
-            if let Ok(g) = serde_json::from_str::<Gap>(rec.payload.get()) {
-                report.dropped += g.dropped;
-            }
-            continue;
-        }
-        if rec.kind == "added" {
-            let info: ActorInfo =
-                serde_json::from_str(rec.payload.get()).map_err(|e| ReplayError::Rebuild {
-                    path: path.display().to_string(),
-                    what: format!("line {line_no}: bad `added` record: {e}"),
+            if kind == "added" {
+                let info: ActorInfo = serde_json::from_str(msg.body.raw().0).map_err(|e| {
+                    rebuild_error(format!("line {line_no}: bad `added` record: {e}"))
                 })?;
-            actors.insert(
-                info.id.clone(),
-                Actor {
-                    replayer: rebuild(&info, mode),
-                    history: Default::default(),
-                    removed: false,
-                },
-            );
-            continue;
-        }
-        let wanted = opts.device.as_deref().is_none_or(|d| d == rec.to);
-        seen_device |= wanted;
-        let Some(actor) = actors.get_mut(&*rec.to) else {
+                actors.insert(info.id.clone(), Actor::new(&info, mode));
+                continue;
+            }
+            let wanted = opts.device.as_deref().is_none_or(|d| d == to);
             if !wanted {
                 report.skipped += 1;
                 continue;
             }
-            return Err(ReplayError::Rebuild {
-                path: path.display().to_string(),
-                what: format!(
-                    "line {line_no}: seq {} is addressed to {:?}, which neither the header nor an `added` record describes",
-                    rec.seq, rec.to
-                ),
-            });
-        };
-        let in_range = opts.from.is_none_or(|f| rec.seq >= f);
-        if !wanted {
-            report.skipped += 1;
-            continue;
-        }
-        if rec.kind == "removed" {
-            actor.removed = true;
-            continue;
-        }
-        let replayer = match &mut actor.replayer {
-            Ok(r) => r,
-            Err(why) => {
-                let e = report
-                    .not_replayable
-                    .entry(rec.to.to_string())
-                    .or_insert((0, why.clone()));
-                e.0 += 1;
+            seen_device = true;
+            let Some(actor) = actors.get_mut(&*to) else {
+                return Err(rebuild_error(format!(
+                    "line {line_no}: seq {seq} is addressed to {to:?}, which neither the header \
+                     nor an `added` record describes"
+                )));
+            };
+            if kind == "removed" {
+                actor.removed = true;
                 continue;
             }
-        };
-        if !in_range {
-            if replayer.stateful() {
-                let _ = replayer.replay(&rec, false);
+            let replayer = match &mut actor.replayer {
+                Ok(r) => r,
+                Err(why) => {
+                    let e = report
+                        .not_replayable
+                        .entry(to.to_string())
+                        .or_insert((0, why.clone()));
+                    e.0 += 1;
+                    continue;
+                }
+            };
+            if opts.from.is_some_and(|f| seq < f) {
+                if replayer.stateful() {
+                    let _ = replayer.replay(msg, false);
+                }
+                report.skipped += 1;
+                continue;
             }
-            report.skipped += 1;
-            continue;
-        }
-        if actor.removed {
-            let d = Divergence {
-                seq: rec.seq,
-                line: line_no,
-                actor: rec.to.to_string(),
-                kind: rec.kind.to_string(),
-                message: abbreviate(text, 200),
-                what: "a message to a device after its removal".into(),
-                expected: "no message".into(),
-                actual: "a message".into(),
-                history: Vec::new(),
+            let mismatch = if actor.removed {
+                Err(Mismatch::new(
+                    "a message to a device after its removal",
+                    "no message",
+                    "a message",
+                ))
+            } else {
+                replayer.replay(msg, true)
             };
-            progress.done();
-            return Err(ReplayError::Diverged(Box::new(d)));
+            if let Err(m) = mismatch {
+                progress.done();
+                let history = actor.history.iter().copied().collect::<Vec<_>>();
+                let d = Divergence {
+                    seq,
+                    line: line_no,
+                    actor: to.to_string(),
+                    kind: kind.to_string(),
+                    message: abbreviate(text, 200),
+                    what: m.what,
+                    expected: m.expected,
+                    actual: m.actual,
+                    history: Vec::new(),
+                };
+                return Err(ReplayError::Diverged(Box::new(with_history(
+                    path, d, &history,
+                ))));
+            }
+            if actor.history.len() == HISTORY {
+                actor.history.pop_front();
+            }
+            actor.history.push_back(seq);
+            match report.per_actor.get_mut(&*to) {
+                Some(n) => *n += 1,
+                None => {
+                    report.per_actor.insert(to.to_string(), 1);
+                }
+            }
         }
-        if let Err(m) = replayer.replay(&rec, true) {
-            progress.done();
-            let history = actor.history.iter().copied().collect::<Vec<_>>();
-            let d = Divergence {
-                seq: rec.seq,
-                line: line_no,
-                actor: rec.to.to_string(),
-                kind: rec.kind.to_string(),
-                message: abbreviate(text, 200),
-                what: m.what,
-                expected: m.expected,
-                actual: m.actual,
-                history: Vec::new(),
-            };
-            drop(reader);
-            return Err(ReplayError::Diverged(Box::new(with_history(
-                path, d, &history,
-            ))));
-        }
-        if actor.history.len() == HISTORY {
-            actor.history.pop_front();
-        }
-        actor.history.push_back(rec.seq);
-        *report.per_actor.entry(rec.to.to_string()).or_default() += 1;
     }
     progress.done();
     if let Some(d) = &opts.device {
-        if !seen_device && !actors.contains_key(d) {
-            return Err(ReplayError::Rebuild {
-                path: path.display().to_string(),
-                what: format!("no actor {d:?} in the log (actors: {})", {
-                    let mut ids: Vec<_> = actors.keys().cloned().collect();
-                    ids.sort();
-                    ids.join(", ")
-                }),
-            });
+        if !seen_device {
+            let mut ids: Vec<_> = actors.keys().cloned().collect();
+            ids.sort();
+            return Err(rebuild_error(format!(
+                "no messages to {d:?} in the log (actors: {})",
+                ids.join(", ")
+            )));
         }
     }
     Ok(report)
