@@ -316,25 +316,35 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// An empty fleet with its guest-memory arbiters started.
     pub fn new() -> std::io::Result<Self> {
+        Self::new_recording(None)
+    }
+
+    /// As [`Fleet::new`], recording to `recorder` (if any) every device
+    /// added (with how to rebuild it for replay), every message each
+    /// device and bus receives, and every removal.
+    pub fn new_recording(recorder: Option<Recorder>) -> std::io::Result<Self> {
         let memory_arbiters = (0..MEMORY_ARBITERS)
             .map(|i| OwnArbiter::start(&format!("guest-mem{i}")))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let runtime = match &recorder {
+            Some(r) => Runtime::with_journal(Arc::new(
+                switchboard_runtime::journal::RecordJournal::new(r.clone()),
+            )),
+            None => Runtime::new(),
+        };
+        let recorder_cell = OnceLock::new();
+        if let Some(r) = recorder {
+            let _ = recorder_cell.set(r);
+        }
         Ok(Fleet {
-            runtime: Runtime::new(),
+            runtime,
             memory_arbiters,
             next_memory_arbiter: AtomicUsize::new(0),
             buses: Mutex::default(),
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
-            recorder: OnceLock::new(),
+            recorder: recorder_cell,
         })
-    }
-
-    /// Records, from now on, every device added (with how to rebuild it for
-    /// replay), its messages, and its removal. Returns false if the fleet
-    /// already records.
-    pub fn record_to(&self, recorder: Recorder) -> bool {
-        self.recorder.set(recorder).is_ok()
     }
 
     fn note(
@@ -559,7 +569,7 @@ impl Fleet {
             kind: kind.to_string(),
             rebuild: None,
             not_replayable: Some(format!(
-                "{kind} is an MMIO/PIO device: its accesses are not recorded and it cannot be replayed yet"
+                "{kind} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO devices is not implemented yet"
             )),
         };
         self.note(

@@ -60,7 +60,20 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
 /// device's rebuild data comes in its `added` record, written when it
 /// starts; an MMIO/PIO device says it cannot be replayed.
 pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::ActorInfo> {
-    topology
+    let buses = topology
+        .buses
+        .iter()
+        .map(|b| switchboard_runtime::recording::ActorInfo {
+            id: b.id().to_string(),
+            kind: "bus".to_string(),
+            rebuild: None,
+            not_replayable: Some(
+                "a bus: its accesses are recorded (each answered by forwarding it to a device), \
+                 but replay of buses is not implemented yet"
+                    .to_string(),
+            ),
+        });
+    let devices = topology
         .devices
         .iter()
         .map(|spec| {
@@ -68,7 +81,7 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
             let not_replayable = match p {
                 Plan::Blk { .. } | Plan::Rng { .. } => None,
                 Plan::Uart { .. } | Plan::TestDevice { .. } => Some(format!(
-                    "{} is an MMIO/PIO device: its accesses are not recorded and it cannot be replayed yet",
+                    "{} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO devices is not implemented yet",
                     p.kind()
                 )),
             };
@@ -78,8 +91,8 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
                 rebuild: None,
                 not_replayable,
             }
-        })
-        .collect()
+        });
+    buses.chain(devices).collect()
 }
 
 /// The QEMU arguments that connect to a vhost-user device; `None` for a
@@ -189,10 +202,7 @@ impl Runner {
         base_dir: &Path,
         recorder: Option<switchboard_runtime::recording::Recorder>,
     ) -> std::io::Result<(Self, Vec<Started>)> {
-        let fleet = Arc::new(Fleet::new()?);
-        if let Some(r) = recorder {
-            fleet.record_to(r);
-        }
+        let fleet = Arc::new(Fleet::new_recording(recorder)?);
         for bus in &topology.buses {
             fleet.add_bus(bus.id().as_str())?;
         }

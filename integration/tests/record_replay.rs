@@ -291,3 +291,86 @@ fn test_a_log_of_a_newer_format_is_refused() {
     assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
     assert!(!t.contains("divergence"), "{t}");
 }
+
+#[test]
+fn test_mmio_accesses_are_recorded_and_replay_says_they_are_not_replayed() {
+    use switchboard_devices::fleet::{Fleet, Plan};
+    use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("mmio.log");
+    let header = Header::new(
+        "test".into(),
+        DataMode::Hash,
+        serde_json::json!({}),
+        vec![ActorInfo {
+            id: "pio0".into(),
+            kind: "bus".into(),
+            rebuild: None,
+            not_replayable: Some("a bus".into()),
+        }],
+    );
+    let rec = Recorder::create(&log, &header, RecordOptions::default()).expect("log");
+    let fleet = Fleet::new_recording(Some(rec.clone())).expect("fleet");
+    fleet.add_bus("pio0").expect("bus");
+    fleet
+        .add(&Plan::TestDevice {
+            id: "slow0".into(),
+            bus: "pio0".into(),
+            addr: 0x1000,
+            read_delay: Duration::ZERO,
+        })
+        .expect("test device");
+    let bus = fleet.bus("pio0").expect("bus handle");
+    let me = ActorId::new("vcpu0");
+    for _ in 0..3 {
+        let r = futures::executor::block_on(bus.read(&me, BusAddr(0x1000), AccessSize::B8))
+            .expect("read");
+        assert_eq!(
+            r,
+            AccessReply::Read {
+                value: switchboard_devices::slow::SLOW_ID
+            }
+        );
+    }
+    fleet.remove("slow0").expect("remove");
+    rec.finish().expect("finish");
+
+    let records: Vec<serde_json::Value> = lines(&log)[1..]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect();
+    let to = |id: &str| records.iter().filter(|r| r["to"] == id).collect::<Vec<_>>();
+    // Each read reaches the bus from vcpu0, is forwarded to the device, and
+    // the device's record holds the reply.
+    let bus_reads = to("pio0");
+    assert_eq!(bus_reads.len(), 3, "{records:?}");
+    assert!(bus_reads
+        .iter()
+        .all(|r| r["from"] == "vcpu0" && r["reply"]["forwarded"]["to"] == "slow0"));
+    let dev = to("slow0");
+    let kinds: Vec<&str> = dev.iter().filter_map(|r| r["type"].as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"added"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"removed"), "{kinds:?}");
+    let answered: Vec<_> = dev
+        .iter()
+        .filter(|r| r["from"] == "pio0")
+        .map(|r| r["reply"].to_string())
+        .collect();
+    assert_eq!(answered.len(), 3, "{dev:?}");
+    assert!(
+        answered
+            .iter()
+            .all(|r| r.contains(&switchboard_devices::slow::SLOW_ID.to_string())),
+        "{answered:?}"
+    );
+
+    let out = replay(&log, &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("slow0: 3 messages not replayed: test-device is an MMIO/PIO device"),
+        "{t}"
+    );
+    assert!(t.contains("pio0: 3 messages not replayed: a bus"), "{t}");
+}

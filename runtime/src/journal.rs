@@ -182,3 +182,98 @@ impl Journal for MemoryJournal {
         self.lock().push(rec);
     }
 }
+
+/// A journal that writes every answered message to a message log: one
+/// record per message, written when its reply is sent, with the payload
+/// and the reply. A message an actor forwarded (the bus passing an access
+/// on to a device) is recorded as answered by the forward, whose reply
+/// names the receiving actor and its runtime sequence number.
+pub struct RecordJournal {
+    recorder: crate::recording::Recorder,
+    pending: Mutex<std::collections::HashMap<u64, Pending>>,
+}
+
+struct Pending {
+    time: u64,
+    from: std::sync::Arc<str>,
+    to: std::sync::Arc<str>,
+    kind: &'static str,
+    payload: serde_json::Value,
+}
+
+impl std::fmt::Debug for RecordJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordJournal")
+            .field("recorder", &self.recorder)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordJournal {
+    /// A journal writing to `recorder`.
+    pub fn new(recorder: crate::recording::Recorder) -> Self {
+        RecordJournal {
+            recorder,
+            pending: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Pending>> {
+        // The map stays consistent even if a holder panicked: every
+        // operation on it is a single insert or remove.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, p: Pending, reply: serde_json::Value) {
+        let now = self.recorder.now();
+        self.recorder.record(crate::recording::Entry {
+            time: p.time,
+            latency: now.saturating_sub(p.time),
+            from: p.from,
+            to: p.to,
+            kind: p.kind,
+            body: Box::new(crate::recording::JsonBody {
+                payload: p.payload,
+                reply,
+            }),
+        });
+    }
+}
+
+/// An actor's id as a log names it: a device's or bus's own id, without
+/// the runtime's `dev:` or `bus:` prefix, as in topologies and the `added`
+/// records.
+fn log_name(id: &ActorId) -> &str {
+    let s = id.as_str();
+    s.strip_prefix("dev:")
+        .or_else(|| s.strip_prefix("bus:"))
+        .unwrap_or(s)
+}
+
+impl Journal for RecordJournal {
+    fn sent(&self, r: &Sent<'_>) {
+        let pending = Pending {
+            time: self.recorder.now(),
+            from: std::sync::Arc::from(log_name(r.from)),
+            to: std::sync::Arc::from(log_name(r.to)),
+            kind: r.kind,
+            payload: r.payload.to_json(),
+        };
+        let forwarded = {
+            let mut map = self.lock();
+            map.insert(r.seq.0, pending);
+            r.forwarded_from.and_then(|f| map.remove(&f.0))
+        };
+        if let Some(original) = forwarded {
+            let reply = serde_json::json!({ "forwarded": { "to": log_name(r.to), "as": r.seq.0 } });
+            self.emit(original, reply);
+        }
+    }
+
+    fn replied(&self, r: &Replied<'_>) {
+        let pending = self.lock().remove(&r.seq.0);
+        if let Some(p) = pending {
+            self.emit(p, r.reply.to_json());
+        }
+    }
+}
