@@ -18,6 +18,8 @@
 pub mod blk;
 pub mod control;
 pub mod fleet;
+pub mod inspect;
+pub mod replay;
 pub mod rng;
 pub mod runner;
 pub mod serial;
