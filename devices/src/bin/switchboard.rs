@@ -983,6 +983,8 @@ fn show_log(
     let _ = std::io::Write::flush(&mut out);
     match result {
         Ok(_) => Ok(()),
+        // `switchboard log LOG | head`: the reader left; stop quietly.
+        Err(e) if e.is_closed_output() => Ok(()),
         Err(e) => Err(BadLog(e.to_string()).into()),
     }
 }
