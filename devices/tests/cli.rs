@@ -293,3 +293,107 @@ print("exists", os.path.exists(path))
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn test_record_refuses_an_existing_log_and_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("old.log");
+    std::fs::write(&log, "precious\n").expect("write");
+    let sock = dir.path().join("rng.sock");
+    let out = switchboard()
+        .args(["serve", "rng", "--socket-path"])
+        .arg(&sock)
+        .arg("--record")
+        .arg(&log)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--record"), "{err}");
+    assert!(err.contains("the file exists"), "{err}");
+    assert_eq!(std::fs::read_to_string(&log).expect("read"), "precious\n");
+    assert!(!sock.exists(), "a socket was created");
+}
+
+#[test]
+fn test_serve_record_writes_a_header_and_log_and_replay_read_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("image");
+    let log = dir.path().join("serve.log");
+    let sock = dir.path().join("blk.sock");
+    let child = switchboard()
+        .args(["serve", "blk", "--serial", "sn-1", "--path"])
+        .arg(&image)
+        .arg("--socket-path")
+        .arg(&sock)
+        .arg("--record")
+        .arg(&log)
+        .args(["--record-data", "value"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_for("the socket", || is_socket(&sock));
+    terminate(&child);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("recorded 1 records"), "{err}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let header = &lines[0];
+    assert_eq!(header["format"], "switchboard-log");
+    assert_eq!(header["version"], 1);
+    assert_eq!(header["data"], "value");
+    assert_eq!(header["topology"]["devices"][0]["id"], "blk0");
+    assert_eq!(header["actors"][0]["id"], "blk0");
+    assert_eq!(header["actors"][0]["rebuild"]["capacity"], 2048);
+    assert_eq!(header["actors"][0]["rebuild"]["serial"], "sn-1");
+    assert_eq!(lines[1]["type"], "added");
+    assert_eq!(lines[1]["seq"], 1);
+
+    let out = switchboard()
+        .arg("replay")
+        .arg(&log)
+        .output()
+        .expect("replay");
+    assert!(out.status.success(), "{out:?}");
+    let out = switchboard()
+        .args(["log", "--stats"])
+        .arg(&log)
+        .output()
+        .expect("log");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("blk0"), "{stdout}");
+    assert!(stdout.contains("added"), "{stdout}");
+}
+
+#[test]
+fn test_replay_and_log_refuse_what_is_not_a_log_with_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_log = dir.path().join("topology.json");
+    std::fs::write(&not_log, "{\"devices\": []}\n").expect("write");
+    for cmd in ["replay", "log"] {
+        let out = switchboard().arg(cmd).arg(&not_log).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("topology.json:1: not a switchboard log header"),
+            "{cmd}: {err}"
+        );
+    }
+    let out = switchboard()
+        .arg("replay")
+        .arg(dir.path().join("missing.log"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("missing.log"), "{err}");
+}
