@@ -184,19 +184,23 @@ const NOT_REQUESTS: &[&str] = &[
 /// `type` before `payload`, and a `","type":"` inside a JSON string would
 /// have its quotes escaped, so the first match is the field.
 fn peek_type(line: &str) -> Option<&str> {
-    peek(line, "\",\"type\":\"")
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new("\",\"type\":\""));
+    peek(line, &KEY)
 }
 
 /// The `to` of a record line, found the same way; `None` if it holds an
 /// escape (then the line is parsed in full).
 fn peek_to(line: &str) -> Option<&str> {
-    peek(line, "\",\"to\":\"").filter(|to| !to.contains('\\'))
+    static KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new("\",\"to\":\""));
+    peek(line, &KEY).filter(|to| !to.contains('\\'))
 }
 
-fn peek<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(key)? + key.len();
-    let len = line[start..].find('"')?;
-    Some(&line[start..start + len])
+fn peek<'a>(line: &'a str, key: &memchr::memmem::Finder<'_>) -> Option<&'a str> {
+    let start = key.find(line.as_bytes())? + key.needle().len();
+    let len = memchr::memchr(b'"', line[start..].as_bytes())?;
+    line.get(start..start + len)
 }
 
 /// A virtio request record, parsed in one pass.
