@@ -199,7 +199,7 @@ fn peek_to(line: &str) -> Option<&str> {
 
 fn peek<'a>(line: &'a str, key: &memchr::memmem::Finder<'_>) -> Option<&'a str> {
     let start = key.find(line.as_bytes())? + key.needle().len();
-    let len = memchr::memchr(b'"', line[start..].as_bytes())?;
+    let len = memchr::memchr(b'"', &line.as_bytes()[start..])?;
     line.get(start..start + len)
 }
 
