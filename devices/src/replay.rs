@@ -715,10 +715,15 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
     for info in &header.actors {
         actors.insert(info.id.clone(), Actor::new(info, mode));
     }
+    // An actor without rebuild data in the header may still get it from
+    // an `added` record (`switchboard run` writes it there): only an actor
+    // the header marks not replayable is refused before reading on.
     if let Some(d) = &opts.device {
-        if let Some(Actor {
-            replayer: Err(why), ..
-        }) = actors.get(d)
+        if let Some(why) = header
+            .actors
+            .iter()
+            .find(|a| a.id == *d)
+            .and_then(|a| a.not_replayable.as_ref())
         {
             return Err(ReplayError::Rebuild {
                 path: path.display().to_string(),
@@ -893,6 +898,9 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
     }
     progress.done();
     if let Some(d) = &opts.device {
+        if let Some((_, why)) = report.not_replayable.get(d) {
+            return Err(rebuild_error(format!("actor {d} cannot be replayed: {why}")));
+        }
         if !seen_device {
             let mut ids: Vec<_> = actors.keys().cloned().collect();
             ids.sort();

@@ -27,12 +27,17 @@ const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
 fn recorder(path: &Path, mode: DataMode) -> Recorder {
-    let header = Header::new(
-        "test".into(),
-        mode,
-        serde_json::json!({}),
-        Vec::<ActorInfo>::new(),
-    );
+    // As `switchboard run` writes it: the header lists the devices, and
+    // their rebuild data comes in their `added` records.
+    let actors = ["disk0", "rng0"]
+        .map(|id| ActorInfo {
+            id: id.into(),
+            kind: String::new(),
+            rebuild: None,
+            not_replayable: None,
+        })
+        .to_vec();
+    let header = Header::new("test".into(), mode, serde_json::json!({}), actors);
     Recorder::create(
         path,
         &header,
