@@ -12,7 +12,7 @@
 #   --device TYPE     blk|rng|vsock|fs|net|scsi|input|gpio|i2c, or a QEMU device name
 #                     taking chardev= (ids: vu0, vu1, ...; chardevs cvu0, ...)
 #   --dev-opts OPTS   extra properties for the last --device, e.g. num-queues=2
-#   --test NAME       guest/tests/NAME.sh: blk-rw blk-fio rng probe idle shell (default probe)
+#   --test NAME       guest/tests/NAME.sh: blk-rw blk-fio rng blk-rng probe idle shell (default probe)
 #   --arg K=V         test parameter, reaches the guest as harness.K=V ($H_K); repeatable
 #   --kargs STR       extra kernel command line (e.g. quiet, or loglevel=7)
 #   --mem SIZE        guest RAM (default 512M), always memfd share=on (vhost-user needs it)
