@@ -511,6 +511,11 @@ impl Body for GapBody {
     }
 }
 
+/// How long the idle writer sleeps between looks at the buffer.
+const POLL: std::time::Duration = std::time::Duration::from_millis(1);
+/// How often the idle writer flushes what it has written to the file.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn write_loop(
     rx: crossbeam_channel::Receiver<Msg>,
     mut out: BufWriter<Box<dyn Write + Send>>,
@@ -520,16 +525,23 @@ fn write_loop(
     let mut seq = 0u64;
     let mut line = Vec::with_capacity(4096);
     let recorder: Arc<str> = Arc::from("recorder");
+    let mut flushed = Instant::now();
     loop {
+        // The writer polls instead of blocking in `recv`: a device thread
+        // that hands over a record then never pays for waking this thread
+        // (a futex call and a context switch per record, which at a few
+        // thousand records a second cost more than the record itself).
         let msg = match rx.try_recv() {
             Ok(m) => m,
-            Err(_) => {
-                // Idle: make what we have readable, then wait.
-                out.flush()?;
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                // Idle: make what we have readable now and then, and wait.
+                if flushed.elapsed() >= FLUSH_EVERY {
+                    out.flush()?;
+                    flushed = Instant::now();
                 }
+                thread::sleep(POLL);
+                continue;
             }
         };
         let entry = match msg {
