@@ -64,7 +64,8 @@ pub const DEFAULT_BUFFER: usize = 65_536;
 #[serde(rename_all = "kebab-case")]
 pub enum DataMode {
     /// The bytes themselves: a replay compares bytes and can show them, and
-    /// the log grows by about 4/3 of the data moved.
+    /// the log grows by 4/3 of each buffer recorded (base64), and a copy
+    /// is recorded both as read and as written.
     #[default]
     Value,
     /// A 128-bit hash and the length: logs stay small and recording stays

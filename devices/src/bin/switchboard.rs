@@ -255,8 +255,9 @@ enum RecordData {
     /// little overhead; replay still checks every byte through the hashes,
     /// but cannot show differing bytes.
     Hash,
-    /// The bytes themselves (base64): logs about 4/3 the size of the data
-    /// moved; replay shows the first differing byte.
+    /// The bytes themselves (base64): a disk request's data is held as
+    /// read and as written, so logs grow by about 2.7 times the data moved;
+    /// replay shows the first differing byte.
     Value,
 }
 
