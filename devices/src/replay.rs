@@ -899,7 +899,9 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
     progress.done();
     if let Some(d) = &opts.device {
         if let Some((_, why)) = report.not_replayable.get(d) {
-            return Err(rebuild_error(format!("actor {d} cannot be replayed: {why}")));
+            return Err(rebuild_error(format!(
+                "actor {d} cannot be replayed: {why}"
+            )));
         }
         if !seen_device {
             let mut ids: Vec<_> = actors.keys().cloned().collect();
