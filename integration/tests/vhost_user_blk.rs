@@ -565,7 +565,10 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
         request(&mut fe, 0, n, T_IN, n * 8, &[0u8; 4096], true);
     }
     fe.kick(0).expect("kick");
-    until("requests in flight", || b.served.server.in_flight() >= 4);
+    // All 6 popped (the first answer comes after 200 ms): the ring's base
+    // is then 6, and the reply must wait for all of them. With fewer
+    // popped, a base of 5 would be right, and the test would race.
+    until("requests in flight", || b.served.server.in_flight() == 6);
     let base = fe.frontend.get_vring_base(0).expect("GET_VRING_BASE");
     assert_eq!(base, 6, "next avail index");
     assert_eq!(
