@@ -49,8 +49,10 @@
 # during the guest boot by everything but this script, its QEMU and the
 # backend, in % of the host's capacity; a row is marked (*) when that exceeds
 # OTHER_MAX (10) or another QEMU was running at any time during it. With
-# WAIT_OTHERS=S, each guest boot first waits (up to S seconds, polling every
-# 10 s) until no other QEMU system emulator runs; it then starts all the same.
+# WAIT_OTHERS=S, each guest boot first waits (up to S seconds, checking every
+# 15 s or so) for a quiet host: no other QEMU system emulator, and other
+# processes at most at OTHER_MAX % of the host CPU over 5 s; after S seconds
+# it starts all the same (and the row is marked if it was disturbed).
 #
 # The ratios compare every other backend of BACKENDS with BASELINE: with the
 # default (peer), "switchboard/peer" is ours against the peer (and
@@ -252,22 +254,39 @@ declare -A IOPS=() CPU=() BUSY=() OTHER=() LOGMB=()
 ACCELS=
 fail=0
 
-# wait_others: waits (up to WAIT_OTHERS seconds) until no other QEMU runs
+# others_pct: the host CPU used by other processes over 5 s, in % of the host's
+# capacity (as "other CPU%", while nothing of ours runs)
+others_pct() {
+    local hb0 ht0 hb1 ht1 m0 m1
+    read -r hb0 ht0 < <(ticks); m0=$(ours_ticks)
+    sleep 5
+    read -r hb1 ht1 < <(ticks); m1=$(ours_ticks)
+    awk -v b=$((hb1 - hb0)) -v t=$((ht1 - ht0)) -v m=$((m1 - m0)) \
+        'BEGIN { o = t > 0 ? (b - m) * 100 / t : 0; printf "%.0f", o < 0 ? 0 : o }'
+}
+# wait_others: waits (up to WAIT_OTHERS seconds) for a quiet host: no other
+# QEMU, and other processes at most at OTHER_MAX % of the host CPU
 wait_others() {
-    local t0=$SECONDS n
+    local t0=$SECONDS n p waited=0
     [ "$WAIT_OTHERS" -gt 0 ] || return 0
-    n=$(others)
-    [ "$n" != 0 ] || return 0
-    note "waiting (up to $WAIT_OTHERS s) for $n other QEMU(s) to exit"
-    while [ "$n" != 0 ] && ((SECONDS - t0 < WAIT_OTHERS)); do
+    while :; do
+        n=$(others) p=$(others_pct)
+        if [ "$n" = 0 ] && [ "$p" -le "$OTHER_MAX" ]; then
+            if [ $waited = 1 ]; then note "the host is quiet after $((SECONDS - t0)) s"; fi
+            return 0
+        fi
+        if ((SECONDS - t0 >= WAIT_OTHERS)); then
+            note "the host is still busy after $((SECONDS - t0)) s ($n other QEMU(s), other processes" \
+                 "at $p% of its CPU); going on"
+            return 0
+        fi
+        if [ $waited = 0 ]; then
+            note "waiting (up to $WAIT_OTHERS s) for a quiet host: $n other QEMU(s), other processes" \
+                 "at $p% of its CPU"
+            waited=1
+        fi
         sleep 10
-        n=$(others)
     done
-    if [ "$n" = 0 ]; then
-        note "no other QEMU after $((SECONDS - t0)) s"
-    else
-        note "still $n other QEMU(s) after $((SECONDS - t0)) s; going on"
-    fi
 }
 
 # run_job NAME ROUND CONFIG: one guest boot running fio's job CONFIG against
