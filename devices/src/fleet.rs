@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use actix::{Arbiter, ArbiterHandle, System};
 use serde::Serialize;
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, JsonBody, Recorder};
+use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, Recorder};
 use switchboard_runtime::{BusAddr, DeviceId, DeviceRef, IrqLine, IrqNumber, Runtime, State};
 
 use crate::blk::{Blk, BlkOptions};
@@ -294,6 +294,15 @@ enum Slot {
     Removing(Arc<Entry>, Arc<Removal>),
 }
 
+/// Why a message log cannot replay an MMIO/PIO device of `kind` (its
+/// header and its `added` record say so).
+pub fn mmio_not_replayable(kind: &str) -> String {
+    format!(
+        "{kind} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO \
+         devices is not implemented yet"
+    )
+}
+
 /// The devices of one process.
 pub struct Fleet {
     runtime: Runtime,
@@ -355,14 +364,15 @@ impl Fleet {
         reply: serde_json::Value,
     ) {
         if let Some(r) = self.recorder.get() {
-            r.record(LogEntry {
-                time: r.now(),
-                latency: 0,
-                from: Arc::from("switchboard"),
-                to: Arc::from(id),
+            r.record(LogEntry::json(
+                r.now(),
+                0,
+                Arc::from("switchboard"),
+                Arc::from(id),
                 kind,
-                body: Box::new(JsonBody { payload, reply }),
-            });
+                payload,
+                reply,
+            ));
         }
     }
 
@@ -568,9 +578,7 @@ impl Fleet {
             id: id.to_string(),
             kind: kind.to_string(),
             rebuild: None,
-            not_replayable: Some(format!(
-                "{kind} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO devices is not implemented yet"
-            )),
+            not_replayable: Some(mmio_not_replayable(kind)),
         };
         self.note(
             id,
@@ -661,17 +669,15 @@ impl Fleet {
                     Err(e) => serde_json::json!({ "error": e }),
                 };
                 if let Some(r) = self.recorder.get() {
-                    r.record(LogEntry {
-                        time: start,
-                        latency: r.now().saturating_sub(start),
-                        from: Arc::from("switchboard"),
-                        to: Arc::from(id),
-                        kind: "removed",
-                        body: Box::new(JsonBody {
-                            payload: serde_json::Value::Null,
-                            reply,
-                        }),
-                    });
+                    r.record(LogEntry::json(
+                        start,
+                        r.now().saturating_sub(start),
+                        Arc::from("switchboard"),
+                        Arc::from(id),
+                        "removed",
+                        serde_json::Value::Null,
+                        reply,
+                    ));
                 }
             }
             *removal.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());

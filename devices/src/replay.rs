@@ -373,14 +373,11 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
         })?;
         let got: Got = serde_json::from_str(reply)
             .map_err(|e| Mismatch::new("bad GET_CONFIG reply", "data", e.to_string()))?;
-        let config = self.device.config();
-        let start = (ask.offset as usize).min(config.len());
-        let end = (ask.offset as usize)
-            .saturating_add(ask.size as usize)
-            .min(config.len());
-        let mut out = config[start..end].to_vec();
-        out.resize(ask.size as usize, 0);
-        let actual = Data::Bytes(out);
+        let actual = Data::Bytes(crate::virtio::config_window(
+            &self.device.config(),
+            ask.offset,
+            ask.size,
+        ));
         if !actual.same(&got.data) {
             return Err(Mismatch::new(
                 format!(

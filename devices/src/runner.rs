@@ -73,25 +73,21 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
                     .to_string(),
             ),
         });
-    let devices = topology
-        .devices
-        .iter()
-        .map(|spec| {
-            let p = plan(spec);
-            let not_replayable = match p {
-                Plan::Blk { .. } | Plan::Rng { .. } => None,
-                Plan::Uart { .. } | Plan::TestDevice { .. } => Some(format!(
-                    "{} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO devices is not implemented yet",
-                    p.kind()
-                )),
-            };
-            switchboard_runtime::recording::ActorInfo {
-                id: spec.id().to_string(),
-                kind: p.kind().to_string(),
-                rebuild: None,
-                not_replayable,
+    let devices = topology.devices.iter().map(|spec| {
+        let p = plan(spec);
+        let not_replayable = match p {
+            Plan::Blk { .. } | Plan::Rng { .. } => None,
+            Plan::Uart { .. } | Plan::TestDevice { .. } => {
+                Some(fleet::mmio_not_replayable(p.kind()))
             }
-        });
+        };
+        switchboard_runtime::recording::ActorInfo {
+            id: spec.id().to_string(),
+            kind: p.kind().to_string(),
+            rebuild: None,
+            not_replayable,
+        }
+    });
     buses.chain(devices).collect()
 }
 

@@ -60,9 +60,9 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use switchboard_runtime::recording::{Body, Entry, JsonBody, Recorder};
+use switchboard_runtime::recording::{Body, Entry, Recorder};
 
-use crate::virtio::{Completer, Handled, Request, Trace, VirtioDevice};
+use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -372,28 +372,19 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// says how to rebuild the device for replay (or why it cannot be).
     /// Returns false if it already records.
     pub fn record_to(&self, recorder: Recorder, id: &str) -> bool {
-        let device = &self.shared.device;
-        let (rebuild, not_replayable) = match device.rebuild_info() {
-            Ok(v) => (Some(v), None),
-            Err(why) => (None, Some(why)),
-        };
-        let info = switchboard_runtime::recording::ActorInfo {
-            id: id.to_string(),
-            kind: device.kind().to_string(),
-            rebuild,
-            not_replayable,
-        };
-        let added = Entry {
-            time: recorder.now(),
-            latency: 0,
-            from: Arc::from("switchboard"),
-            to: Arc::from(id),
-            kind: "added",
-            body: Box::new(JsonBody {
-                payload: serde_json::to_value(&info).unwrap_or_default(),
-                reply: serde_json::Value::Null,
-            }),
-        };
+        if self.shared.record.get().is_some() {
+            return false;
+        }
+        let info = actor_info(&*self.shared.device, id);
+        let added = Entry::json(
+            recorder.now(),
+            0,
+            Arc::from("switchboard"),
+            Arc::from(id),
+            "added",
+            serde_json::to_value(&info).unwrap_or_default(),
+            serde_json::Value::Null,
+        );
         let to = RecordTo {
             recorder,
             id: Arc::from(id),
@@ -402,9 +393,6 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 .collect(),
             frontend: Arc::from("frontend"),
         };
-        if self.shared.record.get().is_some() {
-            return false;
-        }
         // The `added` record goes first: nothing of the device's can be
         // recorded before it.
         to.recorder.record(added);
@@ -414,15 +402,15 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// Records a protocol message (or a connection event) with its reply.
     fn note(&self, kind: &'static str, payload: serde_json::Value, reply: serde_json::Value) {
         if let Some(r) = self.shared.record.get() {
-            let time = r.recorder.now();
-            r.recorder.record(Entry {
-                time,
-                latency: 0,
-                from: Arc::clone(&r.frontend),
-                to: Arc::clone(&r.id),
+            r.recorder.record(Entry::json(
+                r.recorder.now(),
+                0,
+                Arc::clone(&r.frontend),
+                Arc::clone(&r.id),
                 kind,
-                body: Box::new(JsonBody { payload, reply }),
-            });
+                payload,
+                reply,
+            ));
         }
     }
 
@@ -570,19 +558,17 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                         tracing::warn!(queue, error = %e, "malformed request");
                         device.reject(queue as u16, head, &e);
                         if let Some(r) = record {
-                            r.recorder.record(Entry {
+                            r.recorder.record(Entry::json(
                                 time,
-                                latency: r.recorder.now().saturating_sub(time),
-                                from: Arc::clone(&r.queues[queue]),
-                                to: Arc::clone(&r.id),
-                                kind: "malformed",
-                                body: Box::new(JsonBody {
-                                    payload: serde_json::json!({
-                                        "queue": queue, "head": head, "error": e.to_string()
-                                    }),
-                                    reply: serde_json::json!({ "len": 0 }),
+                                r.recorder.now().saturating_sub(time),
+                                Arc::clone(&r.queues[queue]),
+                                Arc::clone(&r.id),
+                                "malformed",
+                                serde_json::json!({
+                                    "queue": queue, "head": head, "error": e.to_string()
                                 }),
-                            });
+                                serde_json::json!({ "len": 0 }),
+                            ));
                         }
                         if let Err(e) = vring.add_used(head, 0) {
                             tracing::error!(queue, head, error = %e, "write used entry");
@@ -752,13 +738,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.shared.device.config();
-        let start = (offset as usize).min(config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(config.len());
-        let mut out = config[start..end].to_vec();
-        out.resize(size as usize, 0);
+        let out = config_window(&self.shared.device.config(), offset, size);
         self.note(
             "GET_CONFIG",
             serde_json::json!({ "offset": offset, "size": size }),

@@ -667,6 +667,36 @@ impl Completer {
     }
 }
 
+/// The `size` bytes at `offset` of a device's configuration space, as a
+/// GET_CONFIG answers them: bytes past its end read as zero.
+pub fn config_window(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(config.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(config.len());
+    let mut out = config[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
+/// How a message log describes `device` as actor `id`: how to rebuild it
+/// for replay, or why it cannot be.
+pub fn actor_info<D: VirtioDevice + ?Sized>(
+    device: &D,
+    id: &str,
+) -> switchboard_runtime::recording::ActorInfo {
+    let (rebuild, not_replayable) = match device.rebuild_info() {
+        Ok(v) => (Some(v), None),
+        Err(why) => (None, Some(why)),
+    };
+    switchboard_runtime::recording::ActorInfo {
+        id: id.to_string(),
+        kind: device.kind().to_string(),
+        rebuild,
+        not_replayable,
+    }
+}
+
 /// A virtio device served over vhost-user.
 ///
 /// # Lifecycle contract

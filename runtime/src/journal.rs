@@ -226,17 +226,15 @@ impl RecordJournal {
 
     fn emit(&self, p: Pending, reply: serde_json::Value) {
         let now = self.recorder.now();
-        self.recorder.record(crate::recording::Entry {
-            time: p.time,
-            latency: now.saturating_sub(p.time),
-            from: p.from,
-            to: p.to,
-            kind: p.kind,
-            body: Box::new(crate::recording::JsonBody {
-                payload: p.payload,
-                reply,
-            }),
-        });
+        self.recorder.record(crate::recording::Entry::json(
+            p.time,
+            now.saturating_sub(p.time),
+            p.from,
+            p.to,
+            p.kind,
+            p.payload,
+            reply,
+        ));
     }
 }
 

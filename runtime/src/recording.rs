@@ -334,6 +334,28 @@ pub struct Entry {
     pub body: Box<dyn Body>,
 }
 
+impl Entry {
+    /// A record whose payload and reply are JSON values.
+    pub fn json(
+        time: u64,
+        latency: u64,
+        from: Arc<str>,
+        to: Arc<str>,
+        kind: &'static str,
+        payload: serde_json::Value,
+        reply: serde_json::Value,
+    ) -> Entry {
+        Entry {
+            time,
+            latency,
+            from,
+            to,
+            kind,
+            body: Box::new(JsonBody { payload, reply }),
+        }
+    }
+}
+
 impl std::fmt::Debug for Entry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Entry")

@@ -498,16 +498,7 @@ fn serve_all<D: VirtioDevice>(
                 spec["id"] = serde_json::json!(id);
                 spec["vhost_user"]["socket"] = serde_json::json!(endpoint.name());
                 specs.push(spec);
-                let (rebuild, not_replayable) = match device.rebuild_info() {
-                    Ok(v) => (Some(v), None),
-                    Err(why) => (None, Some(why)),
-                };
-                actors.push(ActorInfo {
-                    id,
-                    kind: device.kind().to_string(),
-                    rebuild,
-                    not_replayable,
-                });
+                actors.push(switchboard_devices::virtio::actor_info(&**device, &id));
             }
             args.start(serde_json::json!({ "devices": specs }), actors)?
         }
