@@ -9,6 +9,17 @@
 #![deny(missing_docs)]
 
 pub mod frontend;
+pub mod qemu;
+
+/// A finished command's stdout and stderr, one after the other (for
+/// assertions and failure messages).
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
 
 /// The `switchboard` binary of this build profile, built (or brought up
 /// to date) on first use: tests that drive the real command call this.

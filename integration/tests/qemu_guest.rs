@@ -7,36 +7,17 @@
 //! again here, idempotently, so this test also works on its own). These
 //! tests never skip: a machine without QEMU fails them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Once;
 
 use switchboard_devices::blk::{Blk, BlkOptions};
 use switchboard_devices::rng::Rng;
-
-fn qemu_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
-}
-
-fn setup() {
-    static SETUP: Once = Once::new();
-    SETUP.call_once(|| {
-        let out = Command::new(qemu_dir().join("setup.sh"))
-            .output()
-            .expect("run integration/qemu/setup.sh");
-        assert!(
-            out.status.success(),
-            "setup.sh failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
+use switchboard_integration::qemu::{self, setup};
 
 /// Runs one guest test (with more run-guest.sh arguments); returns its
 /// HARNESS RESULT line.
 fn run_guest(socket: &Path, device: &str, test: &str, more: &[&str]) -> String {
-    let out = Command::new(qemu_dir().join("run-guest.sh"))
+    let out = Command::new(qemu::dir().join("run-guest.sh"))
         .arg("--socket")
         .arg(socket)
         .args(["--device", device, "--test", test, "--timeout", "300"])
@@ -60,20 +41,7 @@ fn run_guest(socket: &Path, device: &str, test: &str, more: &[&str]) -> String {
 /// A 256 MiB sparse image whose first MiB holds known bytes; returns the
 /// md5 of that MiB.
 fn make_image(path: &Path) -> String {
-    let mut first = vec![0u8; 1 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in first.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(path, &first).expect("write image");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(256 << 20))
-        .expect("size image");
+    let first = qemu::write_known_image(path, 256 << 20);
     let head = path.with_extension("head");
     std::fs::write(&head, &first).expect("write the first MiB");
     let out = Command::new("md5sum")
@@ -140,7 +108,7 @@ fn test_linux_guest_writes_and_reads_back_a_pattern_on_switchboard_blk() {
         "the guest read the image's first MiB wrong (host md5 {pre_md5}):\n{serial}"
     );
     // The host check: every chunk the guest wrote is in the image file.
-    let out = Command::new(qemu_dir().join("check-image.sh"))
+    let out = Command::new(qemu::dir().join("check-image.sh"))
         .arg(guest_dir.join("serial.log"))
         .arg(&image)
         .output()
@@ -165,7 +133,7 @@ fn test_blk_survives_device_del_and_serves_the_device_plugged_back() {
     // QMP device_del (SET_VRING_ENABLE 0 and GET_VRING_BASE, connection
     // kept), chardev-remove (disconnect), then chardev-add and device_add:
     // a new connection on the same socket, and the guest sees the disk again.
-    let out = Command::new(qemu_dir().join("hotunplug.sh"))
+    let out = Command::new(qemu::dir().join("hotunplug.sh"))
         .arg(&served.socket)
         .args([
             "blk",

@@ -23,60 +23,19 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use switchboard_integration::switchboard_bin;
+use switchboard_integration::qemu::{self, setup};
+use switchboard_integration::{output_text as text, switchboard_bin};
 
 /// Longest wait for anything the guest does (TCG boots take tens of seconds).
 const GUEST_WAIT: Duration = Duration::from_secs(300);
 /// Longest wait for switchboard to start or stop.
 const SWITCHBOARD_WAIT: Duration = Duration::from_secs(60);
-
-fn qemu_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu")
-}
-
-fn setup() {
-    let out = Command::new(qemu_dir().join("setup.sh"))
-        .output()
-        .expect("run integration/qemu/setup.sh");
-    assert!(
-        out.status.success(),
-        "setup.sh failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// A 64 MiB sparse image whose first MiB holds known bytes.
-fn make_image(path: &Path) {
-    let mut first = vec![0u8; 1 << 20];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in first.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(path, &first).expect("write image");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("size image");
-}
 
 /// Lines a child writes to a pipe, collected by a thread of their own (so
 /// the child never blocks on a full pipe).
@@ -194,7 +153,7 @@ fn switchboard(args: &[&str]) -> Output {
 
 /// Runs `qmp.py QMP_SOCKET ARGS`; asserts it succeeded.
 fn qmp(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new(qemu_dir().join("qmp.py"))
+    let out = Command::new(qemu::dir().join("qmp.py"))
         .arg(socket)
         .args(args)
         .output()
@@ -225,7 +184,7 @@ fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
         .tempdir()
         .expect("tempdir");
     let image = dir.path().join("disk.img");
-    make_image(&image);
+    qemu::write_known_image(&image, 64 << 20);
     let topology = dir.path().join("topology.json");
     std::fs::write(
         &topology,
@@ -286,7 +245,7 @@ fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
 
     // The guest: vu0 is the disk, vu1 the rng (run-guest.sh's ids).
     let guest_dir = session.path().join("guest");
-    let guest = Command::new(qemu_dir().join("run-guest.sh"))
+    let guest = Command::new(qemu::dir().join("run-guest.sh"))
         .arg("--socket")
         .arg(&disk_sock)
         .args(["--device", "blk", "--dev-opts", "num-queues=2"])
@@ -379,7 +338,7 @@ fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
         );
     }
     // Every chunk the guest wrote (before and after the unplug) is in the image.
-    let out = Command::new(qemu_dir().join("check-image.sh"))
+    let out = Command::new(qemu::dir().join("check-image.sh"))
         .arg(&serial)
         .arg(&image)
         .output()

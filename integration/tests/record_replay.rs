@@ -16,7 +16,7 @@ use std::time::Duration;
 use switchboard_devices::blk::{Blk, BlkOptions, VIRTIO_BLK_S_OK};
 use switchboard_devices::rng::Rng;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTQ_DESC_F_WRITE};
-use switchboard_integration::{serve_in_process, switchboard_bin};
+use switchboard_integration::{output_text as text, serve_in_process, switchboard_bin};
 use switchboard_runtime::recording::{ActorInfo, DataMode, Header, RecordOptions, Recorder};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -129,14 +129,6 @@ fn replay(log: &Path, more: &[&str]) -> Output {
         .args(more)
         .output()
         .expect("run switchboard replay")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The log's lines.
