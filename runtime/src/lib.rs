@@ -48,6 +48,7 @@
 
 pub mod addr;
 pub mod device;
+pub mod gate;
 pub mod ids;
 pub mod irq;
 pub mod journal;
@@ -61,6 +62,10 @@ pub use device::{
     spawn_device, AccessOp, AccessReply, Completion, Deliver, Device, DeviceActor, DeviceRef,
     DeviceRegion, DeviceStatus, Drain, DrainError, DrainReport, GuestAccess, LaterReply,
     LifecycleError, PendingAccess, QueryStatus, Realize, SpawnedDevice, Start,
+};
+pub use gate::{
+    DrainError as GateDrainError, DrainReport as GateDrainReport, Gate, Lanes, MessageKind,
+    Pending, Ticket,
 };
 pub use ids::{ActorId, DeviceId, Seq};
 pub use irq::{IrqLevel, IrqLine, IrqNumber};

@@ -142,11 +142,13 @@ impl Runtime {
         }
     }
 
-    fn next_seq(&self) -> Seq {
+    /// The next sequence number of this runtime: every message gets one.
+    pub fn next_seq(&self) -> Seq {
         Seq(self.inner.next_seq.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn journal(&self) -> Option<&Arc<dyn Journal>> {
+    /// The journal, if one is installed.
+    pub fn journal(&self) -> Option<&Arc<dyn Journal>> {
         self.inner.journal.as_ref()
     }
 }
