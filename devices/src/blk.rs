@@ -33,6 +33,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -622,7 +623,23 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
         if !latency.is_zero() {
             thread::sleep(latency);
         }
-        run(job, Some(file), &mut buf);
+        let gate = job.request.gate();
+        // A panic here drops the job's request, whose guard answers it
+        // with IOERR, and fails the device; the thread goes on, so jobs
+        // admitted before the failure are still answered.
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| run(job, Some(file), &mut buf))) {
+            let reason = format!(
+                "I/O thread: {}",
+                switchboard_runtime::panic_message(p.as_ref())
+            );
+            match gate {
+                Some(g) => {
+                    g.fail(reason);
+                }
+                None => tracing::error!(%reason, "panic on a replayed request"),
+            }
+            buf = Vec::new();
+        }
         if buf.capacity() > 4 * ZERO_CHUNK {
             buf = Vec::new();
         }
@@ -841,6 +858,10 @@ impl VirtioDevice for Blk {
                 self.pool.ready.notify_one();
             }
         }
+    }
+
+    fn fail_status(&self) -> Option<u8> {
+        Some(VIRTIO_BLK_S_IOERR)
     }
 
     fn rebuild_info(&self) -> Result<serde_json::Value, String> {

@@ -39,9 +39,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use switchboard_bus::{
@@ -60,7 +61,12 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use actix::Recipient;
 use switchboard_runtime::recording::{Body, Entry, Recorder};
+use switchboard_runtime::{
+    panic_message, DeviceFailed, DeviceId, Gate, GateDrainError, Lanes, MessageKind, Pending,
+    Refused, Runtime, State, Ticket,
+};
 
 use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
@@ -114,6 +120,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The device failed (a contained panic) and was stopped.
+    #[error("Device on {path} failed: {reason}")]
+    DeviceFailed {
+        /// The socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The socket path exists and is not a socket.
     #[error("{path} exists and is not a socket")]
     NotASocket {
@@ -140,50 +154,10 @@ pub enum Error {
 /// Result of the vhost-user server.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Requests popped and not yet answered, per queue.
-#[derive(Debug, Default)]
-struct InFlight {
-    count: Mutex<u64>,
-    zero: Condvar,
-}
-
-impl InFlight {
-    fn inc(&self) {
-        *self.lock() += 1;
-    }
-
-    fn dec(&self) {
-        let mut n = self.lock();
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.zero.notify_all();
-        }
-    }
-
-    fn get(&self) -> u64 {
-        *self.lock()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
-        self.count.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Blocks until nothing is in flight. Logs while it waits, and never
-    /// gives up: replying before the drain is done would be a lie.
-    fn wait_zero(&self, what: &str) {
-        let mut n = self.lock();
-        while *n > 0 {
-            let (guard, timeout) = self
-                .zero
-                .wait_timeout(n, Duration::from_secs(5))
-                .unwrap_or_else(|e| e.into_inner());
-            n = guard;
-            if timeout.timed_out() && *n > 0 {
-                tracing::warn!(pending = *n, "{what}: still waiting for requests in flight");
-            }
-        }
-    }
-}
+/// How long a queue drain waits at most once the device is stopping (or
+/// failed): past it, the drain reports what is still pending and the stop
+/// goes on.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(3);
 
 /// One worker's completion path.
 struct Completions {
@@ -210,13 +184,24 @@ struct Mirror {
 struct Shared<D: VirtioDevice> {
     device: Arc<D>,
     bus: BusHandle,
+    /// The device's admission gate and lifecycle: one lane per queue, then
+    /// the control lane (config space, reset). Every request popped from a
+    /// ring holds a ticket of its queue's lane until its used entry is
+    /// written.
+    gate: Gate,
+    runtime: Runtime,
+    /// The current connection, shut down when the device fails so that the
+    /// frontend sees the device go away (by the gate's failure hook).
+    connection: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
+    /// Told when the device fails (by the gate's failure hook).
+    supervisor: Arc<OnceLock<Recipient<DeviceFailed>>>,
     workers: usize,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// The crate's memory, used by virtio-queue for the rings.
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     mirror: Mutex<Mirror>,
-    in_flight: Vec<InFlight>,
+    queues: usize,
     /// Requests answered (used entries written) since the server started.
     handled: AtomicU64,
     completions: Vec<Completions>,
@@ -321,6 +306,20 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// queues spread over `workers` threads (at least one, at most one per
     /// queue).
     pub fn new(device: Arc<D>, bus: BusHandle, workers: usize) -> Result<Self> {
+        let name = device_name(&bus);
+        Self::with_runtime(device, bus, workers, &Runtime::new(), name)
+    }
+
+    /// As [`VhostUserServer::new`], numbering its messages on `runtime` and
+    /// naming its gate `name` (the device id). The device is `Realized`: it
+    /// was opened before it got here; [`serve`] starts it.
+    pub fn with_runtime(
+        device: Arc<D>,
+        bus: BusHandle,
+        workers: usize,
+        runtime: &Runtime,
+        name: String,
+    ) -> Result<Self> {
         let queues = device.num_queues().max(1);
         let workers = workers.clamp(1, queues);
         let completions = (0..workers)
@@ -350,9 +349,40 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let slots = usize::from(device.queue_size()).max(64);
+        let gate = Gate::new(&name, queues + 1, slots);
+        gate.transition(State::Realized)
+            .expect("a new gate can be realized");
+        let connection: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>> = Arc::default();
+        let supervisor: Arc<OnceLock<Recipient<DeviceFailed>>> = Arc::default();
+        {
+            let (connection, supervisor, id) = (
+                Arc::clone(&connection),
+                Arc::clone(&supervisor),
+                name.clone(),
+            );
+            // Whichever thread caught the panic (a queue worker, an I/O
+            // thread, the vhost-user thread) runs this once.
+            gate.on_fail(move |reason| {
+                tracing::error!(device = %id, %reason, "device failed; stopping it and disconnecting its frontend");
+                if let Some(s) = supervisor.get() {
+                    s.do_send(DeviceFailed {
+                        id: DeviceId::new(&id),
+                        reason: reason.to_string(),
+                    });
+                }
+                if let Some(h) = connection.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    h.shutdown();
+                }
+            });
+        }
         Ok(VhostUserServer {
             shared: Arc::new(Shared {
-                in_flight: (0..queues).map(|_| InFlight::default()).collect(),
+                queues,
+                gate,
+                runtime: runtime.clone(),
+                connection,
+                supervisor,
                 device,
                 bus,
                 workers,
@@ -388,7 +418,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let to = RecordTo {
             recorder,
             id: Arc::from(id),
-            queues: (0..self.shared.in_flight.len())
+            queues: (0..self.shared.queues)
                 .map(|q| Arc::from(format!("driver/q{q}")))
                 .collect(),
             frontend: Arc::from("frontend"),
@@ -426,7 +456,51 @@ impl<D: VirtioDevice> VhostUserServer<D> {
 
     /// Requests in flight on all queues.
     pub fn in_flight(&self) -> u64 {
-        self.shared.in_flight.iter().map(InFlight::get).sum()
+        self.shared.gate.in_flight()
+    }
+
+    /// The device's gate: its lifecycle state, in-flight counts and drain.
+    pub fn gate(&self) -> &Gate {
+        &self.shared.gate
+    }
+
+    /// Tells `supervisor` when the device fails. Only the first call counts.
+    pub fn supervise(&self, supervisor: Recipient<DeviceFailed>) {
+        let _ = self.shared.supervisor.set(supervisor);
+    }
+
+    /// `Realized -> Running`, if not running yet.
+    pub fn start(&self) {
+        if self.shared.gate.state() == State::Realized {
+            let _ = self.shared.gate.transition(State::Running);
+        }
+    }
+
+    /// Fails the device for `reason`, from whichever thread caught the
+    /// panic: it is stopped (its gate refuses everything from now on), the
+    /// supervisor is told, and the frontend is disconnected. Requests in
+    /// flight answer themselves with the failure status through their drop
+    /// guards, so every queue's count still reaches zero.
+    pub fn fail(&self, reason: String) {
+        self.shared.gate.fail(reason);
+    }
+
+    /// Runs `f` on the device, containing a panic: a panic fails the device
+    /// (see [`VhostUserServer::fail`]) and gives `None`.
+    fn contain<T>(&self, what: &str, f: impl FnOnce(&D) -> T) -> Option<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(&self.shared.device))) {
+            Ok(v) => Some(v),
+            Err(payload) => {
+                self.fail(format!("{what}: {}", panic_message(payload.as_ref())));
+                None
+            }
+        }
+    }
+
+    /// Admits a control-lane message, or says why not.
+    fn admit_control(&self, kind: MessageKind) -> std::result::Result<Ticket, Refused> {
+        let seq = self.shared.runtime.next_seq();
+        self.shared.gate.admit(self.shared.queues, seq, kind)
     }
 
     /// Requests answered since the server started (malformed ones included).
@@ -447,11 +521,36 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         &self.shared.completions[self.worker_of(queue)].completer
     }
 
+    /// Waits until nothing is in flight on `lanes`, without stopping the
+    /// device. While the device runs, it waits as long as it takes (replying
+    /// to the frontend before the drain is done would be a lie), logging
+    /// what is pending every 5 s; once the device is stopping or failed, it
+    /// gives up after [`STOP_DEADLINE`] and returns the report.
+    pub fn quiesce(&self, lanes: Lanes, why: &str) -> std::result::Result<(), GateDrainError> {
+        let gate = &self.shared.gate;
+        let start = std::time::Instant::now();
+        let mut next_log = Duration::from_secs(5);
+        loop {
+            match gate.wait_idle(lanes, Some(Duration::from_millis(200))) {
+                Ok(()) => return Ok(()),
+                Err(report) => {
+                    let waited = start.elapsed();
+                    if gate.state() != State::Running && waited >= STOP_DEADLINE {
+                        tracing::error!(%why, error = %report, pending = ?pending_of(&report), "giving up the drain: the device is stopping");
+                        return Err(report);
+                    }
+                    if waited >= next_log {
+                        next_log += Duration::from_secs(5);
+                        tracing::warn!(%why, error = %report, pending = ?pending_of(&report), "still waiting for requests in flight");
+                    }
+                }
+            }
+        }
+    }
+
     /// Drains every queue (waits for every request in flight).
     pub fn drain_all(&self, why: &str) {
-        for q in &self.shared.in_flight {
-            q.wait_zero(why);
-        }
+        let _ = self.quiesce(Lanes::All, why);
     }
 
     fn signal(&self, vring: &VringRwLock) {
@@ -467,8 +566,11 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         }
     }
 
-    /// Writes the used entry, then drops the request (and its leases).
+    /// Writes the used entry, then drops the request (and its leases), then
+    /// its ticket: the queue's count goes down only once the answer is in
+    /// the ring.
     fn finish(&self, vring: &VringRwLock, mut request: Request, len: u32) {
+        let ticket = request.answered();
         let queue = usize::from(request.queue());
         if let Err(e) = vring.add_used(request.head(), len) {
             tracing::error!(queue, head = request.head(), error = %e, "write used entry");
@@ -497,10 +599,31 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             });
         }
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
-        self.shared.in_flight[queue].dec();
+        drop(ticket);
+    }
+
+    /// Answers a request the gate refused (the device is draining or
+    /// stopped) with the device type's failure status.
+    fn refuse(&self, vring: &VringRwLock, mut request: Request) {
+        let writable = request.writable_len();
+        let len = match self.shared.device.fail_status() {
+            Some(status) if writable > 0 => {
+                u32::from(request.write_at(writable - 1, &[status]).is_ok())
+            }
+            _ => 0,
+        };
+        if let Err(e) = vring.add_used(request.head(), len) {
+            tracing::error!(queue = request.queue(), head = request.head(), error = %e, "write used entry");
+        }
+        self.shared.handled.fetch_add(1, Ordering::Relaxed);
     }
 
     fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
+        if self.shared.gate.state() == State::Stopped {
+            // A failed or stopped device walks no ring; its frontend is
+            // being disconnected.
+            return Ok(());
+        }
         let Some(mem) = self
             .shared
             .mem
@@ -512,7 +635,8 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         };
         let event_idx = self.shared.event_idx.load(Ordering::Acquire);
         let completer = self.completer(queue);
-        let device = &self.shared.device;
+        let fail_status = self.shared.device.fail_status();
+        let gate = &self.shared.gate;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -534,29 +658,42 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     .clone()
                     .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()))
                     .collect();
-                self.shared.in_flight[queue].inc();
+                let seq = self.shared.runtime.next_seq();
+                let admitted = gate.admit(queue, seq, MessageKind::Request);
                 let memreq = self.shared.bus.guest_memory().request();
                 let record = self.shared.record.get();
                 let time = record.map(|r| r.recorder.now()).unwrap_or(0);
                 match Request::new(queue as u16, head, descriptors, memreq) {
-                    Ok(mut request) => match device.handle(
-                        {
-                            if let Some(r) = record {
-                                request.record(r.recorder.data_mode(), time);
+                    Ok(mut request) => {
+                        let ticket = match admitted {
+                            Ok(t) => t,
+                            Err(refused) => {
+                                tracing::debug!(queue, head, %refused, "request refused");
+                                self.refuse(vring, request);
+                                used = true;
+                                continue;
                             }
-                            request
-                        },
-                        completer,
-                    ) {
-                        Handled::Done { request, len } => {
+                        };
+                        request.admitted(ticket, completer, fail_status);
+                        if let Some(r) = record {
+                            request.record(r.recorder.data_mode(), time);
+                        }
+                        // A panic drops the request, whose guard answers it
+                        // through the completer.
+                        let handled = self
+                            .contain(&format!("queue {queue}: handle request {head}"), |d| {
+                                d.handle(request, completer)
+                            });
+                        if let Some(Handled::Done { request, len }) = handled {
                             self.finish(vring, request, len);
                             used = true;
                         }
-                        Handled::Pending => {}
-                    },
+                    }
                     Err(e) => {
                         tracing::warn!(queue, error = %e, "malformed request");
-                        device.reject(queue as u16, head, &e);
+                        self.contain("reject a malformed request", |d| {
+                            d.reject(queue as u16, head, &e)
+                        });
                         if let Some(r) = record {
                             r.recorder.record(Entry::json(
                                 time,
@@ -574,12 +711,14 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                             tracing::error!(queue, head, error = %e, "write used entry");
                         }
                         self.shared.handled.fetch_add(1, Ordering::Relaxed);
-                        self.shared.in_flight[queue].dec();
+                        drop(admitted);
                         used = true;
                     }
                 }
             }
-            device.end_batch(queue as u16);
+            self.contain(&format!("queue {queue}: end of batch"), |d| {
+                d.end_batch(queue as u16)
+            });
             if used {
                 self.signal(vring);
             }
@@ -615,7 +754,6 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                         "completion for a queue this worker does not own"
                     );
                     drop(request);
-                    self.shared.in_flight[queue].dec();
                 }
             }
         }
@@ -689,7 +827,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        self.shared.in_flight.len()
+        self.shared.queues
     }
 
     fn max_queue_size(&self) -> usize {
@@ -724,8 +862,12 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn reset_device(&self) {
-        self.drain_all("RESET_DEVICE");
-        self.shared.device.reset();
+        let _ticket = self.admit_control(MessageKind::Control);
+        let _ = self.quiesce(Lanes::One(usize::MAX), "RESET_DEVICE");
+        for q in 0..self.shared.queues {
+            let _ = self.quiesce(Lanes::One(q), "RESET_DEVICE");
+        }
+        self.contain("reset", |d| d.reset());
         self.note(
             "RESET_DEVICE",
             serde_json::Value::Null,
@@ -738,7 +880,16 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let out = config_window(&self.shared.device.config(), offset, size);
+        let out = match self.admit_control(MessageKind::GetConfig) {
+            Ok(_ticket) => self
+                .contain("read the config space", |d| d.config())
+                .map(|c| config_window(&c, offset, size))
+                .unwrap_or_default(),
+            Err(refused) => {
+                tracing::warn!(%refused, "GET_CONFIG refused");
+                Vec::new()
+            }
+        };
         self.note(
             "GET_CONFIG",
             serde_json::json!({ "offset": offset, "size": size }),
@@ -793,9 +944,29 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
         }
     }
 
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let result = match self.admit_control(MessageKind::SetConfig) {
+            Ok(_ticket) => self
+                .contain("write the config space", |d| d.set_config(offset, buf))
+                .unwrap_or_else(|| Err(io::Error::other("the device failed"))),
+            Err(refused) => Err(io::Error::other(refused)),
+        };
+        self.note(
+            "SET_CONFIG",
+            serde_json::json!({ "offset": offset, "data": switchboard_runtime::recording::Data::Bytes(buf.to_vec()) }),
+            match &result {
+                Ok(()) => serde_json::json!("ok"),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
+        );
+        result
+    }
+
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(q) = self.shared.in_flight.get(queue_index as usize) {
-            q.wait_zero("GET_VRING_BASE");
+        let queue = queue_index as usize;
+        if queue < self.shared.queues {
+            self.quiesce(Lanes::One(queue), "GET_VRING_BASE")
+                .map_err(io::Error::other)?;
         }
         self.note(
             "GET_VRING_BASE",
@@ -817,10 +988,27 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
         if event < vrings.len() {
             let queue = event * self.shared.workers + thread_id;
             if queue < queues {
-                self.process_queue(queue, &vrings[event])?;
+                // The device's own methods are contained one by one inside;
+                // this catches a panic in the walk itself.
+                match catch_unwind(AssertUnwindSafe(|| {
+                    self.process_queue(queue, &vrings[event])
+                })) {
+                    Ok(r) => r?,
+                    Err(p) => self.fail(format!(
+                        "queue {queue} worker: {}",
+                        panic_message(p.as_ref())
+                    )),
+                }
             }
         } else if event == queues + 1 {
-            self.process_completions(thread_id, vrings);
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| {
+                self.process_completions(thread_id, vrings)
+            })) {
+                self.fail(format!(
+                    "worker {thread_id} completions: {}",
+                    panic_message(p.as_ref())
+                ));
+            }
         }
         Ok(())
     }
@@ -1010,7 +1198,8 @@ pub fn serve_listener<D: VirtioDevice>(
 ) -> Result<()> {
     let kind = server.device().kind();
     let queues = server.num_queues() as u64;
-    while !stop.stopped() {
+    server.start();
+    while !stop.stopped() && server.gate().state() == State::Running {
         // A daemon per connection: the crate keeps per-connection state
         // (ownership, vring setup) in it, and a reconnecting frontend starts
         // from scratch. Device state lives in `server` and survives.
@@ -1041,6 +1230,15 @@ pub fn serve_listener<D: VirtioDevice>(
             });
         }
         *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        *server
+            .shared
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        if server.gate().state() != State::Running {
+            // Failed between the accept and here: its frontend goes now.
+            daemon.request_shutdown();
+        }
         if stop.stopped() {
             daemon.request_shutdown();
         }
@@ -1060,5 +1258,36 @@ pub fn serve_listener<D: VirtioDevice>(
             Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
         }
     }
-    Ok(())
+    // Stopping: nothing more is admitted, and the requests still in flight
+    // (a frontend gone silent with requests queued) get the deadline.
+    let drained = server.gate().drain(Some(STOP_DEADLINE));
+    match drained {
+        Ok(_) => Ok(()),
+        Err(GateDrainError::Failed { reason, .. }) => Err(Error::DeviceFailed {
+            path: name.to_string(),
+            reason,
+        }),
+        Err(report) => {
+            tracing::error!(socket = name, error = %report, pending = ?pending_of(&report), "stopped with requests still in flight");
+            server
+                .gate()
+                .fail(format!("drain deadline passed: {report}"));
+            Ok(())
+        }
+    }
+}
+
+/// The pending list of a drain report, oldest first.
+fn pending_of(report: &GateDrainError) -> &[Pending] {
+    match report {
+        GateDrainError::Timeout { pending, .. } => pending,
+        GateDrainError::Failed { .. } => &[],
+    }
+}
+
+/// A name for a device served without one: its guest-memory bus's, less
+/// the suffix.
+fn device_name(bus: &BusHandle) -> String {
+    let id = bus.id().to_string();
+    id.strip_suffix("-guest-memory").unwrap_or(&id).to_string()
 }

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use switchboard_bus::{GuestAddr, MemRequest, MemoryError};
 use switchboard_runtime::recording::{hash, Data, DataMode};
+use switchboard_runtime::{Gate, Seq, Ticket};
 
 /// One guest buffer of a descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +75,19 @@ pub const MAX_CHAIN_BYTES: u64 = 64 << 20;
 
 /// A request popped from a virtqueue. Holds leases on its buffers' memory
 /// until dropped.
+///
+/// # Answered exactly once
+///
+/// A live request carries the [`Ticket`] its device's gate admitted it
+/// with, and the [`Completer`] of its queue. It is answered by handing it
+/// back to the server ([`Handled::Done`] or [`Completer::complete`]), which
+/// writes its used entry and only then drops the ticket. A request dropped
+/// any other way (a panic in the device, an early return, a lost
+/// completion) answers itself in its drop guard: it writes the device
+/// type's failure status into its last writable byte, if the device type
+/// has one (virtio-blk's IOERR), and sends itself to its completer with
+/// that length, so that the used entry is still written and the queue's
+/// count still reaches zero.
 pub struct Request {
     queue: u16,
     head: u16,
@@ -83,6 +97,47 @@ pub struct Request {
     /// recording.
     mem: Option<MemRequest>,
     tape: Tape,
+    /// The admission: counted in flight on the device's gate until dropped.
+    ticket: Option<Ticket>,
+    /// Where the drop guard sends an unanswered request; `None` once the
+    /// request is answered, and for replayed requests.
+    guard: Option<Completer>,
+    /// Written into the last writable byte when the drop guard answers.
+    fail_status: Option<u8>,
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        let Some(completer) = self.guard.take() else {
+            return;
+        };
+        let writable = self.writable_len();
+        let len = match self.fail_status {
+            Some(status) if writable > 0 => match self.write_at(writable - 1, &[status]) {
+                Ok(()) => 1,
+                Err(_) => 0,
+            },
+            _ => 0,
+        };
+        tracing::warn!(
+            queue = self.queue,
+            head = self.head,
+            len,
+            "request dropped unanswered; answered with the failure status"
+        );
+        let orphan = Request {
+            queue: self.queue,
+            head: self.head,
+            readable: std::mem::take(&mut self.readable),
+            writable: std::mem::take(&mut self.writable),
+            mem: self.mem.take(),
+            tape: std::mem::replace(&mut self.tape, Tape::Off),
+            ticket: self.ticket.take(),
+            guard: None,
+            fail_status: None,
+        };
+        completer.complete(orphan, len);
+    }
 }
 
 /// Guest memory the handler read or wrote, `at` bytes into the readable
@@ -277,7 +332,39 @@ impl Request {
             writable,
             mem: Some(mem),
             tape: Tape::Off,
+            ticket: None,
+            guard: None,
+            fail_status: None,
         })
+    }
+
+    /// Arms the drop guard: from now on this request answers itself
+    /// through `completer` if it is dropped unanswered, with `fail_status`
+    /// in its last writable byte (if given). `ticket` is its admission,
+    /// held until the answer's used entry is written.
+    pub fn admitted(&mut self, ticket: Ticket, completer: &Completer, fail_status: Option<u8>) {
+        self.ticket = Some(ticket);
+        self.guard = Some(completer.clone());
+        self.fail_status = fail_status;
+    }
+
+    /// Disarms the drop guard and takes the admission out: the server
+    /// calls this when it writes the used entry.
+    pub fn answered(&mut self) -> Option<Ticket> {
+        self.guard = None;
+        self.ticket.take()
+    }
+
+    /// The gate that admitted it, if it was admitted: a thread that runs
+    /// the request elsewhere (an I/O thread) fails the device through it
+    /// when it catches a panic.
+    pub fn gate(&self) -> Option<Gate> {
+        self.ticket.as_ref().map(|t| t.gate().clone())
+    }
+
+    /// The request's sequence number, if it was admitted.
+    pub fn seq(&self) -> Option<Seq> {
+        self.ticket.as_ref().map(Ticket::seq)
     }
 
     /// A request rebuilt from its recording: buffers of the recorded sizes,
@@ -305,6 +392,9 @@ impl Request {
             readable: segs(readable),
             writable: segs(writable),
             mem: None,
+            ticket: None,
+            guard: None,
+            fail_status: None,
             tape: Tape::Replay(Box::new(Replaying {
                 mode,
                 kind: "request",
@@ -724,6 +814,12 @@ pub trait VirtioDevice: Send + Sync + 'static {
     fn config(&self) -> Vec<u8> {
         Vec::new()
     }
+    /// A driver's write of `data` at `offset` of the configuration space
+    /// (vhost-user SET_CONFIG). The default accepts and ignores it: no
+    /// field is writable.
+    fn set_config(&self, _offset: u32, _data: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
     /// Handles one request.
     fn handle(&self, request: Request, done: &Completer) -> Handled;
     /// Called after each batch of requests a kick brought on `queue`, on that queue's worker: a device that stages
@@ -732,6 +828,14 @@ pub trait VirtioDevice: Send + Sync + 'static {
     /// A request whose chain was malformed: answer what can be answered
     /// (a status byte, say). The default writes nothing.
     fn reject(&self, _queue: u16, _head: u16, _error: &ChainError) {}
+    /// The status byte a request of this device type is answered with when
+    /// it fails outside the device's own handling (the device panicked, the
+    /// request was dropped unanswered, the device is draining): written into
+    /// the request's last writable byte. `None` (the default) answers such a
+    /// request with nothing written.
+    fn fail_status(&self) -> Option<u8> {
+        None
+    }
     /// Forgets per-connection state.
     fn reset(&self) {}
     /// What replay needs to rebuild this device without its backing (the

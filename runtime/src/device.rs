@@ -28,7 +28,6 @@
 //! supervisor is told, and the actor stops. The arbiter and every other actor
 //! on it keep running.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -43,6 +42,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{AccessSize, RegionOffset};
+use crate::gate::panic_message;
 use crate::ids::{ActorId, DeviceId, Seq};
 use crate::lifecycle::{InvalidTransition, State};
 use crate::send::{Envelope, Refused, Reply, Request, Responder, Runtime, Sender};
@@ -351,16 +351,6 @@ impl<D: Device> fmt::Debug for DeviceActor<D> {
             .field("state", &self.state)
             .field("pending", &self.pending.len())
             .finish()
-    }
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
     }
 }
 

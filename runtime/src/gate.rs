@@ -227,7 +227,11 @@ struct Inner {
     admitted: AtomicU64,
     waiters: Mutex<Waiters>,
     cond: Condvar,
+    /// Called once, with the reason, when the device fails.
+    on_fail: Mutex<Vec<FailHook>>,
 }
+
+type FailHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// The admission gate, drain primitive and lifecycle state of one device.
 /// Cheap to clone; every clone is the same gate.
@@ -288,6 +292,7 @@ impl Gate {
                 admitted: AtomicU64::new(0),
                 waiters: Mutex::default(),
                 cond: Condvar::new(),
+                on_fail: Mutex::default(),
             }),
         }
     }
@@ -397,9 +402,26 @@ impl Gate {
         if prev == stopped {
             return false;
         }
-        self.lock().failure = Some(reason.into());
+        let reason = reason.into();
+        self.lock().failure = Some(reason.clone());
         self.notify();
+        let hooks =
+            std::mem::take(&mut *self.inner.on_fail.lock().unwrap_or_else(|e| e.into_inner()));
+        for hook in hooks {
+            hook(&reason);
+        }
         true
+    }
+
+    /// Calls `hook` with the reason when the device fails (once, on the
+    /// thread that caught the failure): the owner disconnects the frontend
+    /// and tells the supervisor there.
+    pub fn on_fail(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.inner
+            .on_fail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
     }
 
     /// The refusal for a message arriving in the current state.
@@ -705,6 +727,17 @@ impl Future for Drained {
             Some(r) => Poll::Ready(r),
             None => Poll::Pending,
         }
+    }
+}
+
+/// A panic's message, for a failure reason.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
     }
 }
 

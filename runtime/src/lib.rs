@@ -64,8 +64,8 @@ pub use device::{
     LifecycleError, PendingAccess, QueryStatus, Realize, SpawnedDevice, Start,
 };
 pub use gate::{
-    DrainError as GateDrainError, DrainReport as GateDrainReport, Gate, Lanes, MessageKind,
-    Pending, Ticket,
+    panic_message, DrainError as GateDrainError, DrainReport as GateDrainReport, Gate, Lanes,
+    MessageKind, Pending, Ticket,
 };
 pub use ids::{ActorId, DeviceId, Seq};
 pub use irq::{IrqLevel, IrqLine, IrqNumber};
