@@ -34,11 +34,15 @@ use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use actix::{Actor, Addr};
 use actix::{Arbiter, ArbiterHandle, System};
 use serde::Serialize;
 use switchboard_bus::{BusHandle, RegionId};
 use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, Recorder};
-use switchboard_runtime::{BusAddr, DeviceId, DeviceRef, IrqLine, IrqNumber, Runtime, State};
+use switchboard_runtime::{
+    BusAddr, DeviceFailed, DeviceId, DeviceRef, Gate, IrqLine, IrqNumber, QueryFailures, Runtime,
+    State, Supervisor,
+};
 
 use crate::blk::{Blk, BlkOptions};
 use crate::error_chain;
@@ -170,8 +174,13 @@ pub struct DeviceInfo {
     pub id: String,
     /// Kind.
     pub kind: &'static str,
-    /// `running`, `draining`, `stopped`, `failed` or `unresponsive`.
+    /// The lifecycle state (`created`, `realized`, `running`, `draining`,
+    /// `stopped`), as the device's gate holds it, or `unresponsive` for a
+    /// device actor that does not answer a status query.
     pub state: String,
+    /// Why the device failed (a contained panic), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// Requests or accesses accepted and not yet answered.
     pub in_flight: u64,
     /// Requests or accesses answered since it started.
@@ -248,11 +257,16 @@ struct Bus {
 trait Served: Send + Sync {
     fn in_flight(&self) -> u64;
     fn handled(&self) -> u64;
+    fn gate(&self) -> &Gate;
 }
 
 impl<D: VirtioDevice> Served for VhostUserServer<D> {
     fn in_flight(&self) -> u64 {
         VhostUserServer::in_flight(self)
+    }
+
+    fn gate(&self) -> &Gate {
+        VhostUserServer::gate(self)
     }
 
     fn handled(&self) -> u64 {
@@ -312,6 +326,9 @@ pub struct Fleet {
     devices: Mutex<BTreeMap<String, Slot>>,
     next_region: AtomicU64,
     recorder: OnceLock<Recorder>,
+    /// Told of every device failure (a contained panic), vhost-user and
+    /// MMIO/PIO devices alike.
+    supervisor: Addr<Supervisor>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -341,6 +358,8 @@ impl Fleet {
             )),
             None => Runtime::new(),
         };
+        let supervisor =
+            Supervisor::start_in_arbiter(&memory_arbiters[0].handle, |_| Supervisor::default());
         let recorder_cell = OnceLock::new();
         if let Some(r) = recorder {
             let _ = recorder_cell.set(r);
@@ -353,6 +372,7 @@ impl Fleet {
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
             recorder: recorder_cell,
+            supervisor,
         })
     }
 
@@ -461,7 +481,7 @@ impl Fleet {
                     sink,
                     IrqLine::disconnected(IrqNumber(4)),
                     &arbiter.handle,
-                    None,
+                    Some(self.supervisor.clone().recipient()),
                 )
                 .map_err(|e| fail(error_chain(&e)))?
                 .device;
@@ -492,7 +512,7 @@ impl Fleet {
                     DeviceId::new(id.as_str()),
                     slow,
                     &arbiter.handle,
-                    None,
+                    Some(self.supervisor.clone().recipient()),
                 )
                 .device;
                 self.plug(
@@ -528,12 +548,16 @@ impl Fleet {
             &format!("{id}-guest-memory"),
             &arbiter.handle,
         );
-        let server = VhostUserServer::new(Arc::new(device), bus, workers)
-            .map_err(|e| fail(error_chain(&e)))?;
+        let server =
+            VhostUserServer::with_runtime(Arc::new(device), bus, workers, &self.runtime, id.into())
+                .map_err(|e| fail(error_chain(&e)))?;
+        server.supervise(self.supervisor.clone().recipient());
         if let Some(r) = self.recorder.get() {
             server.record_to(r.clone(), id);
         }
         let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
+        // Bound: the device accepts frontends from now on.
+        server.start();
         let stop = StopHandle::default();
         let thread = {
             let (server, stop) = (server.clone(), stop.clone());
@@ -743,7 +767,14 @@ impl Fleet {
             Body::VhostUser { server, socket, .. } => DeviceInfo {
                 id: e.id.clone(),
                 kind: e.kind,
-                state: if removing { "draining" } else { "running" }.into(),
+                // A removal that has not reached the gate yet (the first
+                // step is the disconnect) already counts as draining.
+                state: match server.gate().state() {
+                    State::Running if removing => State::Draining,
+                    s => s,
+                }
+                .to_string(),
+                failure: server.gate().failure(),
                 in_flight: server.in_flight(),
                 handled: server.handled(),
                 at: format!("socket {}", socket.display()),
@@ -756,7 +787,8 @@ impl Fleet {
                     Some(s) => DeviceInfo {
                         id: e.id.clone(),
                         kind: e.kind,
-                        state: state_name(s.state).into(),
+                        state: s.state.to_string(),
+                        failure: device.gate().failure(),
                         in_flight: s.pending,
                         handled: s.handled,
                         at,
@@ -765,11 +797,11 @@ impl Fleet {
                         id: e.id.clone(),
                         kind: e.kind,
                         state: if device.connected() {
-                            "unresponsive"
+                            "unresponsive".to_string()
                         } else {
-                            "failed"
-                        }
-                        .into(),
+                            device.gate().state().to_string()
+                        },
+                        failure: device.gate().failure(),
                         in_flight: 0,
                         handled: 0,
                         at,
@@ -777,6 +809,13 @@ impl Fleet {
                 }
             }
         }
+    }
+
+    /// Every device failure the supervisor was told of, oldest first.
+    pub fn failures(&self) -> Vec<DeviceFailed> {
+        wait_for(self.supervisor.send(QueryFailures), STATUS_TIMEOUT)
+            .and_then(Result::ok)
+            .unwrap_or_default()
     }
 
     /// Number of devices (including those being removed).
@@ -805,15 +844,5 @@ impl Fleet {
                 (id, stats)
             })
             .collect()
-    }
-}
-
-fn state_name(s: State) -> &'static str {
-    match s {
-        State::Created => "created",
-        State::Realized => "realized",
-        State::Running => "running",
-        State::Draining => "draining",
-        State::Stopped => "stopped",
     }
 }

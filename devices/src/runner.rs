@@ -14,6 +14,8 @@
 //!   removed waits for the same drain.
 //! - `query-stats`: uptime, device count, totals, resident memory, threads
 //!   and bus counters.
+//! - `query-failures`: every device failure (a contained panic) the
+//!   supervisor was told of: the device id and the reason.
 //!
 //! Events: `DEVICE_ADDED {"id"}`, `DEVICE_DELETED {"id", "drain_ms"}`.
 
@@ -392,11 +394,19 @@ impl Controller for Runner {
             "device-add" => self.device_add(arguments),
             "device-del" => self.device_del(arguments),
             "query-stats" => Ok(self.query_stats()),
+            "query-failures" => Ok(serde_json::to_value(self.fleet.failures())
+                .map_err(|e| CommandError::generic(e.to_string()))?),
             other => Err(CommandError::command_not_found(other)),
         }
     }
 
     fn commands(&self) -> Vec<&'static str> {
-        vec!["query-devices", "device-add", "device-del", "query-stats"]
+        vec![
+            "query-devices",
+            "device-add",
+            "device-del",
+            "query-stats",
+            "query-failures",
+        ]
     }
 }

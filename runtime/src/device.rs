@@ -42,7 +42,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{AccessSize, RegionOffset};
-use crate::gate::panic_message;
+use crate::gate::{panic_message, Gate, MessageKind};
 use crate::ids::{ActorId, DeviceId, Seq};
 use crate::lifecycle::{InvalidTransition, State};
 use crate::send::{Envelope, Refused, Reply, Request, Responder, Runtime, Sender};
@@ -87,6 +87,13 @@ impl Request for GuestAccess {
         match self.op {
             AccessOp::Read => "read",
             AccessOp::Write { .. } => "write",
+        }
+    }
+
+    fn gate_kind(&self) -> MessageKind {
+        match self.op {
+            AccessOp::Read => MessageKind::Read,
+            AccessOp::Write { .. } => MessageKind::Write,
         }
     }
 }
@@ -331,7 +338,12 @@ pub struct DeviceActor<D: Device> {
     kind: &'static str,
     /// `None` once stopped: the device state has been dropped.
     device: Option<D>,
-    state: State,
+    /// Admission, in-flight count, lifecycle state and drain: shared with
+    /// the [`Sender`] every access comes through, so an access to a device
+    /// that is not running is refused before it is enqueued.
+    gate: Gate,
+    /// Whether the drain future has been spawned.
+    drain_spawned: bool,
     /// Accepted deferred accesses, by sequence number. Only this actor touches it.
     pending: HashMap<Seq, PendingEntry>,
     /// Everyone waiting for the drain to complete; answered together.
@@ -348,19 +360,25 @@ impl<D: Device> fmt::Debug for DeviceActor<D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeviceActor")
             .field("id", &self.id)
-            .field("state", &self.state)
+            .field("state", &self.gate.state())
             .field("pending", &self.pending.len())
             .finish()
     }
 }
 
 impl<D: Device> DeviceActor<D> {
-    fn new(id: DeviceId, device: D, supervisor: Option<Recipient<DeviceFailed>>) -> Self {
+    fn new(
+        id: DeviceId,
+        device: D,
+        gate: Gate,
+        supervisor: Option<Recipient<DeviceFailed>>,
+    ) -> Self {
         DeviceActor {
             kind: device.kind(),
             id,
             device: Some(device),
-            state: State::Created,
+            gate,
+            drain_spawned: false,
             pending: HashMap::new(),
             drain_waiters: Vec::new(),
             next_drain_token: 0,
@@ -394,7 +412,7 @@ impl<D: Device> DeviceActor<D> {
     /// Contains a device failure: answers everything, stops the actor.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
         tracing::error!(device = %self.id, %reason, "device failed; stopping it");
-        self.state = State::Stopped;
+        self.gate.fail(reason.clone());
         // Dropping a panicked device may panic again; that must not escape.
         if let Some(device) = self.device.take() {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(device)));
@@ -453,21 +471,22 @@ impl<D: Device> DeviceActor<D> {
         if let Some(entry) = self.pending.remove(&seq) {
             entry.responder.reply(Ok(r));
         }
-        if self.state == State::Draining && self.pending.is_empty() {
-            self.finish_drain(ctx);
-        }
+        // A drain in progress completes through the gate's drain future,
+        // which this answer (its ticket dropped) may just have woken.
+        let _ = ctx;
     }
 
     fn finish_drain(&mut self, ctx: &mut Context<Self>) {
         let waited = self.drain_started.map(|t| t.elapsed()).unwrap_or_default();
         self.with_device(ctx, "stopped", |d| d.stopped());
-        if self.state == State::Stopped {
+        if self.device.is_none() {
             // `stopped` panicked and `fail` already answered everyone.
             return;
         }
         self.device = None;
-        // Draining, Created or Realized: all may stop.
-        let _ = self.state.transition(State::Stopped);
+        // The gate's drain already went to Stopped; Created or Realized
+        // go there now.
+        let _ = self.gate.transition(State::Stopped);
         let report = DrainReport {
             id: self.id.clone(),
             answered_during_drain: self.pending_at_drain,
@@ -509,7 +528,7 @@ impl<D: Device> DeviceActor<D> {
     }
 
     fn transition(&mut self, to: State) -> Result<(), LifecycleError> {
-        self.state
+        self.gate
             .transition(to)
             .map_err(|source| LifecycleError::Transition {
                 id: self.id.clone(),
@@ -536,7 +555,7 @@ impl<D: Device> Handler<Envelope<GuestAccess>> for DeviceActor<D> {
     type Result = ();
 
     fn handle(&mut self, env: Envelope<GuestAccess>, ctx: &mut Context<Self>) {
-        match self.state {
+        match self.gate.state() {
             State::Running => self.accept(ctx, env),
             State::Draining => {
                 self.refused += 1;
@@ -555,7 +574,7 @@ impl<D: Device> Handler<Realize> for DeviceActor<D> {
     type Result = Result<(), LifecycleError>;
 
     fn handle(&mut self, _: Realize, ctx: &mut Context<Self>) -> Self::Result {
-        if !self.state.can_become(State::Realized) {
+        if !self.gate.state().can_become(State::Realized) {
             return self.transition(State::Realized);
         }
         match self.with_device(ctx, "realize", |d| d.realize()) {
@@ -588,14 +607,21 @@ impl<D: Device> Handler<Drain> for DeviceActor<D> {
         let token = self.next_drain_token;
         self.next_drain_token += 1;
         self.drain_waiters.push(DrainWaiter { token, tx });
-        match self.state {
+        match self.gate.state() {
             State::Running => {
-                self.state = State::Draining;
+                // From here the gate refuses every new access; the drain
+                // future resolves when the last admitted one is answered.
                 self.drain_started = Some(Instant::now());
                 self.pending_at_drain = self.pending.len() as u64;
+                let drained = self.gate.drained();
                 self.with_device(ctx, "drain_started", |d| d.drain_started());
-                if self.state == State::Draining && self.pending.is_empty() {
-                    self.finish_drain(ctx);
+                if !self.drain_spawned && self.device.is_some() {
+                    self.drain_spawned = true;
+                    ctx.spawn(drained.into_actor(self).map(|res, act, ctx| {
+                        if res.is_ok() && act.device.is_some() {
+                            act.finish_drain(ctx);
+                        }
+                    }));
                 }
             }
             State::Created | State::Realized => {
@@ -620,10 +646,10 @@ impl<D: Device> Handler<QueryStatus> for DeviceActor<D> {
         MessageResult(DeviceStatus {
             id: self.id.clone(),
             kind: self.kind.to_string(),
-            state: self.state,
+            state: self.gate.state(),
             pending: self.pending.len() as u64,
             handled: self.handled,
-            refused: self.refused,
+            refused: self.refused + self.gate.refused(),
         })
     }
 }
@@ -632,7 +658,7 @@ impl<D: Device> Handler<Deliver<D::Event>> for DeviceActor<D> {
     type Result = Result<(), Refused>;
 
     fn handle(&mut self, msg: Deliver<D::Event>, ctx: &mut Context<Self>) -> Self::Result {
-        match self.state {
+        match self.gate.state() {
             State::Running => self
                 .with_device(ctx, "event", |d| d.event(msg.0))
                 .ok_or(Refused::Failed),
@@ -674,6 +700,11 @@ impl DeviceRef {
     /// The device kind.
     pub fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    /// The device's gate: its lifecycle state, in-flight count and drain.
+    pub fn gate(&self) -> &Gate {
+        self.access.gate()
     }
 
     /// The send path to this device's accesses.
@@ -759,11 +790,12 @@ pub fn spawn_device<D: Device>(
 ) -> SpawnedDevice<D::Event> {
     let kind = device.kind();
     let actor_id = id.actor_id();
-    let actor_for_arbiter = DeviceActor::new(id.clone(), device, supervisor);
+    let gate = Gate::new(id.as_str(), 1, 256);
+    let actor_for_arbiter = DeviceActor::new(id.clone(), device, gate.clone(), supervisor);
     let addr = DeviceActor::start_in_arbiter(arbiter, move |_| actor_for_arbiter);
     SpawnedDevice {
         device: DeviceRef {
-            access: runtime.sender(actor_id, addr.clone().recipient()),
+            access: runtime.sender_through(actor_id, addr.clone().recipient(), gate),
             realize: addr.clone().recipient(),
             start: addr.clone().recipient(),
             drain: addr.clone().recipient(),
@@ -984,7 +1016,11 @@ mod tests {
             Err(Refused::Failed),
             "pending accesses of a failed device get errors"
         );
-        assert_eq!(bad.access(&me(), read(0)).await, Err(Refused::Gone));
+        assert_eq!(
+            bad.access(&me(), read(0)).await,
+            Err(Refused::Failed),
+            "a failed device's gate says so"
+        );
         assert!(bad.status().await.is_none());
         // The other device on the same arbiter is untouched, pending work included.
         assert_eq!(
@@ -1041,7 +1077,7 @@ mod tests {
         );
         assert_eq!(
             spawned.device.access(&me(), read(0)).await,
-            Err(Refused::Gone)
+            Err(Refused::Failed)
         );
     }
 

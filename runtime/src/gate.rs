@@ -225,6 +225,8 @@ struct Inner {
     epoch: Instant,
     refused: AtomicU64,
     admitted: AtomicU64,
+    /// Messages in flight when the lanes were last closed.
+    at_close: AtomicU64,
     waiters: Mutex<Waiters>,
     cond: Condvar,
     /// Called once, with the reason, when the device fails.
@@ -290,6 +292,7 @@ impl Gate {
                 epoch: Instant::now(),
                 refused: AtomicU64::new(0),
                 admitted: AtomicU64::new(0),
+                at_close: AtomicU64::new(0),
                 waiters: Mutex::default(),
                 cond: Condvar::new(),
                 on_fail: Mutex::default(),
@@ -365,10 +368,21 @@ impl Gate {
     /// every lane; entering `Draining` or `Stopped` closes them.
     pub fn transition(&self, to: State) -> Result<(), InvalidTransition> {
         let mut cur = self.inner.state.load(Ordering::Acquire);
+        let closing = to != State::Running;
         loop {
             let from = state_of(cur);
             if !from.can_become(to) {
                 return Err(InvalidTransition { from, to });
+            }
+            if closing {
+                // Closed before the state says so: whoever sees the new
+                // state also finds the lanes closed. The counts at the
+                // moment of closing are what a drain has to wait for.
+                let mut at_close = 0;
+                for lane in self.inner.lanes.iter() {
+                    at_close += lane.word.fetch_or(CLOSED, Ordering::AcqRel) & COUNT;
+                }
+                self.inner.at_close.store(at_close, Ordering::Release);
             }
             match self.inner.state.compare_exchange(
                 cur,
@@ -380,11 +394,9 @@ impl Gate {
                 Err(now) => cur = now,
             }
         }
-        for lane in self.inner.lanes.iter() {
-            if to == State::Running {
+        if !closing {
+            for lane in self.inner.lanes.iter() {
                 lane.word.fetch_and(!CLOSED, Ordering::AcqRel);
-            } else {
-                lane.word.fetch_or(CLOSED, Ordering::AcqRel);
             }
         }
         self.notify();
@@ -439,6 +451,12 @@ impl Gate {
     pub fn admit(&self, lane: usize, seq: Seq, kind: MessageKind) -> Result<Ticket, Refused> {
         let lane = lane.min(self.inner.lanes.len() - 1);
         let l = &self.inner.lanes[lane];
+        // A closed lane refuses without touching the count, so a drain's
+        // snapshot of the count is not inflated by refusals.
+        if l.word.load(Ordering::Acquire) & CLOSED != 0 {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(self.refusal());
+        }
         let prev = l.word.fetch_add(1, Ordering::Acquire);
         if prev & CLOSED != 0 {
             self.release(lane);
@@ -609,7 +627,7 @@ impl Gate {
             State::Running => {
                 if self.transition(State::Draining).is_ok() {
                     let mut w = self.lock();
-                    w.drain = Some((Instant::now(), self.in_flight()));
+                    w.drain = Some((Instant::now(), self.inner.at_close.load(Ordering::Acquire)));
                     drop(w);
                     self.watch(Lanes::All);
                 }

@@ -30,6 +30,7 @@ use actix::Recipient;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::gate::{Gate, MessageKind, Ticket};
 use crate::ids::{ActorId, Seq};
 use crate::journal::{Journal, Recordable, Replied, Sent};
 use crate::lifecycle::State;
@@ -41,6 +42,11 @@ pub trait Request: Serialize + Send + 'static {
 
     /// A short name of the message type for journals and drain reports.
     fn kind(&self) -> &'static str;
+
+    /// What the receiver's gate lists it as while it is in flight.
+    fn gate_kind(&self) -> MessageKind {
+        MessageKind::Control
+    }
 }
 
 /// Why a message got no answer from its receiver's logic.
@@ -130,14 +136,28 @@ impl Runtime {
         }
     }
 
-    /// A sender to an actor that handles `Envelope<M>`.
+    /// A sender to an actor that handles `Envelope<M>` and has no lifecycle
+    /// of its own (a bus): its gate is always running.
     pub fn sender<M: Request>(&self, to: ActorId, recipient: Recipient<Envelope<M>>) -> Sender<M> {
+        let gate = Gate::running(to.as_str(), 1, 64);
+        self.sender_through(to, recipient, gate)
+    }
+
+    /// A sender to an actor whose messages are admitted by `gate` (a device
+    /// actor's: the gate holds its lifecycle state, so a message to a device
+    /// that is not running is refused here, before it reaches the mailbox).
+    pub fn sender_through<M: Request>(
+        &self,
+        to: ActorId,
+        recipient: Recipient<Envelope<M>>,
+        gate: Gate,
+    ) -> Sender<M> {
         Sender {
             inner: Arc::new(SenderInner {
                 to,
                 recipient,
                 runtime: self.clone(),
-                in_flight: Arc::new(AtomicU64::new(0)),
+                gate,
             }),
         }
     }
@@ -188,8 +208,9 @@ pub struct Responder<R: Serialize + Send + 'static> {
     seq: Seq,
     /// `None` once answered.
     tx: Option<oneshot::Sender<Answer<R>>>,
-    /// The receiving actor's in-flight count, decremented when the answer goes.
-    in_flight: Arc<AtomicU64>,
+    /// The message's admission on the receiver's gate, dropped (counting the
+    /// message out) when the answer goes. `None` for a refused message.
+    ticket: Option<Ticket>,
     journal: Option<Arc<dyn Journal>>,
 }
 
@@ -224,7 +245,7 @@ impl<R: Serialize + Send + 'static> Responder<R> {
             // The caller may have stopped waiting; the answer is still counted
             // as sent.
             let _ = tx.send(answer);
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.ticket = None;
         }
     }
 
@@ -232,9 +253,7 @@ impl<R: Serialize + Send + 'static> Responder<R> {
     /// sending anything. Used only by [`Sender::forward`].
     fn take_channel(&mut self) -> Option<oneshot::Sender<Answer<R>>> {
         let tx = self.tx.take();
-        if tx.is_some() {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.ticket = None;
         tx
     }
 }
@@ -288,8 +307,8 @@ struct SenderInner<M: Request> {
     to: ActorId,
     recipient: Recipient<Envelope<M>>,
     runtime: Runtime,
-    /// Messages sent to this actor and not yet answered.
-    in_flight: Arc<AtomicU64>,
+    /// Admits every message to this actor, and counts it until answered.
+    gate: Gate,
 }
 
 impl<M: Request> Clone for Sender<M> {
@@ -317,7 +336,12 @@ impl<M: Request> Sender<M> {
 
     /// Messages sent to the receiver and not yet answered.
     pub fn in_flight(&self) -> u64 {
-        self.inner.in_flight.load(Ordering::Acquire)
+        self.inner.gate.in_flight()
+    }
+
+    /// The receiver's gate.
+    pub fn gate(&self) -> &Gate {
+        &self.inner.gate
     }
 
     /// Whether the receiver's mailbox is still open.
@@ -359,7 +383,7 @@ impl<M: Request> Sender<M> {
     ) {
         let inner = &*self.inner;
         let seq = inner.runtime.next_seq();
-        inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let admitted = inner.gate.admit(0, seq, msg.gate_kind());
         let journal = inner.runtime.journal().cloned();
         if let Some(journal) = &journal {
             journal.sent(&Sent {
@@ -371,6 +395,20 @@ impl<M: Request> Sender<M> {
                 payload: &msg as &dyn Recordable,
             });
         }
+        let ticket = match admitted {
+            Ok(t) => t,
+            Err(refused) => {
+                // Refused at the gate: answered here, never enqueued.
+                Responder {
+                    seq,
+                    tx: Some(tx),
+                    ticket: None,
+                    journal,
+                }
+                .reply(Err(refused));
+                return;
+            }
+        };
         let envelope = Envelope {
             seq,
             from: from.clone(),
@@ -378,7 +416,7 @@ impl<M: Request> Sender<M> {
             reply: Responder {
                 seq,
                 tx: Some(tx),
-                in_flight: Arc::clone(&inner.in_flight),
+                ticket: Some(ticket),
                 journal,
             },
         };

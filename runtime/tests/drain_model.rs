@@ -17,7 +17,8 @@
 //! - the answer to every drain: success exactly when the last pending access
 //!   is answered (all concurrent drains at once, never early), `Timeout`
 //!   listing exactly the pending sequence numbers when its deadline passes
-//!   first, `Failed` after a panic, `Gone` once the actor has stopped;
+//!   first, `Failed` after a panic (also for every later access), `Gone` once
+//!   the actor has drained and stopped;
 //! - which answers are still outstanding, and the in-flight count of the
 //!   send path;
 //! - `status()` (state, pending, handled, refused), or `None` once stopped;
@@ -339,6 +340,8 @@ impl Model {
         let seq = self.next_seq;
         self.next_seq += 1;
         match self.state {
+            // A device stopped by a failure says so; one that drained is gone.
+            State::Stopped if self.failed => ex.accesses.push((seq, Err(Refused::Failed))),
             State::Stopped => ex.accesses.push((seq, Err(Refused::Gone))),
             State::Draining => {
                 self.refused += 1;
