@@ -29,7 +29,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -38,7 +38,8 @@ use actix::{Actor, Addr};
 use actix::{Arbiter, ArbiterHandle, System};
 use serde::Serialize;
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, Recorder};
+use switchboard_runtime::journal::Journal;
+use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, RecordKind, Recorder};
 use switchboard_runtime::{
     BusAddr, DeviceFailed, DeviceId, DeviceRef, Gate, IrqLine, IrqNumber, QueryFailures, Runtime,
     State, Supervisor,
@@ -325,7 +326,6 @@ pub struct Fleet {
     buses: Mutex<HashMap<String, Bus>>,
     devices: Mutex<BTreeMap<String, Slot>>,
     next_region: AtomicU64,
-    recorder: OnceLock<Recorder>,
     /// Told of every device failure (a contained panic), vhost-user and
     /// MMIO/PIO devices alike.
     supervisor: Addr<Supervisor>,
@@ -360,10 +360,6 @@ impl Fleet {
         };
         let supervisor =
             Supervisor::start_in_arbiter(&memory_arbiters[0].handle, |_| Supervisor::default());
-        let recorder_cell = OnceLock::new();
-        if let Some(r) = recorder {
-            let _ = recorder_cell.set(r);
-        }
         Ok(Fleet {
             runtime,
             memory_arbiters,
@@ -371,7 +367,6 @@ impl Fleet {
             buses: Mutex::default(),
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
-            recorder: recorder_cell,
             supervisor,
         })
     }
@@ -379,13 +374,13 @@ impl Fleet {
     fn note(
         &self,
         id: &str,
-        kind: &'static str,
+        kind: RecordKind,
         payload: serde_json::Value,
         reply: serde_json::Value,
     ) {
-        if let Some(r) = self.recorder.get() {
-            r.record(LogEntry::json(
-                r.now(),
+        if let Some(j) = self.journal() {
+            j.record(LogEntry::json(
+                j.now(),
                 0,
                 Arc::from("switchboard"),
                 Arc::from(id),
@@ -394,6 +389,12 @@ impl Fleet {
                 reply,
             ));
         }
+    }
+
+    /// The runtime's journal, if it records to a log: every record of the
+    /// fleet and its devices goes through it.
+    fn journal(&self) -> Option<&Arc<dyn Journal>> {
+        self.runtime.journal().filter(|j| j.data_mode().is_some())
     }
 
     fn lock_devices(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Slot>> {
@@ -552,8 +553,8 @@ impl Fleet {
             VhostUserServer::with_runtime(Arc::new(device), bus, workers, &self.runtime, id.into())
                 .map_err(|e| fail(error_chain(&e)))?;
         server.supervise(self.supervisor.clone().recipient());
-        if let Some(r) = self.recorder.get() {
-            server.record_to(r.clone(), id);
+        if let Some(j) = self.journal() {
+            server.record_to(Arc::clone(j), id);
         }
         let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
         // Bound: the device accepts frontends from now on.
@@ -606,7 +607,7 @@ impl Fleet {
         };
         self.note(
             id,
-            "added",
+            RecordKind::Added,
             serde_json::to_value(&info).unwrap_or_default(),
             serde_json::Value::Null,
         );
@@ -685,20 +686,20 @@ impl Fleet {
             }
         };
         let result = if first {
-            let start = self.recorder.get().map(Recorder::now);
+            let start = self.journal().map(|j| j.now());
             let result = self.unplug_and_stop(&entry);
             if let Some(start) = start {
                 let reply = match &result {
                     Ok(d) => serde_json::json!({ "drain_ms": d.as_secs_f64() * 1000.0 }),
                     Err(e) => serde_json::json!({ "error": e }),
                 };
-                if let Some(r) = self.recorder.get() {
-                    r.record(LogEntry::json(
+                if let Some(j) = self.journal() {
+                    j.record(LogEntry::json(
                         start,
-                        r.now().saturating_sub(start),
+                        j.now().saturating_sub(start),
                         Arc::from("switchboard"),
                         Arc::from(id),
-                        "removed",
+                        RecordKind::Removed,
                         serde_json::Value::Null,
                         reply,
                     ));

@@ -105,7 +105,7 @@ pub type Result<T> = std::result::Result<T, InspectError>;
 /// use std::sync::Arc;
 /// use switchboard_devices::inspect::{inspect, InspectOptions};
 /// use switchboard_runtime::recording::{
-///     DataMode, Entry, Header, JsonBody, RecordOptions, Recorder,
+///     DataMode, Entry, Header, JsonBody, RecordKind, RecordOptions, Recorder,
 /// };
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let dir = tempfile::tempdir()?;
@@ -117,7 +117,7 @@ pub type Result<T> = std::result::Result<T, InspectError>;
 ///     latency: 42_000,
 ///     from: Arc::from("driver/q0"),
 ///     to: Arc::from("rng0"),
-///     kind: "entropy",
+///     kind: RecordKind::Message("entropy"),
 ///     body: Box::new(JsonBody {
 ///         payload: serde_json::json!({ "len": 4 }),
 ///         reply: serde_json::json!({ "data": "b64:AQIDBA==" }),
@@ -785,7 +785,7 @@ mod tests {
 
     use serde_json::{json, Value};
     use switchboard_runtime::recording::{
-        ActorInfo, Body, Entry, JsonBody, RecordOptions, Recorder,
+        ActorInfo, Body, Entry, JsonBody, ParsedKind, RecordKind, RecordOptions, Recorder,
     };
 
     use super::*;
@@ -818,7 +818,10 @@ mod tests {
             latency: latency_us * 1000,
             from: Arc::from(from),
             to: Arc::from(to),
-            kind,
+            kind: match RecordKind::parse(kind) {
+                ParsedKind::Control(k) => k,
+                ParsedKind::Message(_) => RecordKind::Message(kind),
+            },
             body: Box::new(JsonBody {
                 payload: json!({ "queue": 0, "head": time_us }),
                 reply: json!({ "len": 1 }),
@@ -1058,7 +1061,7 @@ mod tests {
             latency: 0,
             from: Arc::from("recorder"),
             to: Arc::from("recorder"),
-            kind: "gap",
+            kind: RecordKind::Gap,
             body: Box::new(JsonBody {
                 payload: json!({ "dropped": 17 }),
                 reply: Value::Null,
@@ -1154,7 +1157,7 @@ mod tests {
                 latency: 0,
                 from: Arc::from("driver/q0"),
                 to: Arc::from("disk0"),
-                kind: "read",
+                kind: RecordKind::Message("read"),
                 body: Box::new(RawBody(payload, reply)),
             }],
         );

@@ -62,7 +62,8 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use actix::Recipient;
-use switchboard_runtime::recording::{Body, Entry, Recorder};
+use switchboard_runtime::journal::Journal;
+use switchboard_runtime::recording::{Body, DataMode, Entry, RecordKind};
 use switchboard_runtime::{
     panic_message, DeviceFailed, DeviceId, Gate, GateDrainError, Lanes, MessageKind, Pending,
     Refused, Runtime, State, Ticket,
@@ -208,9 +209,12 @@ struct Shared<D: VirtioDevice> {
     record: OnceLock<RecordTo>,
 }
 
-/// Where a server records its messages.
+/// Where a server records its messages: the journal (the process's one
+/// log writer) and the names its records carry.
 struct RecordTo {
-    recorder: Recorder,
+    journal: Arc<dyn Journal>,
+    /// How request data is captured, as the journal asks.
+    mode: DataMode,
     /// The device's actor id: the `to` of its records.
     id: Arc<str>,
     /// The sender of each queue's requests: `driver/q0`, ...
@@ -397,26 +401,31 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         })
     }
 
-    /// Records every request and protocol message from now on to
-    /// `recorder`, as actor `id`, starting with an `added` record that
-    /// says how to rebuild the device for replay (or why it cannot be).
-    /// Returns false if it already records.
-    pub fn record_to(&self, recorder: Recorder, id: &str) -> bool {
+    /// Records every request and protocol message from now on through
+    /// `journal` (its [`Journal::record`] hook), as actor `id`, starting with
+    /// an `added` record that says how to rebuild the device for replay (or
+    /// why it cannot be). Returns false if it already records, or if the
+    /// journal takes no records.
+    pub fn record_to(&self, journal: Arc<dyn Journal>, id: &str) -> bool {
         if self.shared.record.get().is_some() {
             return false;
         }
+        let Some(mode) = journal.data_mode() else {
+            return false;
+        };
         let info = actor_info(&*self.shared.device, id);
         let added = Entry::json(
-            recorder.now(),
+            journal.now(),
             0,
             Arc::from("switchboard"),
             Arc::from(id),
-            "added",
+            RecordKind::Added,
             serde_json::to_value(&info).unwrap_or_default(),
             serde_json::Value::Null,
         );
         let to = RecordTo {
-            recorder,
+            journal,
+            mode,
             id: Arc::from(id),
             queues: (0..self.shared.queues)
                 .map(|q| Arc::from(format!("driver/q{q}")))
@@ -425,15 +434,15 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         };
         // The `added` record goes first: nothing of the device's can be
         // recorded before it.
-        to.recorder.record(added);
+        to.journal.record(added);
         self.shared.record.set(to).is_ok()
     }
 
     /// Records a protocol message (or a connection event) with its reply.
-    fn note(&self, kind: &'static str, payload: serde_json::Value, reply: serde_json::Value) {
+    fn note(&self, kind: RecordKind, payload: serde_json::Value, reply: serde_json::Value) {
         if let Some(r) = self.shared.record.get() {
-            r.recorder.record(Entry::json(
-                r.recorder.now(),
+            r.journal.record(Entry::json(
+                r.journal.now(),
                 0,
                 Arc::clone(&r.frontend),
                 Arc::clone(&r.id),
@@ -445,7 +454,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     }
 
     /// Records a connection starting or ending (called by the serve loop).
-    pub fn note_connection(&self, kind: &'static str) {
+    pub fn note_connection(&self, kind: RecordKind) {
         self.note(kind, serde_json::Value::Null, serde_json::Value::Null);
     }
 
@@ -487,11 +496,13 @@ impl<D: VirtioDevice> VhostUserServer<D> {
 
     /// Runs `f` on the device, containing a panic: a panic fails the device
     /// (see [`VhostUserServer::fail`]) and gives `None`.
-    fn contain<T>(&self, what: &str, f: impl FnOnce(&D) -> T) -> Option<T> {
+    /// `what` names the call in the failure reason; it is only formatted
+    /// if the call panicked (this is on the per-request path).
+    fn contain<T>(&self, what: impl FnOnce() -> String, f: impl FnOnce(&D) -> T) -> Option<T> {
         match catch_unwind(AssertUnwindSafe(|| f(&self.shared.device))) {
             Ok(v) => Some(v),
             Err(payload) => {
-                self.fail(format!("{what}: {}", panic_message(payload.as_ref())));
+                self.fail(format!("{}: {}", what(), panic_message(payload.as_ref())));
                 None
             }
         }
@@ -589,12 +600,12 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         });
         drop(request);
         if let Some((r, time, kind, record)) = recorded {
-            r.recorder.record(Entry {
+            r.journal.record(Entry {
                 time,
-                latency: r.recorder.now().saturating_sub(time),
+                latency: r.journal.now().saturating_sub(time),
                 from: Arc::clone(&r.queues[queue]),
                 to: Arc::clone(&r.id),
-                kind,
+                kind: RecordKind::Message(kind),
                 body: Box::new(record),
             });
         }
@@ -662,7 +673,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 let admitted = gate.admit(queue, seq, MessageKind::Request);
                 let memreq = self.shared.bus.guest_memory().request();
                 let record = self.shared.record.get();
-                let time = record.map(|r| r.recorder.now()).unwrap_or(0);
+                let time = record.map(|r| r.journal.now()).unwrap_or(0);
                 match Request::new(queue as u16, head, descriptors, memreq) {
                     Ok(mut request) => {
                         let ticket = match admitted {
@@ -676,14 +687,14 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                         };
                         request.admitted(ticket, completer, fail_status);
                         if let Some(r) = record {
-                            request.record(r.recorder.data_mode(), time);
+                            request.record(r.mode, time);
                         }
                         // A panic drops the request, whose guard answers it
                         // through the completer.
-                        let handled = self
-                            .contain(&format!("queue {queue}: handle request {head}"), |d| {
-                                d.handle(request, completer)
-                            });
+                        let handled = self.contain(
+                            || format!("queue {queue}: handle request {head}"),
+                            |d| d.handle(request, completer),
+                        );
                         if let Some(Handled::Done { request, len }) = handled {
                             self.finish(vring, request, len);
                             used = true;
@@ -691,16 +702,17 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     }
                     Err(e) => {
                         tracing::warn!(queue, error = %e, "malformed request");
-                        self.contain("reject a malformed request", |d| {
-                            d.reject(queue as u16, head, &e)
-                        });
+                        self.contain(
+                            || "reject a malformed request".into(),
+                            |d| d.reject(queue as u16, head, &e),
+                        );
                         if let Some(r) = record {
-                            r.recorder.record(Entry::json(
+                            r.journal.record(Entry::json(
                                 time,
-                                r.recorder.now().saturating_sub(time),
+                                r.journal.now().saturating_sub(time),
                                 Arc::clone(&r.queues[queue]),
                                 Arc::clone(&r.id),
-                                "malformed",
+                                RecordKind::Malformed,
                                 serde_json::json!({
                                     "queue": queue, "head": head, "error": e.to_string()
                                 }),
@@ -716,9 +728,10 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     }
                 }
             }
-            self.contain(&format!("queue {queue}: end of batch"), |d| {
-                d.end_batch(queue as u16)
-            });
+            self.contain(
+                || format!("queue {queue}: end of batch"),
+                |d| d.end_batch(queue as u16),
+            );
             if used {
                 self.signal(vring);
             }
@@ -847,7 +860,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
             .acked_features
             .store(features, Ordering::Release);
         self.note(
-            "SET_FEATURES",
+            RecordKind::SetFeatures,
             serde_json::json!({ "features": features }),
             serde_json::Value::Null,
         );
@@ -867,9 +880,9 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
         for q in 0..self.shared.queues {
             let _ = self.quiesce(Lanes::One(q), "RESET_DEVICE");
         }
-        self.contain("reset", |d| d.reset());
+        self.contain(|| "reset".into(), |d| d.reset());
         self.note(
-            "RESET_DEVICE",
+            RecordKind::ResetDevice,
             serde_json::Value::Null,
             serde_json::Value::Null,
         );
@@ -882,7 +895,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let out = match self.admit_control(MessageKind::GetConfig) {
             Ok(_ticket) => self
-                .contain("read the config space", |d| d.config())
+                .contain(|| "read the config space".into(), |d| d.config())
                 .map(|c| config_window(&c, offset, size))
                 .unwrap_or_default(),
             Err(refused) => {
@@ -891,7 +904,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
             }
         };
         self.note(
-            "GET_CONFIG",
+            RecordKind::GetConfig,
             serde_json::json!({ "offset": offset, "size": size }),
             serde_json::json!({ "data": switchboard_runtime::recording::Data::Bytes(out.clone()) }),
         );
@@ -912,7 +925,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             };
             self.note(
-                "SET_MEM_TABLE",
+                RecordKind::SetMemTable,
                 serde_json::json!({ "regions": regions }),
                 reply,
             );
@@ -947,12 +960,15 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let result = match self.admit_control(MessageKind::SetConfig) {
             Ok(_ticket) => self
-                .contain("write the config space", |d| d.set_config(offset, buf))
+                .contain(
+                    || "write the config space".into(),
+                    |d| d.set_config(offset, buf),
+                )
                 .unwrap_or_else(|| Err(io::Error::other("the device failed"))),
             Err(refused) => Err(io::Error::other(refused)),
         };
         self.note(
-            "SET_CONFIG",
+            RecordKind::SetConfig,
             serde_json::json!({ "offset": offset, "data": switchboard_runtime::recording::Data::Bytes(buf.to_vec()) }),
             match &result {
                 Ok(()) => serde_json::json!("ok"),
@@ -969,7 +985,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
                 .map_err(io::Error::other)?;
         }
         self.note(
-            "GET_VRING_BASE",
+            RecordKind::GetVringBase,
             serde_json::json!({ "queue": queue_index }),
             serde_json::json!({ "in_flight": 0 }),
         );

@@ -69,10 +69,14 @@ fn record_session(dir: &Path, log: &Path, mode: DataMode) {
     }
     drop(f);
     let rec = recorder(log, mode);
+    // The one writer of the log, as switchboard's runtime installs it.
+    let journal: std::sync::Arc<dyn switchboard_runtime::journal::Journal> = std::sync::Arc::new(
+        switchboard_runtime::journal::RecordJournal::new(rec.clone()),
+    );
 
     let blk = Blk::open(&image, &BlkOptions::default()).expect("open image");
     let served = serve_in_process(blk, 1, dir.join("blk.sock"));
-    assert!(served.server.record_to(rec.clone(), "disk0"));
+    assert!(served.server.record_to(journal.clone(), "disk0"));
     let mut fe = frontend::connect(&served.socket, 1, 64).expect("connect blk");
     for i in 0..8u64 {
         assert_eq!(
@@ -100,7 +104,7 @@ fn record_session(dir: &Path, log: &Path, mode: DataMode) {
     drop(fe);
 
     let rng = serve_in_process(Rng::new(None).expect("rng"), 1, dir.join("rng.sock"));
-    assert!(rng.server.record_to(rec.clone(), "rng0"));
+    assert!(rng.server.record_to(journal.clone(), "rng0"));
     let mut fe = frontend::connect(&rng.socket, 1, 64).expect("connect rng");
     for (i, len) in [16u32, 64, 512, 4096].into_iter().enumerate() {
         let addr = 0x10_0000 + i as u64 * 0x1_0000;

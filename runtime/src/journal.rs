@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ids::{ActorId, Seq};
+use crate::recording::{DataMode, Entry, RecordKind};
 
 /// A value a journal can turn into JSON. Implemented for every `Serialize` type.
 pub trait Recordable {
@@ -91,6 +92,21 @@ pub trait Journal: Send + Sync + 'static {
     fn sent(&self, record: &Sent<'_>);
     /// A reply was sent.
     fn replied(&self, record: &Replied<'_>);
+    /// A record made whole by its source: a virtqueue request with
+    /// everything its handler exchanged with the world, a vhost-user
+    /// protocol message, a device added or removed. The default drops it:
+    /// only a journal that writes a log wants these.
+    fn record(&self, _entry: Entry) {}
+    /// The time for [`Entry::time`]: ns since the journal began.
+    fn now(&self) -> u64 {
+        0
+    }
+    /// How a source should capture guest data for [`Journal::record`], or
+    /// `None` if this journal takes no such records (so a source skips
+    /// building them).
+    fn data_mode(&self) -> Option<DataMode> {
+        None
+    }
 }
 
 /// One record kept by [`MemoryJournal`].
@@ -183,7 +199,10 @@ impl Journal for MemoryJournal {
     }
 }
 
-/// A journal that writes every answered message to a message log: one
+/// The one writer of a message log: every record reaches its
+/// [`Recorder`](crate::recording::Recorder) through this journal, whether
+/// it came through the send path or was made whole by its source
+/// ([`Journal::record`]). It writes every answered message: one
 /// record per message, written when its reply is sent, with the payload
 /// and the reply. A message an actor forwarded (the bus passing an access
 /// on to a device) is recorded as answered by the forward, whose reply
@@ -226,12 +245,12 @@ impl RecordJournal {
 
     fn emit(&self, p: Pending, reply: serde_json::Value) {
         let now = self.recorder.now();
-        self.recorder.record(crate::recording::Entry::json(
+        self.recorder.record(Entry::json(
             p.time,
             now.saturating_sub(p.time),
             p.from,
             p.to,
-            p.kind,
+            RecordKind::Message(p.kind),
             p.payload,
             reply,
         ));
@@ -273,5 +292,17 @@ impl Journal for RecordJournal {
         if let Some(p) = pending {
             self.emit(p, r.reply.to_json());
         }
+    }
+
+    fn record(&self, entry: Entry) {
+        self.recorder.record(entry);
+    }
+
+    fn now(&self) -> u64 {
+        self.recorder.now()
+    }
+
+    fn data_mode(&self) -> Option<DataMode> {
+        Some(self.recorder.data_mode())
     }
 }

@@ -50,6 +50,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+mod kind;
+pub use kind::{ParsedKind, RecordKind};
+
 /// The `format` field of a header.
 pub const FORMAT: &str = "switchboard-log";
 /// The format version this build writes and the newest it reads.
@@ -329,7 +332,7 @@ pub struct Entry {
     /// Receiver.
     pub to: Arc<str>,
     /// Message type.
-    pub kind: &'static str,
+    pub kind: RecordKind,
     /// Payload and reply.
     pub body: Box<dyn Body>,
 }
@@ -341,7 +344,7 @@ impl Entry {
         latency: u64,
         from: Arc<str>,
         to: Arc<str>,
-        kind: &'static str,
+        kind: RecordKind,
         payload: serde_json::Value,
         reply: serde_json::Value,
     ) -> Entry {
@@ -471,7 +474,7 @@ impl Recorder {
     pub fn record(&self, entry: Entry) {
         let inner = &*self.inner;
         if inner.ended.load(Ordering::Acquire) {
-            tracing::debug!(to = %entry.to, kind = entry.kind, "record after the log was closed; not written");
+            tracing::debug!(to = %entry.to, kind = %entry.kind, "record after the log was closed; not written");
             return;
         }
         match inner.when_full {
@@ -576,7 +579,7 @@ fn write_loop(
                     latency: 0,
                     from: Arc::clone(&recorder),
                     to: Arc::clone(&recorder),
-                    kind: "gap",
+                    kind: RecordKind::Gap,
                     body: Box::new(GapBody(n)),
                 }
             }
@@ -607,7 +610,7 @@ fn encode_line(line: &mut Vec<u8>, seq: u64, e: &Entry) -> serde_json::Result<()
     line.extend_from_slice(b",\"to\":");
     serde_json::to_writer(&mut *line, &*e.to)?;
     line.extend_from_slice(b",\"type\":");
-    serde_json::to_writer(&mut *line, e.kind)?;
+    serde_json::to_writer(&mut *line, e.kind.as_str())?;
     line.extend_from_slice(b",\"payload\":");
     e.body.payload(line)?;
     line.extend_from_slice(b",\"reply\":");
@@ -872,7 +875,7 @@ mod tests {
             latency: 1,
             from: Arc::from("me"),
             to: Arc::from("a"),
-            kind: "ping",
+            kind: RecordKind::Message("ping"),
             body: Box::new(JsonBody {
                 payload: serde_json::json!({ "i": i }),
                 reply: serde_json::json!("pong"),

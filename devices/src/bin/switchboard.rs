@@ -511,17 +511,27 @@ fn serve_all<D: VirtioDevice>(
     ])
     .context("install signal handlers")?;
     let arbiter = start_actors()?;
-    let runtime = Runtime::new();
+    // The one writer of the log: every server records through it.
+    let runtime = match &recorder {
+        Some(r) => Runtime::with_journal(Arc::new(
+            switchboard_runtime::journal::RecordJournal::new(r.clone()),
+        )),
+        None => Runtime::new(),
+    };
     let mut stops = Vec::new();
     let mut threads = Vec::new();
     for (i, (endpoint, device)) in endpoints.into_iter().zip(devices).enumerate() {
         let kind = device.kind();
         let bus = BusHandle::start(&runtime, &format!("{kind}{i}-guest-memory"), &arbiter);
-        let server = VhostUserServer::new(device, bus, workers)?;
-        if let Some((r, (_, short, _))) = recorder.as_ref().zip(record.as_ref()) {
+        let name = match &record {
+            Some((_, short, _)) => format!("{short}{i}"),
+            None => format!("{kind}{i}"),
+        };
+        let server = VhostUserServer::with_runtime(device, bus, workers, &runtime, name.clone())?;
+        if let Some(journal) = runtime.journal() {
             // The header already describes it; record_to adds an `added`
             // record too, which replay takes as the same description.
-            server.record_to(r.clone(), &format!("{short}{i}"));
+            server.record_to(Arc::clone(journal), &name);
         }
         let stop = StopHandle::default();
         stops.push(stop.clone());

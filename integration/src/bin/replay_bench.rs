@@ -62,6 +62,9 @@ fn record_session(dir: &Path, mode: DataMode) -> anyhow::Result<Vec<String>> {
             ..RecordOptions::default()
         },
     )?;
+    let journal: std::sync::Arc<dyn switchboard_runtime::journal::Journal> = std::sync::Arc::new(
+        switchboard_runtime::journal::RecordJournal::new(rec.clone()),
+    );
     let image = dir.join("disk.img");
     let f = File::create(&image)?;
     f.set_len(16 << 20)?;
@@ -74,7 +77,7 @@ fn record_session(dir: &Path, mode: DataMode) -> anyhow::Result<Vec<String>> {
         1,
         dir.join("blk.sock"),
     );
-    blk.server.record_to(rec.clone(), "disk0");
+    blk.server.record_to(journal.clone(), "disk0");
     let mut fe = frontend::connect(&blk.socket, 1, 64)?;
     let mut one = |kind: u32, sector: u64, data: &[u8], writable: bool| -> anyhow::Result<()> {
         fe.push_blk(0, 0, kind, sector, data, writable)?;
@@ -91,7 +94,7 @@ fn record_session(dir: &Path, mode: DataMode) -> anyhow::Result<Vec<String>> {
     drop(fe);
     blk.finish();
     let rng = serve_in_process(Rng::new(None)?, 1, dir.join("rng.sock"));
-    rng.server.record_to(rec.clone(), "rng0");
+    rng.server.record_to(journal.clone(), "rng0");
     let mut fe = frontend::connect(&rng.socket, 1, 64)?;
     for _ in 0..64 {
         fe.add_chain(0, &[(0x10_0000, 16, VIRTQ_DESC_F_WRITE)])?;

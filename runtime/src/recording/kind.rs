@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The record kinds of a message log: the `type` field of every record.
+//!
+//! Every writer names its records with a [`RecordKind`] and every reader
+//! (replay, the `log` listing) matches on one; the strings exist only here,
+//! in [`RecordKind::as_str`] and [`RecordKind::parse`].
+
+use std::fmt;
+
+/// What a record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A device was added: its payload is its [`ActorInfo`](super::ActorInfo).
+    Added,
+    /// A device was removed: the reply holds the drain time or the error.
+    Removed,
+    /// Records were dropped here (`--record-full gap`).
+    Gap,
+    /// A frontend connected.
+    Connect,
+    /// A frontend disconnected.
+    Disconnect,
+    /// vhost-user SET_FEATURES.
+    SetFeatures,
+    /// vhost-user GET_CONFIG, with the bytes answered.
+    GetConfig,
+    /// vhost-user SET_CONFIG, with the bytes written.
+    SetConfig,
+    /// vhost-user SET_MEM_TABLE (or a region added or removed).
+    SetMemTable,
+    /// vhost-user GET_VRING_BASE: the queue was drained.
+    GetVringBase,
+    /// vhost-user RESET_DEVICE.
+    ResetDevice,
+    /// A descriptor chain that could not be parsed.
+    Malformed,
+    /// A device was failed (a contained panic), with the reason.
+    Failed,
+    /// A message of a type the device or message defines: a virtqueue
+    /// request's type as the device named it (`read`, `entropy`), an
+    /// MMIO/PIO access (`read`, `write`), an interrupt or an input.
+    Message(&'static str),
+}
+
+impl RecordKind {
+    /// Every kind but [`RecordKind::Message`].
+    pub const CONTROL: [RecordKind; 13] = [
+        RecordKind::Added,
+        RecordKind::Removed,
+        RecordKind::Gap,
+        RecordKind::Connect,
+        RecordKind::Disconnect,
+        RecordKind::SetFeatures,
+        RecordKind::GetConfig,
+        RecordKind::SetConfig,
+        RecordKind::SetMemTable,
+        RecordKind::GetVringBase,
+        RecordKind::ResetDevice,
+        RecordKind::Malformed,
+        RecordKind::Failed,
+    ];
+
+    /// The `type` field as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Added => "added",
+            RecordKind::Removed => "removed",
+            RecordKind::Gap => "gap",
+            RecordKind::Connect => "connect",
+            RecordKind::Disconnect => "disconnect",
+            RecordKind::SetFeatures => "SET_FEATURES",
+            RecordKind::GetConfig => "GET_CONFIG",
+            RecordKind::SetConfig => "SET_CONFIG",
+            RecordKind::SetMemTable => "SET_MEM_TABLE",
+            RecordKind::GetVringBase => "GET_VRING_BASE",
+            RecordKind::ResetDevice => "RESET_DEVICE",
+            RecordKind::Malformed => "malformed",
+            RecordKind::Failed => "failed",
+            RecordKind::Message(s) => s,
+        }
+    }
+
+    /// The kind a `type` field names; anything that is not a control kind
+    /// is a [`RecordKind::Message`] (of a type only its device knows).
+    pub fn parse(s: &str) -> ParsedKind<'_> {
+        match Self::CONTROL.iter().find(|k| k.as_str() == s) {
+            Some(k) => ParsedKind::Control(*k),
+            None => ParsedKind::Message(s),
+        }
+    }
+
+    /// Whether records of this kind are messages a device handled (and
+    /// replay compares), rather than the log's or the connection's own.
+    pub fn is_message(self) -> bool {
+        matches!(self, RecordKind::Message(_))
+    }
+}
+
+/// A kind read back from a log: the message type borrows the line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParsedKind<'a> {
+    /// One of [`RecordKind::CONTROL`].
+    Control(RecordKind),
+    /// A message type.
+    Message(&'a str),
+}
+
+impl fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_every_control_kind_parses_back_to_itself() {
+        for k in RecordKind::CONTROL {
+            assert_eq!(RecordKind::parse(k.as_str()), ParsedKind::Control(k));
+            assert!(!k.is_message());
+        }
+    }
+
+    #[test]
+    fn test_other_types_are_messages() {
+        assert_eq!(RecordKind::parse("entropy"), ParsedKind::Message("entropy"));
+        assert!(RecordKind::Message("read").is_message());
+        assert_eq!(RecordKind::Message("write").as_str(), "write");
+    }
+}
