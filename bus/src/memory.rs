@@ -4,19 +4,19 @@
 //!
 //! A [`RamRegion`] owns one mapping (through vm-memory). Nobody reads or writes
 //! it except through a [`Lease`], and a lease can only be taken while the
-//! region is not draining. The lease count is one atomic word per region:
-//! taking and returning a lease is an atomic add, never a message.
+//! region is not draining. The leases are counted on the region's
+//! [`Gate`], the runtime's one drain primitive: taking and returning a
+//! lease is an atomic add on one word, never a message.
 //!
 //! # The drain path of a region
 //!
-//! [`RamRegion::drain`] registers a waiter, then sets the draining bit in the
-//! same word as the count. From that instant `try_lease` fails for everyone,
-//! including holders of an old [`MemoryView`] snapshot. Whoever brings the
-//! count to zero with the bit set (the last [`Lease`] dropped, or the drain
-//! call itself if nothing was leased) takes the waiter and completes it,
-//! exactly once. After the drain future resolves, no code can touch the
-//! mapping again; the mapping itself is unmapped when the last `Arc` to the
-//! region goes.
+//! [`RamRegion::drain`] moves the region's gate to `Draining`, which closes
+//! it in the same atomic word as the count. From that instant `try_lease`
+//! fails for everyone, including holders of an old [`MemoryView`] snapshot.
+//! The last [`Lease`] dropped (its ticket returned to the gate) wakes the
+//! drain, which then resolves. After the drain future resolves, no code can
+//! touch the mapping again; the mapping itself is unmapped when the last
+//! `Arc` to the region goes.
 //!
 //! Devices get a [`GuestMemory`] handle from their bus. [`GuestMemory::request`]
 //! starts a [`MemRequest`]: every region it touches is leased once, on first
@@ -25,11 +25,10 @@
 //! memory it is filling.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
-use futures::channel::oneshot;
 use serde::{Deserialize, Serialize};
+use switchboard_runtime::{Gate, State, Ticket};
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 
 /// A guest-physical address.
@@ -115,76 +114,6 @@ pub enum Error {
 /// Result of the guest-memory API.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The draining bit of a lease word; the low bits count leases.
-const DRAINING: u64 = 1 << 63;
-
-/// The lease count of one region and its drain waiter.
-#[derive(Default)]
-struct LeaseCount {
-    /// `DRAINING | leases`.
-    word: AtomicU64,
-    /// Completed by whoever sees the count reach zero while draining. Taken
-    /// out exactly once.
-    waiter: Mutex<Option<oneshot::Sender<()>>>,
-}
-
-impl LeaseCount {
-    fn try_acquire(&self) -> bool {
-        let prev = self.word.fetch_add(1, Ordering::Acquire);
-        if prev & DRAINING != 0 {
-            // Undo; this may be the decrement that lets a drain finish.
-            self.release();
-            return false;
-        }
-        true
-    }
-
-    fn release(&self) {
-        let prev = self.word.fetch_sub(1, Ordering::AcqRel);
-        if prev == DRAINING | 1 {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        let waiter = self.waiter.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tx) = waiter {
-            let _ = tx.send(());
-        }
-    }
-
-    fn drain(&self) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut waiter = self.waiter.lock().unwrap_or_else(|e| e.into_inner());
-            if self.word.load(Ordering::Acquire) & DRAINING != 0 && waiter.is_none() {
-                // Already drained (or another drain holds the waiter): a
-                // second drain of the same region completes when the count is
-                // zero, which `is_drained` tells.
-                drop(waiter);
-                if self.is_drained() {
-                    let _ = tx.send(());
-                }
-                return rx;
-            }
-            *waiter = Some(tx);
-        }
-        let prev = self.word.fetch_or(DRAINING, Ordering::AcqRel);
-        if prev & !DRAINING == 0 {
-            self.wake();
-        }
-        rx
-    }
-
-    fn is_drained(&self) -> bool {
-        self.word.load(Ordering::Acquire) == DRAINING
-    }
-
-    fn leases(&self) -> u64 {
-        self.word.load(Ordering::Acquire) & !DRAINING
-    }
-}
-
 /// Checks a requested mapping size: non-zero and addressable here.
 fn mapping_len(offset: u64, size: u64) -> Result<usize> {
     if size == 0 {
@@ -201,7 +130,9 @@ fn mapping_len(offset: u64, size: u64) -> Result<usize> {
 pub struct RamRegion {
     name: String,
     mem: GuestRegionMmap,
-    leases: LeaseCount,
+    /// Counts the leases, refuses new ones once draining, and completes
+    /// the drain: the runtime's one drain primitive.
+    gate: Gate,
 }
 
 impl fmt::Debug for RamRegion {
@@ -209,7 +140,7 @@ impl fmt::Debug for RamRegion {
         f.debug_struct("RamRegion")
             .field("name", &self.name)
             .field("size", &self.size())
-            .field("leases", &self.leases.leases())
+            .field("leases", &self.leases())
             .field("draining", &self.is_draining())
             .finish()
     }
@@ -252,9 +183,9 @@ impl RamRegion {
             size,
         })?;
         Ok(Arc::new(RamRegion {
+            gate: Gate::running(&name, 1, 1),
             name,
             mem,
-            leases: LeaseCount::default(),
         }))
     }
 
@@ -270,45 +201,46 @@ impl RamRegion {
 
     /// Takes a lease, unless the region is draining.
     pub fn try_lease(self: &Arc<Self>) -> Result<Lease> {
-        if self.leases.try_acquire() {
-            Ok(Lease {
+        match self.gate.admit_untracked(0) {
+            Ok(ticket) => Ok(Lease {
                 region: Arc::clone(self),
-            })
-        } else {
-            Err(Error::Draining)
+                _ticket: ticket,
+            }),
+            Err(_) => Err(Error::Draining),
         }
     }
 
     /// Starts draining: no new lease is handed out from now on. The returned
     /// future resolves once the last lease has been returned.
     pub fn drain(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let rx = self.leases.drain();
+        let drained = self.gate.drained();
         async move {
-            // The sender is only dropped after sending, or when the region is
-            // dropped, in which case no lease can exist either.
-            let _ = rx.await;
+            // A region cannot fail: the drain ends when the last lease goes.
+            let _ = drained.await;
         }
     }
 
     /// Whether the region refuses new leases.
     pub fn is_draining(&self) -> bool {
-        self.leases.word.load(Ordering::Acquire) & DRAINING != 0
+        self.gate.state() != State::Running
     }
 
     /// Whether the region is draining and no lease is held.
     pub fn is_drained(&self) -> bool {
-        self.leases.is_drained()
+        self.is_draining() && self.gate.in_flight() == 0
     }
 
     /// Leases currently held.
     pub fn leases(&self) -> u64 {
-        self.leases.leases()
+        self.gate.in_flight()
     }
 }
 
 /// The right to touch one region's memory. Returned by dropping it.
 pub struct Lease {
     region: Arc<RamRegion>,
+    /// Counted on the region's gate until dropped.
+    _ticket: Ticket,
 }
 
 impl fmt::Debug for Lease {
@@ -316,12 +248,6 @@ impl fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("region", &self.region.name)
             .finish()
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.region.leases.release();
     }
 }
 

@@ -489,6 +489,30 @@ impl Gate {
         })
     }
 
+    /// Admits on `lane` without listing it in drain reports (and without a
+    /// sequence number): for a holder that is not a message, such as a
+    /// guest-memory lease, counted so that a drain waits for it.
+    pub fn admit_untracked(&self, lane: usize) -> Result<Ticket, Refused> {
+        let lane = lane.min(self.inner.lanes.len() - 1);
+        let l = &self.inner.lanes[lane];
+        if l.word.load(Ordering::Acquire) & CLOSED != 0 {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(self.refusal());
+        }
+        let prev = l.word.fetch_add(1, Ordering::Acquire);
+        if prev & CLOSED != 0 {
+            self.release(lane);
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(self.refusal());
+        }
+        Ok(Ticket {
+            gate: self.clone(),
+            lane: lane as u32,
+            slot: u32::MAX,
+            seq: Seq(0),
+        })
+    }
+
     fn release(&self, lane: usize) {
         let prev = self.inner.lanes[lane].word.fetch_sub(1, Ordering::AcqRel);
         if prev & WATCHED != 0 && prev & COUNT == 1 {
