@@ -290,7 +290,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
 }
 
 #[test]
-fn test_mmio_accesses_are_recorded_and_replay_says_they_are_not_replayed() {
+fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_replays() {
     use switchboard_devices::fleet::{Fleet, Plan};
     use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr};
 
@@ -362,12 +362,15 @@ fn test_mmio_accesses_are_recorded_and_replay_says_they_are_not_replayed() {
         "{answered:?}"
     );
 
+    let added = dev.first().expect("an added record");
+    assert_eq!(
+        added["payload"]["rebuild"],
+        serde_json::json!({ "read_delay_ns": 0 })
+    );
+
     let out = replay(&log, &[]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(
-        t.contains("slow0: 3 messages not replayed: test-device is an MMIO/PIO device"),
-        "{t}"
-    );
+    assert!(t.contains("slow0: 3 messages replayed, all matched"), "{t}");
     assert!(t.contains("pio0: 3 messages not replayed: a bus"), "{t}");
 }
