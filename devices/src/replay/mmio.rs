@@ -314,3 +314,184 @@ impl<D: Device> Replayer for DeviceReplayer<D> {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use serde_json::{json, Value};
+    use switchboard_runtime::recording::{DataMode, Header};
+
+    use super::super::{replay, ReplayError, ReplayOptions};
+
+    /// A log of `records` (`from`, `to`, `type`, `payload`, `reply`), the
+    /// header listing no actor.
+    fn log(dir: &Path, records: &[(&str, &str, &str, Value, Value)]) -> PathBuf {
+        let header = Header::new("test".into(), DataMode::Hash, json!({}), Vec::new());
+        let mut text = serde_json::to_string(&header).expect("header") + "\n";
+        for (i, (from, to, kind, payload, reply)) in records.iter().enumerate() {
+            let line = json!({
+                "seq": i + 1, "time": i, "latency": 0, "from": from, "to": to,
+                "type": kind, "payload": payload, "reply": reply,
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let path = dir.join("log");
+        std::fs::write(&path, text).expect("write the log");
+        path
+    }
+
+    fn added(id: &str, kind: &str, rebuild: Value) -> (&'static str, String, Value) {
+        (
+            "added",
+            id.to_string(),
+            json!({ "id": id, "kind": kind, "rebuild": rebuild }),
+        )
+    }
+
+    fn access(offset: u64, op: Value, reply: Value) -> (Value, Value) {
+        let mut payload = json!({ "region": 0, "offset": offset, "size": 4 });
+        if let (Some(p), Some(o)) = (payload.as_object_mut(), op.as_object()) {
+            p.extend(o.clone());
+        }
+        (payload, reply)
+    }
+
+    #[test]
+    fn test_a_gap_ends_the_replay_of_a_device_with_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kind, id, info) = added("slow0", "test-device", json!({ "read_delay_ns": 0 }));
+        let (w, w_reply) = access(
+            8,
+            json!({ "op": "write", "value": 5 }),
+            json!({ "Ok": { "reply": "written" } }),
+        );
+        let (r, r_reply) = access(
+            8,
+            json!({ "op": "read" }),
+            json!({ "Ok": { "reply": "read", "value": 5 } }),
+        );
+        // After the gap, a read the device would answer otherwise (the
+        // write it saw was lost).
+        let (_, later) = access(
+            8,
+            json!({ "op": "read" }),
+            json!({ "Ok": { "reply": "read", "value": 7 } }),
+        );
+        let path = log(
+            dir.path(),
+            &[
+                ("switchboard", &id, kind, info, Value::Null),
+                ("mmio0", "slow0", "write", w, w_reply),
+                ("mmio0", "slow0", "read", r.clone(), r_reply),
+                (
+                    "recorder",
+                    "recorder",
+                    "gap",
+                    json!({ "dropped": 1 }),
+                    Value::Null,
+                ),
+                ("mmio0", "slow0", "read", r, later),
+            ],
+        );
+        let report = replay(&path, &ReplayOptions::default()).expect("no divergence");
+        assert_eq!(report.per_actor.get("slow0"), Some(&2));
+        let (n, why) = report
+            .not_replayable
+            .get("slow0")
+            .expect("not replayed after the gap");
+        assert_eq!(*n, 1);
+        assert!(why.contains("the gap at seq 4"), "{why}");
+        let only = ReplayOptions {
+            device: Some("slow0".into()),
+            ..ReplayOptions::default()
+        };
+        assert!(
+            replay(&path, &only).is_ok(),
+            "replayed in part, not refused"
+        );
+    }
+
+    #[test]
+    fn test_an_interrupt_message_with_no_record_after_it_of_its_cause_is_a_divergence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kind, id, info) = added("com1", "uart-16550", json!({ "irq": 4 }));
+        let path = log(
+            dir.path(),
+            &[
+                ("switchboard", &id, kind, info, Value::Null),
+                (
+                    "com1",
+                    "irq/4",
+                    "irq",
+                    json!({ "line": 4, "high": true }),
+                    Value::Null,
+                ),
+            ],
+        );
+        let Err(ReplayError::Diverged(d)) = replay(&path, &ReplayOptions::default()) else {
+            panic!("no divergence");
+        };
+        assert_eq!((d.seq, d.line, d.kind.as_str()), (2, 3, "irq"));
+        assert!(d.what.contains("no record of what caused it"), "{}", d.what);
+        assert!(d.to_string().contains("irq message from com1"), "{d}");
+        // Stopped by --until before its cause: nothing to say.
+        let until = ReplayOptions {
+            until: Some(1),
+            ..ReplayOptions::default()
+        };
+        assert!(replay(&path, &until).is_ok());
+    }
+
+    #[test]
+    fn test_an_access_the_runtime_refused_is_not_fed_to_the_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kind, id, info) = added("slow0", "test-device", json!({ "read_delay_ns": 0 }));
+        let (c, refused) = access(
+            16,
+            json!({ "op": "read" }),
+            json!({ "Err": { "refused": "draining" } }),
+        );
+        let (_, first) = access(
+            16,
+            json!({ "op": "read" }),
+            json!({ "Ok": { "reply": "read", "value": 0x5100_0001u64 } }),
+        );
+        let path = log(
+            dir.path(),
+            &[
+                ("switchboard", &id, kind, info, Value::Null),
+                ("mmio0", "slow0", "read", c.clone(), refused),
+                ("mmio0", "slow0", "read", c, first),
+            ],
+        );
+        let report = replay(&path, &ReplayOptions::default()).expect("no divergence");
+        assert_eq!(report.per_actor.get("slow0"), Some(&2));
+    }
+
+    #[test]
+    fn test_an_input_recorded_as_a_hash_cannot_be_fed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kind, id, info) = added("com1", "uart-16550", json!({ "irq": 4 }));
+        let hashed = format!("xxh3:5:{:032x}", 1);
+        let path = log(
+            dir.path(),
+            &[
+                ("switchboard", &id, kind, info, Value::Null),
+                (
+                    "sink",
+                    "com1",
+                    "input",
+                    json!({ "data": hashed }),
+                    Value::Null,
+                ),
+            ],
+        );
+        let Err(ReplayError::Diverged(d)) = replay(&path, &ReplayOptions::default()) else {
+            panic!("no divergence");
+        };
+        assert_eq!(d.seq, 2);
+        assert!(d.actual.contains("recorded as a hash"), "{d}");
+    }
+}
