@@ -97,21 +97,23 @@ impl SlowDeviceProbe {
     }
 }
 
-/// The register state.
+/// The register state. Shared with the deferred reads, which read it when
+/// they answer; all of them run on the device's actor, one at a time, so
+/// relaxed atomics suffice (they only make the state `Sync`).
 #[derive(Debug, Default)]
 struct Registers {
-    data: u64,
-    reads: u64,
+    data: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl Registers {
-    fn read(&mut self, offset: u64) -> u64 {
+    fn read(&self, offset: u64) -> u64 {
         match offset {
             REG_ID => SLOW_ID,
-            REG_DATA => self.data,
+            REG_DATA => self.data.load(Ordering::Relaxed),
             REG_COUNTER => {
-                self.reads += 1;
-                COUNTER_TAG | (self.reads & 0x00ff_ffff)
+                let reads = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+                COUNTER_TAG | (reads & 0x00ff_ffff)
             }
             _ => 0,
         }
@@ -122,15 +124,8 @@ impl Registers {
 #[derive(Debug)]
 pub struct SlowDevice {
     config: SlowDeviceConfig,
-    /// Shared with the deferred reads, which read it when they answer. All
-    /// of them run on the device's actor, so the lock is never contended.
-    registers: Arc<Mutex<Registers>>,
+    registers: Arc<Registers>,
     probe: Arc<SlowDeviceProbe>,
-}
-
-fn lock(registers: &Mutex<Registers>) -> std::sync::MutexGuard<'_, Registers> {
-    // Every critical section is one read or store of plain integers.
-    registers.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SlowDevice {
@@ -187,14 +182,15 @@ impl Device for SlowDevice {
         match access.op {
             AccessOp::Write { value } => {
                 if access.offset.0 == REG_DATA {
-                    lock(&self.registers).data = value & access.size.mask();
+                    let value = value & access.size.mask();
+                    self.registers.data.store(value, Ordering::Relaxed);
                 }
                 Completion::Ready(AccessReply::Written)
             }
             AccessOp::Read => {
                 let (offset, mask) = (access.offset.0, access.size.mask());
                 if self.config.read_delay.is_zero() {
-                    let value = lock(&self.registers).read(offset) & mask;
+                    let value = self.registers.read(offset) & mask;
                     Completion::Ready(AccessReply::Read { value })
                 } else {
                     let delay = self.config.read_delay;
@@ -203,7 +199,7 @@ impl Device for SlowDevice {
                         tokio::time::sleep(delay).await;
                         // Read now, in the poll that answers (see the
                         // module docs).
-                        let value = lock(&registers).read(offset) & mask;
+                        let value = registers.read(offset) & mask;
                         AccessReply::Read { value }
                     }))
                 }
