@@ -48,8 +48,8 @@ use switchboard_runtime::{
 use crate::blk::{Blk, BlkOptions};
 use crate::error_chain;
 use crate::rng::Rng;
-use crate::serial::{spawn_serial, SERIAL_REGION_SIZE};
-use crate::slow::{SlowDevice, SlowDeviceConfig, SLOW_REGION_SIZE};
+use crate::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
+use crate::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
 use crate::uart_sink::Sink;
 use crate::vhost_user::{bind, default_workers, serve_bound, StopHandle, VhostUserServer};
 use crate::virtio::VirtioDevice;
@@ -309,13 +309,22 @@ enum Slot {
     Removing(Arc<Entry>, Arc<Removal>),
 }
 
-/// Why a message log cannot replay an MMIO/PIO device of `kind` (its
-/// header and its `added` record say so).
-pub fn mmio_not_replayable(kind: &str) -> String {
-    format!(
-        "{kind} is an MMIO/PIO device: its accesses are recorded, but replay of MMIO/PIO \
-         devices is not implemented yet"
-    )
+/// The interrupt line of every UART the fleet starts (COM1's ISA IRQ).
+pub const UART_IRQ: IrqNumber = IrqNumber(4);
+
+/// What replay needs to rebuild an MMIO/PIO device, from its plan alone
+/// (its `added` record and the log header hold it); `None` for a
+/// vhost-user device, whose rebuild data comes from the opened device.
+pub fn mmio_rebuild_info(plan: &Plan) -> Option<serde_json::Value> {
+    let info = match plan {
+        Plan::Uart { .. } => serde_json::to_value(SerialRebuild { irq: UART_IRQ }),
+        Plan::TestDevice { read_delay, .. } => {
+            serde_json::to_value(SlowDeviceRebuild::new(*read_delay))
+        }
+        Plan::Blk { .. } | Plan::Rng { .. } => return None,
+    };
+    // Two structs of integers always serialize.
+    info.ok()
 }
 
 /// The devices of one process.
@@ -480,21 +489,13 @@ impl Fleet {
                     &self.runtime,
                     DeviceId::new(id.as_str()),
                     sink,
-                    IrqLine::disconnected(IrqNumber(4)),
+                    IrqLine::disconnected(UART_IRQ),
                     &arbiter.handle,
                     Some(self.supervisor.clone().recipient()),
                 )
                 .map_err(|e| fail(error_chain(&e)))?
                 .device;
-                self.plug(
-                    id,
-                    plan.kind(),
-                    bus,
-                    *addr,
-                    SERIAL_REGION_SIZE,
-                    device,
-                    arbiter,
-                )
+                self.plug(plan, bus, *addr, SERIAL_REGION_SIZE, device, arbiter)
             }
             Plan::TestDevice {
                 id,
@@ -516,15 +517,7 @@ impl Fleet {
                     Some(self.supervisor.clone().recipient()),
                 )
                 .device;
-                self.plug(
-                    id,
-                    plan.kind(),
-                    bus,
-                    *addr,
-                    SLOW_REGION_SIZE,
-                    device,
-                    arbiter,
-                )
+                self.plug(plan, bus, *addr, SLOW_REGION_SIZE, device, arbiter)
             }
         }
     }
@@ -579,17 +572,16 @@ impl Fleet {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn plug(
         &self,
-        id: &str,
-        kind: &'static str,
+        plan: &Plan,
         bus: &str,
         addr: u64,
         size: u64,
         device: DeviceRef,
         arbiter: OwnArbiter,
     ) -> Result<Entry, Error> {
+        let (id, kind) = (plan.id(), plan.kind());
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
             kind,
@@ -602,8 +594,8 @@ impl Fleet {
         let info = ActorInfo {
             id: id.to_string(),
             kind: kind.to_string(),
-            rebuild: None,
-            not_replayable: Some(mmio_not_replayable(kind)),
+            rebuild: mmio_rebuild_info(plan),
+            not_replayable: None,
         };
         self.note(
             id,

@@ -11,6 +11,12 @@
 //! entropy source, no guest): its reads of guest memory, file contents and
 //! entropy come from the recording, through the same [`Request`] methods
 //! the live device uses, and its writes are collected instead of done.
+//!
+//! A device on a bus (the UART, the test device) is rebuilt without its
+//! sink or timers and fed its accesses and inputs in log order; its
+//! replies and its interrupt messages are compared (see `mmio.rs`). Its
+//! state depends on every record before, so after a `gap` record it is no
+//! longer replayed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -25,6 +31,8 @@ use crate::blk::{Blk, BlkRebuild};
 use crate::rng::{Rng, RngRebuild};
 use crate::vhost_user::{RequestPayload, RequestReply};
 use crate::virtio::{At, Completer, External, Handled, Request, Trace, VirtioDevice};
+
+mod mmio;
 
 /// How many earlier messages of the diverging actor a report shows.
 pub const HISTORY: usize = 5;
@@ -92,9 +100,11 @@ pub struct Divergence {
 
 impl std::fmt::Display for Divergence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An interrupt message is one the actor sent.
+        let direction = if self.kind == mmio::IRQ { "from" } else { "to" };
         writeln!(
             f,
-            "divergence at seq {} (line {}): {} message to {}",
+            "divergence at seq {} (line {}): {} message {direction} {}",
             self.seq, self.line, self.kind, self.actor
         )?;
         writeln!(f, "  {}", self.what)?;
@@ -149,6 +159,20 @@ struct Mismatch {
     what: String,
     expected: String,
     actual: String,
+    /// The record the divergence is at, when it is an earlier one than the
+    /// record being replayed (an interrupt message recorded before the
+    /// record that caused it).
+    earlier: Option<Box<Earlier>>,
+}
+
+/// A record a divergence is found at after it was read.
+#[derive(Debug)]
+struct Earlier {
+    seq: u64,
+    line: u64,
+    kind: &'static str,
+    /// The record, abbreviated.
+    message: String,
 }
 
 impl Mismatch {
@@ -161,6 +185,15 @@ impl Mismatch {
             what: what.into(),
             expected: expected.into(),
             actual: actual.into(),
+            earlier: None,
+        }
+    }
+
+    /// The same mismatch, at an earlier record.
+    fn at(self, earlier: Earlier) -> Self {
+        Mismatch {
+            earlier: Some(Box::new(earlier)),
+            ..self
         }
     }
 }
@@ -215,7 +248,12 @@ struct RequestLine<'a> {
 
 /// A record as a replayer gets it.
 struct Msg<'a> {
+    seq: u64,
+    /// Its line in the log.
+    line: u64,
     kind: &'a str,
+    /// The whole line.
+    text: &'a str,
     body: MsgBody<'a>,
 }
 
@@ -243,8 +281,18 @@ trait Replayer {
     /// Replays one recorded message. `compare` false: apply it (for the
     /// actor's state) without comparing.
     fn replay(&mut self, msg: Msg<'_>, compare: bool) -> Result<(), Mismatch>;
+    /// The actor was removed (`removed` record): it drains and stops.
+    /// `compare` as for [`Replayer::replay`].
+    fn removed(&mut self, _msg: Msg<'_>, _compare: bool) -> Result<(), Mismatch> {
+        Ok(())
+    }
+    /// The log ended: anything recorded and not yet checked is a
+    /// divergence.
+    fn finish(&mut self) -> Result<(), Mismatch> {
+        Ok(())
+    }
     /// Whether messages can change its state (then messages before
-    /// `--from` are still applied).
+    /// `--from` are still applied, and a gap in the log ends its replay).
     fn stateful(&self) -> bool;
     /// Whether it takes virtio requests (whose records are parsed in one
     /// pass).
@@ -555,6 +603,8 @@ fn rebuild(info: &ActorInfo, mode: DataMode) -> Result<Box<dyn Replayer>, String
                 serde_json::from_value(spec).map_err(|e| format!("bad rebuild data: {e}"))?;
             Ok(Box::new(VirtioReplayer::new(Rng::replay(&r), mode)))
         }
+        "uart-16550" => mmio::uart(&info.id, spec),
+        "test-device" => mmio::test_device(spec),
         other => Err(format!("replay of {other} devices is not supported")),
     }
 }
@@ -737,6 +787,8 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
     let batches = read_ahead(reader);
     let mut done_bytes = 0u64;
     let mut seen_device = false;
+    // False when `--until` stopped the replay before the end of the log.
+    let mut ended = true;
     'log: for batch in batches {
         let batch = match batch {
             Ok(b) => b,
@@ -765,19 +817,28 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             let parsed = if !request {
                 LogReader::parse(path, line_no, text).map(|rec| {
                     let msg = Msg {
+                        seq: rec.seq,
+                        line: line_no,
                         kind,
+                        text,
                         body: MsgBody::Raw {
                             payload: rec.payload,
                             reply: rec.reply,
                         },
                     };
-                    (rec.seq, rec.to, msg)
+                    // An interrupt message is replayed by the device that
+                    // sent it.
+                    let actor = if kind == mmio::IRQ { rec.from } else { rec.to };
+                    (rec.seq, actor, msg)
                 })
             } else {
                 serde_json::from_str::<RequestLine<'_>>(text)
                     .map(|rec| {
                         let msg = Msg {
+                            seq: rec.seq,
+                            line: line_no,
                             kind,
+                            text,
                             body: MsgBody::Request(rec.payload, rec.reply),
                         };
                         (rec.seq, rec.to, msg)
@@ -800,6 +861,7 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             };
             report.records += 1;
             if opts.until.is_some_and(|u| seq > u) {
+                ended = false;
                 break 'log;
             }
             if kind == "gap" && to == "recorder" {
@@ -810,6 +872,17 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
                 }
                 if let Ok(g) = serde_json::from_str::<Gap>(msg.body.raw().0) {
                     report.dropped += g.dropped;
+                }
+                // Whose records were lost is not known: an actor whose
+                // replies depend on its earlier messages cannot be followed
+                // past here.
+                for a in actors.values_mut() {
+                    if a.replayer.as_ref().is_ok_and(|r| r.stateful()) {
+                        a.replayer = Err(format!(
+                            "the gap at seq {seq} may have lost records its state depends on, \
+                             so it is not replayed after it"
+                        ));
+                    }
                 }
                 continue;
             }
@@ -834,6 +907,15 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             };
             if kind == "removed" {
                 actor.removed = true;
+                if let Ok(r) = &mut actor.replayer {
+                    let compare = opts.from.is_none_or(|f| seq >= f);
+                    if let Err(m) = r.removed(msg, compare) {
+                        progress.done();
+                        let history = actor.history.iter().copied().collect::<Vec<_>>();
+                        let at = (seq, line_no, kind, abbreviate(text, 200));
+                        return Err(diverged(path, &to, at, m, &history));
+                    }
+                }
                 continue;
             }
             let replayer = match &mut actor.replayer {
@@ -866,25 +948,17 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             if let Err(m) = mismatch {
                 progress.done();
                 let history = actor.history.iter().copied().collect::<Vec<_>>();
-                let d = Divergence {
-                    seq,
-                    line: line_no,
-                    actor: to.to_string(),
-                    kind: kind.to_string(),
-                    message: abbreviate(text, 200),
-                    what: m.what,
-                    expected: m.expected,
-                    actual: m.actual,
-                    history: Vec::new(),
-                };
-                return Err(ReplayError::Diverged(Box::new(with_history(
-                    path, d, &history,
-                ))));
+                let at = (seq, line_no, kind, abbreviate(text, 200));
+                return Err(diverged(path, &to, at, m, &history));
             }
-            if actor.history.len() == HISTORY {
-                actor.history.pop_front();
+            // The history is of messages the actor handled; an interrupt
+            // message is one it sent.
+            if kind != mmio::IRQ {
+                if actor.history.len() == HISTORY {
+                    actor.history.pop_front();
+                }
+                actor.history.push_back(seq);
             }
-            actor.history.push_back(seq);
             match report.per_actor.get_mut(&*to) {
                 Some(n) => *n += 1,
                 None => {
@@ -894,11 +968,35 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
         }
     }
     progress.done();
+    if ended {
+        // What an actor recorded and could not check yet (an interrupt
+        // message with no record of its cause after it): the earliest.
+        let mut first: Option<(String, Mismatch, Vec<u64>)> = None;
+        for (id, actor) in &mut actors {
+            if opts.device.as_deref().is_some_and(|d| d != id) {
+                continue;
+            }
+            let Ok(r) = &mut actor.replayer else { continue };
+            if let Err(m) = r.finish() {
+                let seq = |m: &Mismatch| m.earlier.as_ref().map_or(u64::MAX, |e| e.seq);
+                if first.as_ref().is_none_or(|(_, f, _)| seq(&m) < seq(f)) {
+                    first = Some((id.clone(), m, actor.history.iter().copied().collect()));
+                }
+            }
+        }
+        if let Some((id, m, history)) = first {
+            let at = (0, 0, "", String::new());
+            return Err(diverged(path, &id, at, m, &history));
+        }
+    }
     if let Some(d) = &opts.device {
         if let Some((_, why)) = report.not_replayable.get(d) {
-            return Err(rebuild_error(format!(
-                "actor {d} cannot be replayed: {why}"
-            )));
+            // Not even partly: a gap ends a replay partway.
+            if !report.per_actor.contains_key(d) {
+                return Err(rebuild_error(format!(
+                    "actor {d} cannot be replayed: {why}"
+                )));
+            }
         }
         if !seen_device {
             let mut ids: Vec<_> = actors.keys().cloned().collect();
@@ -910,6 +1008,34 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
         }
     }
     Ok(report)
+}
+
+/// The divergence `m` found replaying the record `at` (seq, line, type,
+/// abbreviated line) to `actor`, or the earlier record `m` names; with
+/// the lines of `history` (the actor's last messages) read again.
+fn diverged(
+    path: &Path,
+    actor: &str,
+    at: (u64, u64, &str, String),
+    m: Mismatch,
+    history: &[u64],
+) -> ReplayError {
+    let (seq, line, kind, message) = match m.earlier {
+        Some(e) => (e.seq, e.line, e.kind.to_string(), e.message.clone()),
+        None => (at.0, at.1, at.2.to_string(), at.3),
+    };
+    let d = Divergence {
+        seq,
+        line,
+        actor: actor.to_string(),
+        kind,
+        message,
+        what: m.what,
+        expected: m.expected,
+        actual: m.actual,
+        history: Vec::new(),
+    };
+    ReplayError::Diverged(Box::new(with_history(path, d, history)))
 }
 
 /// Fills a divergence's history with the lines of the given sequence

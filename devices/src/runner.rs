@@ -60,7 +60,9 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
 
 /// The devices of `topology` as a log header lists them. A vhost-user
 /// device's rebuild data comes in its `added` record, written when it
-/// starts; an MMIO/PIO device says it cannot be replayed.
+/// starts; an MMIO/PIO device's is known from the topology, and both its
+/// header entry and its `added` record hold it. A bus is listed as not
+/// replayed.
 pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::ActorInfo> {
     let buses = topology
         .buses
@@ -70,24 +72,18 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
             kind: "bus".to_string(),
             rebuild: None,
             not_replayable: Some(
-                "a bus: its accesses are recorded (each answered by forwarding it to a device), \
-                 but replay of buses is not implemented yet"
+                "a bus: its accesses are recorded, each answered by forwarding it to a device \
+                 (whose own records are replayed), but a bus itself is not replayed"
                     .to_string(),
             ),
         });
     let devices = topology.devices.iter().map(|spec| {
         let p = plan(spec);
-        let not_replayable = match p {
-            Plan::Blk { .. } | Plan::Rng { .. } => None,
-            Plan::Uart { .. } | Plan::TestDevice { .. } => {
-                Some(fleet::mmio_not_replayable(p.kind()))
-            }
-        };
         switchboard_runtime::recording::ActorInfo {
             id: spec.id().to_string(),
             kind: p.kind().to_string(),
-            rebuild: None,
-            not_replayable,
+            rebuild: fleet::mmio_rebuild_info(&p),
+            not_replayable: None,
         }
     });
     buses.chain(devices).collect()

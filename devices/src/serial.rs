@@ -11,11 +11,26 @@
 //! - after each access, transmitted bytes are written to the backend, and the
 //!   line is raised or lowered by message on each change of the model's
 //!   interrupt output;
-//! - input reaches the actor as [`SerialEvent::Input`] messages (so it can be
-//!   journalled), is queued here, and is fed to the receive FIFO only as fast
-//!   as the FIFO has room. Nothing is dropped for a slow guest until the queue
-//!   holds [`INPUT_QUEUE_LIMIT`] bytes; beyond that input is dropped and
-//!   counted, never blocking the actor.
+//! - input reaches the actor as [`SerialEvent::Input`] messages, is queued
+//!   here, and is fed to the receive FIFO only as fast as the FIFO has room.
+//!   Nothing is dropped for a slow guest until the queue holds
+//!   [`INPUT_QUEUE_LIMIT`] bytes; beyond that input is dropped and counted,
+//!   never blocking the actor.
+//!
+//! # Recording
+//!
+//! A UART made [`recorded`](Serial::recorded) (as [`spawn_serial`] makes
+//! it) shows the runtime's journal everything that reaches it from outside
+//! the guest, and everything it signals: each input it takes, as a
+//! [`SerialInput`] from `sink`, and each change of its interrupt line, as an
+//! [`IrqLevel`](switchboard_runtime::IrqLevel) to `irq/N`. Both are
+//! journalled from the device's handler, so a message log holds them in the
+//! order the device handled them, between its accesses; the interrupt
+//! messages an access or input caused come just before its record. The
+//! register model has no timers (transmission is instant), so nothing else
+//! decides a reply: [`Serial::replay`] rebuilds the device from
+//! [`SerialRebuild`] and the log's records give the same replies and
+//! interrupt messages.
 //!
 //! [`spawn_serial`] opens a [`Sink`], starts the actor, and starts the input
 //! pump thread. The pump's channel is fed by the backend's reader threads,
@@ -28,9 +43,10 @@ use std::thread;
 
 use actix::{ArbiterHandle, Recipient};
 use serde::{Deserialize, Serialize};
+use switchboard_runtime::recording::Data;
 use switchboard_runtime::{
-    spawn_device, AccessOp, AccessReply, Completion, Deliver, Device, DeviceFailed, DeviceId,
-    GuestAccess, IrqLine, Runtime, SpawnedDevice,
+    spawn_device, AccessOp, AccessReply, ActorId, Completion, Deliver, Device, DeviceFailed,
+    DeviceId, GuestAccess, IrqLine, IrqNumber, Request, Runtime, SpawnedDevice,
 };
 
 use crate::uart::{IrqChange, Uart16550};
@@ -48,6 +64,38 @@ pub const INPUT_QUEUE_LIMIT: usize = 64 * 1024;
 pub enum SerialEvent {
     /// Bytes arrived on the line.
     Input(Vec<u8>),
+}
+
+/// The record of input a [`Serial`] took from its sink: a one-way message
+/// from `sink` to the device (type `input`), journalled once the device has
+/// taken it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialInput {
+    /// The bytes as they arrived, always by value: replay feeds them to the
+    /// device again.
+    pub data: Data,
+}
+
+impl Request for SerialInput {
+    /// One-way: the sink waits for nothing.
+    type Reply = ();
+
+    fn kind(&self) -> &'static str {
+        "input"
+    }
+}
+
+/// The actor a log names as the sender of a UART's input.
+pub const SINK_ACTOR: &str = "sink";
+
+/// What replay needs to rebuild a [`Serial`] (its `added` record and the
+/// log header hold it): the register model starts in its reset state, so
+/// only the interrupt line is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRebuild {
+    /// The interrupt line it raises.
+    pub irq: IrqNumber,
 }
 
 /// Errors of the serial device.
@@ -73,6 +121,15 @@ pub enum Error {
     },
 }
 
+/// Where a recorded UART journals its input.
+struct Recording {
+    runtime: Runtime,
+    /// [`SINK_ACTOR`].
+    sink: ActorId,
+    /// The device's actor.
+    device: ActorId,
+}
+
 /// A 16550A UART device.
 pub struct Serial {
     uart: Uart16550,
@@ -82,6 +139,7 @@ pub struct Serial {
     output: Vec<u8>,
     dropped_input: u64,
     failed_writes: u64,
+    recording: Option<Recording>,
 }
 
 impl std::fmt::Debug for Serial {
@@ -105,7 +163,35 @@ impl Serial {
             output: Vec::new(),
             dropped_input: 0,
             failed_writes: 0,
+            recording: None,
         }
+    }
+
+    /// The same UART, showing `runtime`'s journal each input it takes and
+    /// each interrupt message it sends, as device `id` (see the module
+    /// docs). Without a journal in `runtime` this costs a branch.
+    pub fn recorded(mut self, runtime: &Runtime, id: &DeviceId) -> Self {
+        self.irq = self.irq.journalled(runtime, id.actor_id());
+        self.recording = Some(Recording {
+            runtime: runtime.clone(),
+            sink: ActorId::new(SINK_ACTOR),
+            device: id.actor_id(),
+        });
+        self
+    }
+
+    /// What replay needs to rebuild this device.
+    pub fn rebuild_info(&self) -> SerialRebuild {
+        SerialRebuild {
+            irq: self.irq.line(),
+        }
+    }
+
+    /// A UART rebuilt for replay: the same replies and interrupt levels,
+    /// with its output discarded and its line connected to nothing (make
+    /// it [`recorded`](Serial::recorded) to see its interrupt messages).
+    pub fn replay(info: &SerialRebuild) -> Self {
+        Serial::new(Box::new(Discard), IrqLine::disconnected(info.irq))
     }
 
     /// Input bytes dropped because the queue was full.
@@ -196,6 +282,14 @@ impl Device for Serial {
                 }
                 self.feed_input();
                 self.settle();
+                // After the interrupt messages it caused, as an access's
+                // record comes after them.
+                if let Some(r) = &self.recording {
+                    let input = SerialInput {
+                        data: Data::Bytes(bytes),
+                    };
+                    r.runtime.notify(&r.sink, &r.device, &input);
+                }
             }
         }
     }
@@ -205,8 +299,17 @@ impl Device for Serial {
     }
 }
 
+/// The output of a UART under replay: nowhere.
+struct Discard;
+
+impl CharBackendT for Discard {
+    fn write(&mut self, _: &[u8]) -> uart_sink::Result<()> {
+        Ok(())
+    }
+}
+
 /// Opens `sink`, starts a [`Serial`] on `arbiter`, and pumps the sink's input
-/// into it.
+/// into it. The UART is [`recorded`](Serial::recorded) on `runtime`.
 pub fn spawn_serial(
     runtime: &Runtime,
     id: DeviceId,
@@ -223,7 +326,7 @@ pub fn spawn_serial(
     let spawned = spawn_device(
         runtime,
         id.clone(),
-        Serial::new(Box::new(backend), irq),
+        Serial::new(Box::new(backend), irq).recorded(runtime, &id),
         arbiter,
         supervisor,
     );
@@ -308,6 +411,83 @@ mod tests {
             r,
             Completion::Ready(AccessReply::Read { value: 0xff00 })
         ));
+    }
+
+    #[test]
+    fn test_recorded_uart_journals_input_after_the_interrupts_it_caused() {
+        use std::sync::Arc;
+        use switchboard_runtime::{JournalRecord, MemoryJournal};
+
+        let journal = Arc::new(MemoryJournal::new());
+        let rt = Runtime::with_journal(journal.clone());
+        let (s, _) = serial();
+        let mut s = s.recorded(&rt, &DeviceId::new("com1"));
+        write(&mut s, regs::MCR, regs::MCR_OUT2);
+        write(&mut s, regs::IER, regs::IER_ERBFI);
+        assert!(journal.records().is_empty(), "no interrupt yet");
+        s.event(SerialEvent::Input(b"hi".to_vec()));
+        let sent: Vec<(String, String, String, serde_json::Value)> = journal
+            .records()
+            .into_iter()
+            .filter_map(|r| match r {
+                JournalRecord::Sent {
+                    from,
+                    to,
+                    kind,
+                    payload,
+                    ..
+                } => Some((from.to_string(), to.to_string(), kind, payload)),
+                JournalRecord::Replied { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                (
+                    "dev:com1".into(),
+                    "irq/4".into(),
+                    "irq".into(),
+                    serde_json::json!({ "line": 4, "high": true })
+                ),
+                (
+                    "sink".into(),
+                    "dev:com1".into(),
+                    "input".into(),
+                    serde_json::json!({ "data": "b64:aGk=" })
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn test_rebuilt_uart_answers_as_the_live_one() {
+        let (mut live, _) = serial();
+        let info = live.rebuild_info();
+        assert_eq!(info, SerialRebuild { irq: IrqNumber(4) });
+        let json = serde_json::to_value(info).expect("json");
+        let mut rebuilt = Serial::replay(&serde_json::from_value(json).expect("rebuild data"));
+        for s in [&mut live, &mut rebuilt] {
+            write(s, regs::FCR, 0x01);
+            write(s, regs::MCR, regs::MCR_OUT2);
+            write(s, regs::IER, regs::IER_ERBFI | regs::IER_ETBEI);
+            write(s, regs::THR, b'x');
+            s.event(SerialEvent::Input(b"abc".to_vec()));
+        }
+        for reg in [
+            regs::IIR,
+            regs::LSR,
+            regs::RBR,
+            regs::RBR,
+            regs::IIR,
+            regs::LSR,
+        ] {
+            assert_eq!(
+                read(&mut live, reg),
+                read(&mut rebuilt, reg),
+                "register {reg}"
+            );
+        }
+        assert_eq!(live.irq.is_high(), rebuilt.irq.is_high());
     }
 
     #[test]

@@ -13,7 +13,13 @@
 //! | `0x08` DATA | the last value written | stores the value |
 //! | `0x10` COUNTER | `0x5100_0000` + reads so far (24 bits) | ignored |
 //!
-//! Every read takes `read_delay`; writes are answered at once. A
+//! Every read takes `read_delay`; writes are answered at once. A read takes
+//! its value when it is answered, not when it arrives: the registers change
+//! in the order the device's replies are sent, which is the order a message
+//! log records them in, so a log replays whatever the delay reordered (a
+//! write answered while an earlier read waits). The delay decides only when
+//! replies go, never what they say: [`SlowDevice::replay`] rebuilds the
+//! device from [`SlowDeviceRebuild`] and answers at once. A
 //! [`SlowDeviceProbe`] shows a test everything that reached the device.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +50,16 @@ pub struct SlowDeviceConfig {
     /// Whether the probe keeps every access ([`SlowDeviceProbe::seen`]);
     /// off, it only counts them.
     pub record: bool,
+}
+
+/// What replay needs to rebuild a [`SlowDevice`] (its `added` record and
+/// the log header hold it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowDeviceRebuild {
+    /// How long each read took to answer, in nanoseconds. Replay answers at
+    /// once; the delay is kept to describe the device.
+    pub read_delay_ns: u64,
 }
 
 /// One access as the device saw it.
@@ -81,12 +97,34 @@ impl SlowDeviceProbe {
     }
 }
 
+/// The register state. Shared with the deferred reads, which read it when
+/// they answer; all of them run on the device's actor, one at a time, so
+/// relaxed atomics suffice (they only make the state `Sync`).
+#[derive(Debug, Default)]
+struct Registers {
+    data: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl Registers {
+    fn read(&self, offset: u64) -> u64 {
+        match offset {
+            REG_ID => SLOW_ID,
+            REG_DATA => self.data.load(Ordering::Relaxed),
+            REG_COUNTER => {
+                let reads = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
+                COUNTER_TAG | (reads & 0x00ff_ffff)
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// The slow test device.
 #[derive(Debug)]
 pub struct SlowDevice {
     config: SlowDeviceConfig,
-    data: u64,
-    reads: u64,
+    registers: Arc<Registers>,
     probe: Arc<SlowDeviceProbe>,
 }
 
@@ -96,22 +134,28 @@ impl SlowDevice {
         let probe = Arc::new(SlowDeviceProbe::default());
         let dev = SlowDevice {
             config,
-            data: 0,
-            reads: 0,
+            registers: Arc::default(),
             probe: Arc::clone(&probe),
         };
         (dev, probe)
     }
 
-    fn read_value(&mut self, offset: u64) -> u64 {
-        match offset {
-            REG_ID => SLOW_ID,
-            REG_DATA => self.data,
-            REG_COUNTER => {
-                self.reads += 1;
-                COUNTER_TAG | (self.reads & 0x00ff_ffff)
-            }
-            _ => 0,
+    /// What replay needs to rebuild this device.
+    pub fn rebuild_info(&self) -> SlowDeviceRebuild {
+        SlowDeviceRebuild::new(self.config.read_delay)
+    }
+
+    /// A device rebuilt for replay: the same replies, at once.
+    pub fn replay(_info: &SlowDeviceRebuild) -> Self {
+        SlowDevice::new(SlowDeviceConfig::default()).0
+    }
+}
+
+impl SlowDeviceRebuild {
+    /// The rebuild data of a device whose reads take `read_delay`.
+    pub fn new(read_delay: Duration) -> Self {
+        SlowDeviceRebuild {
+            read_delay_ns: u64::try_from(read_delay.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -138,20 +182,25 @@ impl Device for SlowDevice {
         match access.op {
             AccessOp::Write { value } => {
                 if access.offset.0 == REG_DATA {
-                    self.data = value & access.size.mask();
+                    let value = value & access.size.mask();
+                    self.registers.data.store(value, Ordering::Relaxed);
                 }
                 Completion::Ready(AccessReply::Written)
             }
             AccessOp::Read => {
-                let value = self.read_value(access.offset.0) & access.size.mask();
-                let reply = AccessReply::Read { value };
+                let (offset, mask) = (access.offset.0, access.size.mask());
                 if self.config.read_delay.is_zero() {
-                    Completion::Ready(reply)
+                    let value = self.registers.read(offset) & mask;
+                    Completion::Ready(AccessReply::Read { value })
                 } else {
                     let delay = self.config.read_delay;
+                    let registers = Arc::clone(&self.registers);
                     Completion::Later(Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        reply
+                        // Read now, in the poll that answers (see the
+                        // module docs).
+                        let value = registers.read(offset) & mask;
+                        AccessReply::Read { value }
                     }))
                 }
             }
@@ -221,6 +270,47 @@ mod tests {
             dev.access(&access(REG_DATA, AccessOp::Write { value: 1 })),
             Completion::Ready(AccessReply::Written)
         ));
+    }
+
+    #[actix_rt::test]
+    async fn test_a_deferred_read_takes_its_value_when_it_is_answered() {
+        let cfg = SlowDeviceConfig {
+            read_delay: Duration::from_millis(1),
+            record: false,
+        };
+        let (mut dev, _) = SlowDevice::new(cfg);
+        let Completion::Later(read) = dev.access(&access(REG_DATA, AccessOp::Read)) else {
+            panic!("deferred");
+        };
+        // A write answered while the read waits: the read answers after
+        // it, so it sees it (the order a log records them in).
+        dev.access(&access(REG_DATA, AccessOp::Write { value: 5 }));
+        assert_eq!(read.await, AccessReply::Read { value: 5 });
+    }
+
+    #[test]
+    fn test_rebuilt_device_answers_the_same_at_once() {
+        let cfg = SlowDeviceConfig {
+            read_delay: Duration::from_micros(500),
+            record: false,
+        };
+        let (live, _) = SlowDevice::new(cfg);
+        let info = live.rebuild_info();
+        assert_eq!(info.read_delay_ns, 500_000);
+        let json = serde_json::to_value(info).expect("json");
+        let back: SlowDeviceRebuild = serde_json::from_value(json).expect("rebuild data");
+        let mut dev = SlowDevice::replay(&back);
+        dev.access(&access(REG_DATA, AccessOp::Write { value: 9 }));
+        for (reg, value) in [
+            (REG_DATA, 9),
+            (REG_COUNTER, COUNTER_TAG | 1),
+            (REG_ID, SLOW_ID),
+        ] {
+            let Completion::Ready(r) = dev.access(&access(reg, AccessOp::Read)) else {
+                panic!("replay answers at once");
+            };
+            assert_eq!(r, AccessReply::Read { value });
+        }
     }
 
     #[actix_rt::test]

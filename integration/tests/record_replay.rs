@@ -5,7 +5,10 @@
 //! replays with no divergence in both data modes; one changed byte of a
 //! reply is reported at exactly its sequence number; a log cut off in a
 //! record names the line and its prefix still replays; a log of a newer
-//! format is refused.
+//! format is refused. An MMIO/PIO session of `switchboard run`'s runner (a
+//! UART with output, input and interrupts, and the test device) replays
+//! with no divergence, and an altered reply, an altered or missing
+//! interrupt message or a missing input is caught at its sequence number.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -294,7 +297,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
 }
 
 #[test]
-fn test_mmio_accesses_are_recorded_and_replay_says_they_are_not_replayed() {
+fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_replays() {
     use switchboard_devices::fleet::{Fleet, Plan};
     use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr};
 
@@ -366,12 +369,377 @@ fn test_mmio_accesses_are_recorded_and_replay_says_they_are_not_replayed() {
         "{answered:?}"
     );
 
+    let added = dev.first().expect("an added record");
+    assert_eq!(
+        added["payload"]["rebuild"],
+        serde_json::json!({ "read_delay_ns": 0 })
+    );
+
     let out = replay(&log, &[]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
+    assert!(t.contains("slow0: 3 messages replayed, all matched"), "{t}");
+    assert!(t.contains("pio0: 3 messages not replayed: a bus"), "{t}");
+}
+
+/// Register accesses of one vCPU through a bus of the fleet.
+struct Vcpu {
+    bus: switchboard_bus::BusHandle,
+    me: switchboard_runtime::ActorId,
+}
+
+impl Vcpu {
+    fn read(&self, addr: u64, size: switchboard_runtime::AccessSize) -> u64 {
+        let r = futures::executor::block_on(self.bus.read(
+            &self.me,
+            switchboard_runtime::BusAddr(addr),
+            size,
+        ));
+        match r {
+            Ok(switchboard_runtime::AccessReply::Read { value }) => value,
+            other => panic!("read {addr:#x}: {other:?}"),
+        }
+    }
+
+    fn write(&self, addr: u64, size: switchboard_runtime::AccessSize, value: u64) {
+        let r = futures::executor::block_on(self.bus.write(
+            &self.me,
+            switchboard_runtime::BusAddr(addr),
+            size,
+            value,
+        ));
+        assert_eq!(
+            r,
+            Ok(switchboard_runtime::AccessReply::Written),
+            "write {addr:#x}"
+        );
+    }
+
+    fn inb(&self, reg: u8) -> u8 {
+        self.read(COM1 + u64::from(reg), switchboard_runtime::AccessSize::B1) as u8
+    }
+
+    fn outb(&self, reg: u8, value: u8) {
+        self.write(
+            COM1 + u64::from(reg),
+            switchboard_runtime::AccessSize::B1,
+            u64::from(value),
+        );
+    }
+}
+
+const COM1: u64 = 0x3f8;
+const SLOW0: u64 = 0xd000_0000;
+
+/// Records, through `switchboard run`'s runner and header, a session of the
+/// UART `com1` (set up as Linux's 8250 driver does, output read on its
+/// socket, input typed into it, with interrupts) and the test device
+/// `slow0` (writes, reads of every register, reads answered 500 us late,
+/// one of them overtaken by a write).
+fn record_mmio_session(dir: &Path, log: &Path) {
+    use switchboard_devices::uart::regs::*;
+    use switchboard_runtime::AccessSize;
+
+    let topology = serde_json::json!({
+        "buses": [
+            { "id": "pio0", "kind": "pio" },
+            { "id": "mmio0", "kind": "mmio", "size": "0x100000000" }
+        ],
+        "devices": [
+            { "id": "com1", "kind": "uart-16550", "bus": "pio0", "addr": "0x3f8",
+              "output": "unix:com1.sock" },
+            { "id": "slow0", "kind": "test-device", "bus": "mmio0", "addr": "0xd0000000",
+              "read_delay_us": 500 }
+        ]
+    });
+    let topology =
+        switchboard_devices::topology::check_str(&topology.to_string(), dir).expect("topology");
+    let header = Header::new(
+        "test".into(),
+        DataMode::Hash,
+        serde_json::to_value(&topology).expect("topology as JSON"),
+        switchboard_devices::runner::log_actors(&topology),
+    );
+    let rec = Recorder::create(
+        log,
+        &header,
+        RecordOptions {
+            data: DataMode::Hash,
+            ..RecordOptions::default()
+        },
+    )
+    .expect("create the log");
+    let (runner, started) =
+        switchboard_devices::runner::Runner::start_recording(topology, dir, Some(rec.clone()))
+            .expect("start");
+    for s in &started {
+        assert!(s.result.is_ok(), "{}: {:?}", s.id, s.result);
+    }
+    let fleet = runner.fleet();
+    let me = switchboard_runtime::ActorId::new("vcpu0");
+    let pio = Vcpu {
+        bus: fleet.bus("pio0").expect("pio0"),
+        me: me.clone(),
+    };
+    let mmio = Vcpu {
+        bus: fleet.bus("mmio0").expect("mmio0"),
+        me,
+    };
+    let mut client =
+        std::os::unix::net::UnixStream::connect(dir.join("com1.sock")).expect("connect com1");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+
+    // serial8250_startup(): 115200 8N1, FIFOs, OUT2 and both interrupts on;
+    // THRE raises the line, reading IIR lowers it.
+    pio.outb(LCR, LCR_DLAB);
+    pio.outb(DLL, 1);
+    pio.outb(DLM, 0);
+    pio.outb(LCR, 0x03);
+    pio.outb(FCR, FCR_FIFO_ENABLE | FCR_CLEAR_RX | FCR_CLEAR_TX);
+    pio.outb(MCR, MCR_DTR | MCR_RTS | MCR_OUT2);
+    pio.outb(IER, IER_ERBFI | IER_ETBEI);
+    assert_eq!(pio.inb(IIR), IIR_FIFO_ENABLED | IIR_THR_EMPTY);
+    pio.outb(IER, IER_ERBFI);
+    // Output, polling THRE before each byte.
+    let text_out = b"login: ";
+    for &b in text_out {
+        assert_ne!(pio.inb(LSR) & LSR_THRE, 0);
+        pio.outb(THR, b);
+    }
+    let mut got = vec![0u8; text_out.len()];
+    std::io::Read::read_exact(&mut client, &mut got).expect("output on the socket");
+    assert_eq!(&got, text_out);
+    // Input: typed into the socket, read while LSR says data is ready.
+    std::io::Write::write_all(&mut client, b"root\n").expect("type");
+    let mut received = Vec::new();
+    let start = std::time::Instant::now();
+    while received.len() < 5 {
+        assert!(start.elapsed() < WAIT, "input lost: got {received:?}");
+        if pio.inb(LSR) & LSR_DR != 0 {
+            received.push(pio.inb(RBR));
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert_eq!(received, b"root\n");
+    assert_eq!(pio.inb(IIR) & IIR_NO_INTERRUPT, IIR_NO_INTERRUPT);
+    // THRE raises the line again and nobody acknowledges it: the UART
+    // lowers it when it stops.
+    pio.outb(IER, IER_ERBFI | IER_ETBEI);
+
+    // The test device.
+    use switchboard_devices::slow::{COUNTER_TAG, REG_COUNTER, REG_DATA, REG_ID, SLOW_ID};
+    mmio.write(SLOW0 + REG_DATA, AccessSize::B4, 0x1234_5678);
+    assert_eq!(mmio.read(SLOW0 + REG_DATA, AccessSize::B4), 0x1234_5678);
+    for n in 1..=3 {
+        assert_eq!(
+            mmio.read(SLOW0 + REG_COUNTER, AccessSize::B4),
+            COUNTER_TAG | n
+        );
+    }
+    assert_eq!(mmio.read(SLOW0 + REG_ID, AccessSize::B8), SLOW_ID);
+    // A read waits 500 us; a write sent meanwhile is answered first.
+    let late = mmio.bus.read(
+        &mmio.me,
+        switchboard_runtime::BusAddr(SLOW0 + REG_DATA),
+        AccessSize::B8,
+    );
+    mmio.write(SLOW0 + REG_DATA, AccessSize::B8, 0xabc);
+    let late = futures::executor::block_on(late).expect("the late read");
     assert!(
-        t.contains("slow0: 3 messages not replayed: test-device is an MMIO/PIO device"),
+        matches!(late, switchboard_runtime::AccessReply::Read { value } if value == 0xabc || value == 0x1234_5678),
+        "{late:?}"
+    );
+
+    for (id, r) in runner.shutdown() {
+        r.unwrap_or_else(|e| panic!("remove {id}: {e}"));
+    }
+    drop(runner);
+    rec.finish().expect("finish the log");
+}
+
+/// The records of `log` (header left out), parsed.
+fn records(log: &Path) -> Vec<serde_json::Value> {
+    lines(log)[1..]
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect()
+}
+
+/// The line index (0 is the header) of the first record `f` accepts.
+fn find(log: &Path, f: impl Fn(&serde_json::Value) -> bool) -> usize {
+    records(log)
+        .iter()
+        .position(f)
+        .map(|i| i + 1)
+        .expect("a matching record")
+}
+
+#[test]
+fn test_an_mmio_pio_session_replays_with_no_divergence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("mmio.log");
+    record_mmio_session(dir.path(), &log);
+    let recs = records(&log);
+    let count = |f: &dyn Fn(&serde_json::Value) -> bool| recs.iter().filter(|r| f(r)).count();
+    let input: String = recs
+        .iter()
+        .filter(|r| r["type"] == "input")
+        .inspect(|r| assert!(r["from"] == "sink" && r["to"] == "com1", "{r}"))
+        .map(|r| r["payload"]["data"].as_str().expect("data").to_string())
+        .collect();
+    assert!(input.starts_with("b64:"), "{input}");
+    let irqs: Vec<bool> = recs
+        .iter()
+        .filter(|r| r["type"] == "irq")
+        .inspect(|r| assert!(r["from"] == "com1" && r["to"] == "irq/4", "{r}"))
+        .map(|r| r["payload"]["high"].as_bool().expect("level"))
+        .collect();
+    // THRE up and down, received data up and down, THRE up and down at
+    // removal.
+    // (More in between if the input came in several pieces.)
+    assert!(irqs.len() >= 6, "{irqs:?}");
+    assert!(irqs.windows(2).all(|w| w[0] != w[1]), "{irqs:?}");
+    assert!(irqs.starts_with(&[true, false]) && irqs.ends_with(&[true, false]));
+    let com1: Vec<&serde_json::Value> = recs
+        .iter()
+        .filter(|r| r["to"] == "com1" || r["from"] == "com1")
+        .collect();
+    let kinds: Vec<&str> = com1[com1.len() - 2..]
+        .iter()
+        .map(|r| r["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(kinds, ["irq", "removed"], "lowered as it stopped");
+    assert!(count(&|r| r["to"] == "com1" && r["from"] == "pio0") > 20);
+    assert_eq!(
+        count(&|r| r["to"] == "slow0" && r["type"] == "read"),
+        6,
+        "{recs:?}"
+    );
+    let header: serde_json::Value = serde_json::from_str(&lines(&log)[0]).expect("header");
+    let actors = header["actors"].as_array().expect("actors");
+    let rebuild = |id: &str| {
+        actors
+            .iter()
+            .find(|a| a["id"] == id)
+            .map(|a| a["rebuild"].clone())
+    };
+    assert_eq!(rebuild("com1"), Some(serde_json::json!({ "irq": 4 })));
+    assert_eq!(
+        rebuild("slow0"),
+        Some(serde_json::json!({ "read_delay_ns": 500_000 }))
+    );
+
+    let out = replay(&log, &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("0 divergences"), "{t}");
+    assert!(t.contains("com1: "), "{t}");
+    assert!(t.contains("slow0: 8 messages replayed, all matched"), "{t}");
+    assert!(!t.contains("com1: 0"), "{t}");
+    for device in ["com1", "slow0"] {
+        let out = replay(&log, &["--device", device]);
+        assert!(out.status.success(), "{device}: {}", text(&out));
+    }
+}
+
+#[test]
+fn test_an_altered_mmio_reply_or_interrupt_is_caught_at_its_sequence_number() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("mmio.log");
+    record_mmio_session(dir.path(), &log);
+    let caught = |edited: &Path| {
+        let out = replay(edited, &[]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{t}");
+        t
+    };
+
+    // The UART's answer to the read of RBR that gave 'o' (0x6f).
+    let index = find(&log, |r| {
+        r["to"] == "com1" && r["payload"]["offset"] == 0 && r["reply"]["Ok"]["value"] == 0x6f
+    });
+    let seq = seq_of(&lines(&log)[index]);
+    let edited = edit(&log, index, |l| {
+        l.replacen("\"value\":111", "\"value\":112", 1)
+    });
+    let t = caught(&edited);
+    assert!(t.contains(&format!("divergence at seq {seq} ")), "{t}");
+    assert!(t.contains("read message to com1"), "{t}");
+    assert!(
+        t.contains("reply to the 1-byte read at offset 0x0 of region 0"),
         "{t}"
     );
-    assert!(t.contains("pio0: 3 messages not replayed: a bus"), "{t}");
+    assert!(t.contains("expected: read 0x70"), "{t}");
+    assert!(t.contains("actual:   read 0x6f"), "{t}");
+    assert!(t.contains("messages com1 handled before it"), "{t}");
+
+    // The test device's second counter read.
+    let index = records(&log)
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r["to"] == "slow0" && r["payload"]["offset"] == 16)
+        .nth(1)
+        .map(|(i, _)| i + 1)
+        .expect("a second counter read");
+    let seq = seq_of(&lines(&log)[index]);
+    let value = 0x5100_0002u64;
+    let edited = edit(&log, index, |l| {
+        l.replacen(&format!("\"value\":{value}"), "\"value\":0", 1)
+    });
+    let t = caught(&edited);
+    assert!(t.contains(&format!("divergence at seq {seq} ")), "{t}");
+    assert!(t.contains("actual:   read 0x51000002"), "{t}");
+
+    // An interrupt message: the first raise of the line recorded as a lower.
+    let index = find(&log, |r| r["type"] == "irq");
+    let seq = seq_of(&lines(&log)[index]);
+    let edited = edit(&log, index, |l| {
+        l.replacen("\"high\":true", "\"high\":false", 1)
+    });
+    let t = caught(&edited);
+    assert!(t.contains(&format!("divergence at seq {seq} ")), "{t}");
+    assert!(t.contains("irq message from com1"), "{t}");
+    assert!(t.contains("expected: line 4 low"), "{t}");
+    assert!(t.contains("actual:   line 4 high"), "{t}");
+
+    // The same interrupt message left out: its cause is where it differs.
+    let cause = records(&log)[index..]
+        .iter()
+        .find(|r| r["to"] == "com1")
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .expect("the record that raised the line");
+    let mut all = lines(&log);
+    all.remove(index);
+    let edited = log.with_extension("without-irq");
+    std::fs::write(&edited, all.join("\n") + "\n").expect("write");
+    let t = caught(&edited);
+    assert!(t.contains(&format!("divergence at seq {cause} ")), "{t}");
+    assert!(
+        t.contains("an interrupt message the log does not hold"),
+        "{t}"
+    );
+
+    // The first input left out: the interrupt it raised, recorded just
+    // before it, is the first record the replay disagrees with.
+    let index = find(&log, |r| r["type"] == "input");
+    let raised = records(&log)[..index - 1]
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "irq")
+        .cloned()
+        .expect("the interrupt the input raised");
+    assert_eq!(raised["payload"]["high"], true);
+    let mut all = lines(&log);
+    all.remove(index);
+    let edited = log.with_extension("without-input");
+    std::fs::write(&edited, all.join("\n") + "\n").expect("write");
+    let t = caught(&edited);
+    assert!(
+        t.contains(&format!("divergence at seq {} ", raised["seq"])),
+        "{t}"
+    );
+    assert!(t.contains("the replayed device did not send it"), "{t}");
 }

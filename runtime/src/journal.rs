@@ -8,7 +8,9 @@
 //! A message that an actor forwards to another actor without answering it
 //! itself (the bus forwarding an access to a device) is recorded as a new send
 //! that names the sequence number it continues, and only the final reply is
-//! recorded.
+//! recorded. A one-way message ([`Runtime::notify`](crate::Runtime::notify):
+//! an interrupt level, a device's input) is shown as sent and then answered
+//! at once, with no reply (`()`).
 //!
 //! Payloads and replies are shown as [`Recordable`] so that a journal decides
 //! whether, when and how to serialize them; without a journal nothing is

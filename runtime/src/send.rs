@@ -162,6 +162,34 @@ impl Runtime {
         }
     }
 
+    /// Shows a one-way message to the journal: one that has no receiver
+    /// waiting to answer it, such as an interrupt level a device raised or
+    /// an input a device took from outside. It gets the next [`Seq`] and is
+    /// journalled as sent and answered at once, with no reply. Without a
+    /// journal this is one branch.
+    ///
+    /// Call it on the thread, and at the moment, the message takes effect
+    /// (a device calls it from its own handler): the journal's order of a
+    /// device's messages is then the order the device saw them in.
+    pub fn notify<M: Request<Reply = ()>>(&self, from: &ActorId, to: &ActorId, msg: &M) {
+        let Some(journal) = self.journal() else {
+            return;
+        };
+        let seq = self.next_seq();
+        journal.sent(&Sent {
+            seq,
+            forwarded_from: None,
+            from,
+            to,
+            kind: msg.kind(),
+            payload: msg as &dyn Recordable,
+        });
+        journal.replied(&Replied {
+            seq,
+            reply: &() as &dyn Recordable,
+        });
+    }
+
     /// The next sequence number of this runtime: every message gets one.
     pub fn next_seq(&self) -> Seq {
         Seq(self.inner.next_seq.fetch_add(1, Ordering::Relaxed))

@@ -94,11 +94,11 @@ enum Command {
     },
     /// Replay a message log and check that every device answers as recorded.
     ///
-    /// Each recorded device is rebuilt from the log (no image, guest or
-    /// entropy source needed: their data is in the log) and fed its
-    /// recorded messages in order; every reply, guest-memory write and
-    /// effect on the outside (file writes, flushes, ...) is compared with
-    /// the recorded one. Exits 0 when all match. At the first difference,
+    /// Each recorded device is rebuilt from the log (no image, guest,
+    /// entropy source or UART sink needed: their data is in the log) and
+    /// fed its recorded messages in order; every reply, guest-memory write,
+    /// effect on the outside (file writes, flushes, ...) and interrupt
+    /// message is compared with the recorded one. Exits 0 when all match. At the first difference,
     /// prints its sequence number, the message, expected against actual
     /// and the last messages that device handled, and exits 1. A log that
     /// cannot be read (cut off, malformed, from a newer switchboard) exits
