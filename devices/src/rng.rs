@@ -184,6 +184,135 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
 
+    use crate::virtio::mock::{Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE};
+
+    const SENTINEL: u8 = 0x5a;
+
+    /// Whether `b` was overwritten: 16 or more random bytes all equal to the
+    /// sentinel have a chance of 2^-128.
+    fn filled(b: &[u8]) -> bool {
+        b.iter().any(|x| *x != SENTINEL)
+    }
+
+    #[test]
+    fn test_fills_every_writable_buffer() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        let bufs = [
+            (DATA_BASE, 16),
+            (DATA_BASE + 0x1000, 32),
+            (HIGH_RAM_BASE, 64),
+        ];
+        for (addr, len) in bufs {
+            guest.fill(addr, len + 16, SENTINEL);
+        }
+        driver.add_chain(&bufs.map(|(a, l)| Desc::w(a, l as u32)));
+        let rng = Rng::new(None).expect("rng");
+        let Handled::Done { request, len } = rng.handle(driver.walk_one(), done.completer()) else {
+            panic!("an unlimited rng answers at once");
+        };
+        driver.finish(request, len);
+        assert_eq!(len, 112);
+        for (addr, len) in bufs {
+            let got = guest.read(addr, len + 16);
+            assert!(filled(&got[..len]), "buffer at {addr:#x} not filled");
+            assert!(filled(&got[len - 16..len]), "end of {addr:#x} not filled");
+            assert_eq!(&got[len..], &[SENTINEL; 16], "past the buffer at {addr:#x}");
+        }
+        assert_eq!(driver.used(), vec![(0, 112)]);
+        assert!(done.drain().is_empty());
+    }
+
+    #[test]
+    fn test_leaves_readable_buffers_alone() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        guest.fill(DATA_BASE, 32, SENTINEL);
+        guest.fill(DATA_BASE + 0x1000, 32, SENTINEL);
+        driver.add_indirect_chain(&[Desc::r(DATA_BASE, 32), Desc::w(DATA_BASE + 0x1000, 32)]);
+        let rng = Rng::new(None).expect("rng");
+        let Handled::Done { request, len } = rng.handle(driver.walk_one(), done.completer()) else {
+            panic!("an unlimited rng answers at once");
+        };
+        driver.finish(request, len);
+        assert_eq!(len, 32);
+        assert_eq!(guest.read(DATA_BASE, 32), vec![SENTINEL; 32]);
+        assert!(filled(&guest.read(DATA_BASE + 0x1000, 32)));
+    }
+
+    #[test]
+    fn test_gives_at_most_64_kib_per_request() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        let size = MAX_FILL as usize + 4096;
+        guest.fill(DATA_BASE, size, SENTINEL);
+        driver.add_chain(&[Desc::w(DATA_BASE, size as u32)]);
+        let rng = Rng::new(None).expect("rng");
+        let Handled::Done { request, len } = rng.handle(driver.walk_one(), done.completer()) else {
+            panic!("an unlimited rng answers at once");
+        };
+        driver.finish(request, len);
+        assert_eq!(u64::from(len), MAX_FILL);
+        let got = guest.read(DATA_BASE, size);
+        let n = MAX_FILL as usize;
+        assert!(filled(&got[n - 16..n]));
+        assert_eq!(&got[n..], &vec![SENTINEL; 4096][..]);
+    }
+
+    #[test]
+    fn test_request_without_writable_buffers_gets_nothing() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        guest.fill(DATA_BASE, 16, SENTINEL);
+        driver.add_chain(&[Desc::r(DATA_BASE, 16)]);
+        let rng = Rng::new(None).expect("rng");
+        let Handled::Done { request, len } = rng.handle(driver.walk_one(), done.completer()) else {
+            panic!("an unlimited rng answers at once");
+        };
+        driver.finish(request, len);
+        assert_eq!(len, 0);
+        assert_eq!(guest.read(DATA_BASE, 16), vec![SENTINEL; 16]);
+    }
+
+    #[test]
+    fn test_rate_limited_request_is_answered_later_with_at_most_the_rate() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        let gate = switchboard_runtime::Gate::running("t", 1, 8);
+        guest.fill(DATA_BASE, 256, SENTINEL);
+        driver.add_chain(&[Desc::w(DATA_BASE, 256)]);
+        let rng = Rng::new(Some(100)).expect("rng");
+        assert_eq!(rng.rebuild_info().bytes_per_second, Some(100));
+        let mut request = driver.walk_one();
+        let ticket = gate
+            .admit(
+                0,
+                switchboard_runtime::Seq(1),
+                switchboard_runtime::MessageKind::Request,
+            )
+            .expect("admitted");
+        request.admitted(ticket, done.completer(), rng.fail_status());
+        assert!(matches!(
+            rng.handle(request, done.completer()),
+            Handled::Pending
+        ));
+        // The first request fits the initial burst: no wait.
+        let (request, len) = done.next();
+        assert_eq!(gate.in_flight(), 1);
+        driver.finish(request, len);
+        assert_eq!(gate.in_flight(), 0);
+        assert_eq!(len, 100);
+        let got = guest.read(DATA_BASE, 256);
+        assert!(filled(&got[84..100]));
+        assert_eq!(&got[100..], &[SENTINEL; 156][..]);
+        assert!(done.drain().is_empty());
+    }
+
     #[test]
     fn test_bucket_allows_a_burst_then_paces() {
         let mut b = Bucket {

@@ -844,3 +844,400 @@ pub trait VirtioDevice: Send + Sync + 'static {
         Err(format!("{} devices cannot be replayed", self.kind()))
     }
 }
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
+
+#[cfg(test)]
+mod tests {
+    use switchboard_bus::MemoryError;
+    use switchboard_runtime::{Gate, MessageKind, Seq};
+
+    use super::mock::{
+        Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE, RAM_BASE, RAM_SIZE,
+    };
+    use super::*;
+
+    const A: u64 = DATA_BASE;
+    const B: u64 = DATA_BASE + 0x1000;
+    const C: u64 = DATA_BASE + 0x2000;
+    const D: u64 = DATA_BASE + 0x3000;
+
+    fn seg(addr: u64, len: u32) -> Segment {
+        Segment {
+            addr: GuestAddr(addr),
+            len,
+        }
+    }
+
+    fn bytes(n: usize, first: u8) -> Vec<u8> {
+        (0..n).map(|i| first.wrapping_add(i as u8)).collect()
+    }
+
+    /// A request admitted on lane 0 of `gate` as message `seq`, with its
+    /// drop guard armed.
+    fn admit(
+        request: &mut Request,
+        gate: &Gate,
+        seq: u64,
+        done: &Completions,
+        fail_status: Option<u8>,
+    ) {
+        let ticket = gate
+            .admit(0, Seq(seq), MessageKind::Request)
+            .expect("a running gate admits");
+        request.admitted(ticket, done.completer(), fail_status);
+    }
+
+    #[test]
+    fn test_chain_splits_into_readable_then_writable_segments() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 3);
+        driver.add_chain(&[Desc::r(A, 16)]);
+        let head = driver.add_chain(&[
+            Desc::r(B, 16),
+            Desc::r(C, 512),
+            Desc::w(D, 512),
+            Desc::w(HIGH_RAM_BASE, 1),
+        ]);
+        let mut walked = driver.walk();
+        assert_eq!(walked.len(), 2);
+        let w = walked.remove(1);
+        assert_eq!(w.head, head);
+        assert_eq!(head, 1);
+        let r = w.request.expect("well formed");
+        assert_eq!(r.queue(), 3);
+        assert_eq!(r.head(), 1);
+        assert_eq!(r.readable(), &[seg(B, 16), seg(C, 512)]);
+        assert_eq!(r.writable(), &[seg(D, 512), seg(HIGH_RAM_BASE, 1)]);
+        assert_eq!(r.readable_len(), 528);
+        assert_eq!(r.writable_len(), 513);
+    }
+
+    #[test]
+    fn test_indirect_chain_is_walked_like_a_direct_one() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        driver.add_chain(&[Desc::r(A, 8)]);
+        let head = driver.add_indirect_chain(&[Desc::r(B, 16), Desc::w(C, 64), Desc::w(D, 1)]);
+        let mut walked = driver.walk();
+        assert_eq!(walked.len(), 2);
+        let w = walked.remove(1);
+        assert_eq!(w.head, head);
+        assert_eq!(
+            w.descriptors,
+            vec![
+                (GuestAddr(B), 16, false),
+                (GuestAddr(C), 64, true),
+                (GuestAddr(D), 1, true)
+            ]
+        );
+        let r = w.request.expect("well formed");
+        assert_eq!(r.head(), head);
+        assert_eq!(r.readable(), &[seg(B, 16)]);
+        assert_eq!(r.writable(), &[seg(C, 64), seg(D, 1)]);
+    }
+
+    #[test]
+    fn test_readable_after_writable_is_rejected() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        driver.add_chain(&[Desc::r(A, 1)]);
+        let head = driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 1), Desc::r(C, 16)]);
+        let w = driver.walk().remove(1);
+        match w.request {
+            Err(ChainError::ReadableAfterWritable { head: h }) => assert_eq!(h, head),
+            other => panic!("expected ReadableAfterWritable, got {other:?}"),
+        }
+        // The leases taken for the first buffers went with the error.
+        assert_eq!(guest.leases(), vec![0, 0]);
+    }
+
+    #[test]
+    fn test_chain_longer_than_the_limit_is_rejected() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let limit = u32::try_from(MAX_CHAIN_BYTES).expect("64 MiB fits");
+        let head = driver.add_chain(&[Desc::r(A, 16), Desc::w(B, limit)]);
+        match driver.walk().remove(0).request {
+            Err(ChainError::TooLong {
+                head: h,
+                len,
+                limit,
+            }) => {
+                assert_eq!(h, head);
+                assert_eq!(len, MAX_CHAIN_BYTES + 16);
+                assert_eq!(limit, MAX_CHAIN_BYTES);
+            }
+            other => panic!("expected TooLong, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_chain_of_exactly_the_limit_is_not_too_long() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let limit = u32::try_from(MAX_CHAIN_BYTES).expect("64 MiB fits");
+        driver.add_chain(&[Desc::w(A, limit)]);
+        // Not refused for its length; its buffer runs past the 1 MiB of RAM.
+        match driver.walk().remove(0).request {
+            Err(ChainError::Memory { len, .. }) => assert_eq!(len, limit),
+            other => panic!("expected a memory error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_buffer_running_out_of_ram_is_rejected() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let end = RAM_BASE + RAM_SIZE;
+        let head = driver.add_chain(&[Desc::r(A, 16), Desc::w(end - 8, 16)]);
+        match driver.walk().remove(0).request {
+            Err(ChainError::Memory {
+                head: h,
+                addr,
+                len,
+                source: MemoryError::Unmapped { .. },
+            }) => {
+                assert_eq!(h, head);
+                assert_eq!(addr, GuestAddr(end - 8));
+                assert_eq!(len, 16);
+            }
+            other => panic!("expected an unmapped buffer, got {other:?}"),
+        }
+        assert_eq!(guest.leases(), vec![0, 0]);
+    }
+
+    #[test]
+    fn test_buffer_in_the_hole_between_ram_regions_is_rejected() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let hole = RAM_BASE + RAM_SIZE + 0x1000;
+        driver.add_chain(&[Desc::r(hole, 1)]);
+        assert!(matches!(
+            driver.walk().remove(0).request,
+            Err(ChainError::Memory {
+                addr: GuestAddr(a),
+                source: MemoryError::Unmapped { .. },
+                ..
+            }) if a == hole
+        ));
+    }
+
+    #[test]
+    fn test_request_leases_each_region_it_touches_until_dropped() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        driver.add_chain(&[Desc::r(A, 16), Desc::r(B, 16), Desc::w(HIGH_RAM_BASE, 1)]);
+        let request = driver.walk_one();
+        // One lease per region, however many buffers are in it.
+        assert_eq!(guest.leases(), vec![1, 1]);
+        drop(request);
+        assert_eq!(guest.leases(), vec![0, 0]);
+    }
+
+    #[test]
+    fn test_read_at_gathers_across_readable_segments() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        guest.write(A, &bytes(4, 0x10));
+        guest.write(B, &bytes(8, 0x20));
+        driver.add_chain(&[Desc::r(A, 4), Desc::r(B, 8), Desc::w(C, 1)]);
+        let mut r = driver.walk_one();
+        let mut buf = [0u8; 6];
+        r.read_at(2, &mut buf).expect("inside the readable bytes");
+        assert_eq!(buf, [0x12, 0x13, 0x20, 0x21, 0x22, 0x23]);
+    }
+
+    #[test]
+    fn test_write_at_scatters_across_writable_segments() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        guest.fill(B, 4, 0xee);
+        guest.fill(HIGH_RAM_BASE, 4, 0xee);
+        driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 4), Desc::w(HIGH_RAM_BASE, 4)]);
+        let mut r = driver.walk_one();
+        r.write_at(2, &[1, 2, 3, 4])
+            .expect("inside the writable bytes");
+        assert_eq!(guest.read(B, 4), [0xee, 0xee, 1, 2]);
+        assert_eq!(guest.read(HIGH_RAM_BASE, 4), [3, 4, 0xee, 0xee]);
+        // The readable buffer is not writable.
+        assert_eq!(guest.read(A, 4), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn test_read_at_past_the_readable_bytes_fails() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        driver.add_chain(&[Desc::r(A, 4), Desc::r(B, 4), Desc::w(C, 64)]);
+        let mut r = driver.walk_one();
+        let mut buf = [0u8; 4];
+        // The writable bytes beyond do not count.
+        assert!(matches!(
+            r.read_at(6, &mut buf),
+            Err(MemoryError::OutOfRegion {
+                offset: 6,
+                len: 4,
+                size: 8
+            })
+        ));
+    }
+
+    #[test]
+    fn test_write_at_past_the_writable_bytes_fails_and_writes_nothing() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        guest.fill(B, 4, 0xee);
+        driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 4)]);
+        let mut r = driver.walk_one();
+        assert!(matches!(
+            r.write_at(2, &[1, 2, 3]),
+            Err(MemoryError::OutOfRegion { size: 4, .. })
+        ));
+        assert_eq!(guest.read(B, 4), [0xee; 4]);
+    }
+
+    #[test]
+    fn test_unanswered_request_answers_itself_once_with_the_failure_status() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let gate = Gate::running("t", 1, 8);
+        let done = Completions::new();
+        guest.fill(B, 512, 0xee);
+        guest.fill(C, 1, 0xee);
+        let head = driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 512), Desc::w(C, 1)]);
+        let mut r = driver.walk_one();
+        admit(&mut r, &gate, 1, &done, Some(0xa5));
+        assert_eq!(gate.in_flight(), 1);
+        drop(r);
+        let mut answers = done.drain();
+        assert_eq!(answers.len(), 1, "answered exactly once");
+        let (orphan, len) = answers.remove(0);
+        assert_eq!(len, 1);
+        assert_eq!(orphan.head(), head);
+        // The status went into the last writable byte, nothing else.
+        assert_eq!(guest.read(C, 1), [0xa5]);
+        assert_eq!(guest.read(B, 512), vec![0xee; 512]);
+        // The answer still holds the admission until its used entry is written.
+        assert_eq!(gate.in_flight(), 1);
+        assert_eq!(orphan.seq(), Some(Seq(1)));
+        driver.finish(orphan, len);
+        assert_eq!(gate.in_flight(), 0);
+        assert_eq!(driver.used(), vec![(u32::from(head), 1)]);
+        assert!(done.drain().is_empty(), "the answer does not answer again");
+        assert_eq!(guest.leases(), vec![0, 0]);
+    }
+
+    #[test]
+    fn test_unanswered_request_without_failure_status_answers_with_nothing_written() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let gate = Gate::running("t", 1, 8);
+        let done = Completions::new();
+        guest.fill(B, 8, 0xee);
+        driver.add_chain(&[Desc::w(B, 8)]);
+        let mut r = driver.walk_one();
+        admit(&mut r, &gate, 1, &done, None);
+        drop(r);
+        let (orphan, len) = done.next();
+        assert_eq!(len, 0);
+        assert_eq!(guest.read(B, 8), vec![0xee; 8]);
+        driver.finish(orphan, len);
+        assert_eq!(gate.in_flight(), 0);
+        assert!(done.drain().is_empty());
+    }
+
+    #[test]
+    fn test_unanswered_request_without_writable_bytes_answers_with_length_zero() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let gate = Gate::running("t", 1, 8);
+        let done = Completions::new();
+        guest.fill(A, 16, 0xee);
+        driver.add_chain(&[Desc::r(A, 16)]);
+        let mut r = driver.walk_one();
+        admit(&mut r, &gate, 1, &done, Some(1));
+        drop(r);
+        let (orphan, len) = done.next();
+        assert_eq!(len, 0);
+        // A readable buffer is never written, not even for the status.
+        assert_eq!(guest.read(A, 16), vec![0xee; 16]);
+        driver.finish(orphan, len);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
+    fn test_ticket_is_held_until_answered() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let gate = Gate::running("t", 1, 8);
+        let done = Completions::new();
+        driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 1)]);
+        let mut r = driver.walk_one();
+        assert_eq!(r.seq(), None);
+        assert!(r.gate().is_none());
+        admit(&mut r, &gate, 7, &done, Some(1));
+        assert_eq!(r.seq(), Some(Seq(7)));
+        assert_eq!(r.gate().map(|g| g.name().to_string()), Some("t".into()));
+        assert_eq!(gate.in_flight(), 1);
+        let ticket = r.answered().expect("the admission");
+        assert_eq!(ticket.seq(), Seq(7));
+        assert_eq!(r.seq(), None);
+        // Answered: dropping the request neither answers it again nor ends
+        // the admission, which the ticket's holder ends.
+        drop(r);
+        assert!(done.drain().is_empty());
+        assert_eq!(gate.in_flight(), 1);
+        drop(ticket);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[test]
+    fn test_request_not_admitted_is_dropped_silently() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let done = Completions::new();
+        driver.add_chain(&[Desc::w(B, 1)]);
+        let r = driver.walk_one();
+        drop(r);
+        assert!(done.drain().is_empty());
+        assert_eq!(guest.read(B, 1), [0]);
+    }
+
+    #[test]
+    fn test_queue_walk_takes_each_offered_chain_once_in_order() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        let heads = [
+            driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 1)]),
+            driver.add_indirect_chain(&[Desc::r(C, 16), Desc::w(D, 1)]),
+            driver.add_chain(&[Desc::w(D + 0x100, 4)]),
+        ];
+        assert_eq!(heads, [0, 2, 3]);
+        let walked = driver.walk();
+        assert_eq!(
+            walked.iter().map(|w| w.head).collect::<Vec<_>>(),
+            heads.to_vec()
+        );
+        for (i, w) in walked.into_iter().enumerate() {
+            driver.finish(w.request.expect("well formed"), i as u32 + 10);
+        }
+        assert_eq!(driver.used(), vec![(0, 10), (2, 11), (3, 12)]);
+        assert!(driver.walk().is_empty(), "nothing offered since");
+        let late = driver.add_chain(&[Desc::w(A, 1)]);
+        assert_eq!(
+            driver.walk().iter().map(|w| w.head).collect::<Vec<_>>(),
+            vec![late]
+        );
+    }
+
+    #[test]
+    fn test_config_window_pads_past_the_end_with_zeroes() {
+        assert_eq!(config_window(&[1, 2, 3, 4], 2, 4), vec![3, 4, 0, 0]);
+        assert_eq!(config_window(&[1, 2], 8, 2), vec![0, 0]);
+        assert_eq!(
+            config_window(&[1, 2], u32::MAX, u32::MAX >> 28),
+            vec![0; 15]
+        );
+    }
+}
