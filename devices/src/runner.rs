@@ -55,6 +55,11 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
             addr: t.addr.0,
             read_delay: t.config().read_delay,
         },
+        DeviceSpec::VirtioFault(f) => Plan::Fault {
+            id: f.id().to_string(),
+            config: f.config(),
+            socket: f.vhost_user.socket.clone(),
+        },
     }
 }
 
@@ -79,6 +84,7 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
         let p = plan(spec);
         let not_replayable = match p {
             Plan::Blk { .. } | Plan::Rng { .. } => None,
+            Plan::Fault { .. } => Some(crate::fault::NOT_REPLAYABLE.to_string()),
             Plan::Uart { .. } | Plan::TestDevice { .. } => {
                 Some(fleet::mmio_not_replayable(p.kind()))
             }
@@ -103,6 +109,8 @@ pub fn qemu_args(spec: &DeviceSpec) -> Option<String> {
             format!(",num-queues={}", b.vhost_user.queues),
         ),
         DeviceSpec::VirtioRng(r) => (&r.vhost_user, "vhost-user-rng-pci", String::new()),
+        // An entropy device to the guest.
+        DeviceSpec::VirtioFault(f) => (&f.vhost_user, "vhost-user-rng-pci", String::new()),
         DeviceSpec::Uart16550(_) | DeviceSpec::TestDevice(_) => return None,
     };
     Some(format!(
@@ -148,6 +156,14 @@ pub fn describe(spec: &DeviceSpec) -> String {
         DeviceSpec::TestDevice(t) => format!(
             "test-device on bus {} at {:#x}, reads take {} us",
             t.bus, t.addr.0, t.read_delay_us
+        ),
+        DeviceSpec::VirtioFault(f) => format!(
+            "virtio-fault (fault-injection test device): panics in {} on request {}, \
+             holding {}, socket {}",
+            f.panic_in.name(),
+            f.panic_after.saturating_add(1),
+            f.hold,
+            f.vhost_user.socket.display(),
         ),
     };
     match qemu_args(spec) {
