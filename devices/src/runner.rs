@@ -11,7 +11,9 @@
 //!   checked like a file's devices, against the devices running now.
 //! - `device-del {"id": ID}`: replies once the device is drained and
 //!   stopped, with the drain time; a second `device-del` of a device being
-//!   removed waits for the same drain.
+//!   removed waits for the same drain. A device that failed (a contained
+//!   panic) is removed all the same, and the reply is an error that gives
+//!   the failure.
 //! - `query-stats`: uptime, device count, totals, resident memory, threads
 //!   and bus counters.
 //! - `query-failures`: every device failure (a contained panic) the
@@ -357,7 +359,16 @@ impl Runner {
                 Ok(json!({ "id": id, "drain_ms": drain_ms }))
             }
             Err(fleet::Error::NotFound(_)) => Err(CommandError::device_not_found(&id)),
-            Err(e) => Err(CommandError::generic(e.to_string())),
+            Err(e) => {
+                // The fleet removed the device all the same (a failed device
+                // ends its stop with its failure): its id and its files are
+                // free for a new device.
+                self.specs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|s| s.id().as_str() != id);
+                Err(CommandError::generic(e.to_string()))
+            }
         }
     }
 
