@@ -6,9 +6,10 @@
 //! # Isolation
 //!
 //! One device's panic or slow handler never stalls another:
-//! - a vhost-user device (virtio-blk, virtio-rng) runs on threads of its
-//!   own: the thread serving its socket, the vhost-user protocol thread,
-//!   its queue workers and (blk) its I/O threads. Its guest-memory bus is an
+//! - a vhost-user device (virtio-blk, virtio-rng, virtio-fault) runs on
+//!   threads of its own: the thread serving its socket, the vhost-user
+//!   protocol thread, its queue workers and (blk, and virtio-fault with
+//!   `io-thread`) its I/O threads. Its guest-memory bus is an
 //!   actor on a small shared pool of arbiters; those actors never run device
 //!   code and never block.
 //! - an MMIO/PIO device is an actor on an arbiter of its own, and each bus
@@ -47,6 +48,7 @@ use switchboard_runtime::{
 
 use crate::blk::{Blk, BlkOptions};
 use crate::error_chain;
+use crate::fault::{FaultConfig, FaultDevice};
 use crate::rng::Rng;
 use crate::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
 use crate::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
@@ -85,6 +87,16 @@ pub enum Plan {
         /// The vhost-user socket.
         socket: PathBuf,
     },
+    /// The fault-injection test device ([`crate::fault`]) over vhost-user:
+    /// an entropy device that panics on a chosen request. For testing only.
+    Fault {
+        /// Device id.
+        id: String,
+        /// When and where it panics.
+        config: FaultConfig,
+        /// The vhost-user socket.
+        socket: PathBuf,
+    },
     /// A 16550A UART on an MMIO/PIO bus.
     Uart {
         /// Device id.
@@ -115,6 +127,7 @@ impl Plan {
         match self {
             Plan::Blk { id, .. }
             | Plan::Rng { id, .. }
+            | Plan::Fault { id, .. }
             | Plan::Uart { id, .. }
             | Plan::TestDevice { id, .. } => id,
         }
@@ -125,6 +138,7 @@ impl Plan {
         match self {
             Plan::Blk { .. } => "virtio-blk",
             Plan::Rng { .. } => "virtio-rng",
+            Plan::Fault { .. } => crate::fault::KIND,
             Plan::Uart { .. } => "uart-16550",
             Plan::TestDevice { .. } => "test-device",
         }
@@ -321,7 +335,7 @@ pub fn mmio_rebuild_info(plan: &Plan) -> Option<serde_json::Value> {
         Plan::TestDevice { read_delay, .. } => {
             serde_json::to_value(SlowDeviceRebuild::new(*read_delay))
         }
-        Plan::Blk { .. } | Plan::Rng { .. } => return None,
+        Plan::Blk { .. } | Plan::Rng { .. } | Plan::Fault { .. } => return None,
     };
     // Two structs of integers always serialize.
     info.ok()
@@ -476,6 +490,10 @@ impl Fleet {
             } => {
                 let rng = Rng::new(*rate_limit).map_err(|e| fail(e.to_string()))?;
                 self.start_vhost_user(id, plan.kind(), rng, 1, socket)
+            }
+            Plan::Fault { id, config, socket } => {
+                let fault = FaultDevice::new(*config).map_err(|e| fail(e.to_string()))?;
+                self.start_vhost_user(id, plan.kind(), fault, 1, socket)
             }
             Plan::Uart {
                 id,

@@ -9,6 +9,8 @@
 //!   vhost-user by [`vhost_user`].
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
+//! - [`fault`]: virtio-fault, a fault-injection test device served over
+//!   vhost-user that panics on a chosen request, for panic-containment tests.
 //!
 //! Each device implements [`switchboard_runtime::Device`] and is hosted by a
 //! device actor; buses from `switchboard-bus` route guest accesses to it.
@@ -17,6 +19,7 @@
 
 pub mod blk;
 pub mod control;
+pub mod fault;
 pub mod fleet;
 pub mod inspect;
 pub mod replay;

@@ -11,7 +11,9 @@
 //!   checked like a file's devices, against the devices running now.
 //! - `device-del {"id": ID}`: replies once the device is drained and
 //!   stopped, with the drain time; a second `device-del` of a device being
-//!   removed waits for the same drain.
+//!   removed waits for the same drain. A device that failed (a contained
+//!   panic) is removed all the same, and the reply is an error that gives
+//!   the failure.
 //! - `query-stats`: uptime, device count, totals, resident memory, threads
 //!   and bus counters.
 //! - `query-failures`: every device failure (a contained panic) the
@@ -55,6 +57,11 @@ pub fn plan(spec: &DeviceSpec) -> Plan {
             addr: t.addr.0,
             read_delay: t.config().read_delay,
         },
+        DeviceSpec::VirtioFault(f) => Plan::Fault {
+            id: f.id().to_string(),
+            config: f.config(),
+            socket: f.vhost_user.socket.clone(),
+        },
     }
 }
 
@@ -79,11 +86,15 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
         });
     let devices = topology.devices.iter().map(|spec| {
         let p = plan(spec);
+        let not_replayable = match p {
+            Plan::Fault { .. } => Some(crate::fault::NOT_REPLAYABLE.to_string()),
+            _ => None,
+        };
         switchboard_runtime::recording::ActorInfo {
             id: spec.id().to_string(),
             kind: p.kind().to_string(),
             rebuild: fleet::mmio_rebuild_info(&p),
-            not_replayable: None,
+            not_replayable,
         }
     });
     buses.chain(devices).collect()
@@ -99,6 +110,8 @@ pub fn qemu_args(spec: &DeviceSpec) -> Option<String> {
             format!(",num-queues={}", b.vhost_user.queues),
         ),
         DeviceSpec::VirtioRng(r) => (&r.vhost_user, "vhost-user-rng-pci", String::new()),
+        // An entropy device to the guest.
+        DeviceSpec::VirtioFault(f) => (&f.vhost_user, "vhost-user-rng-pci", String::new()),
         DeviceSpec::Uart16550(_) | DeviceSpec::TestDevice(_) => return None,
     };
     Some(format!(
@@ -144,6 +157,14 @@ pub fn describe(spec: &DeviceSpec) -> String {
         DeviceSpec::TestDevice(t) => format!(
             "test-device on bus {} at {:#x}, reads take {} us",
             t.bus, t.addr.0, t.read_delay_us
+        ),
+        DeviceSpec::VirtioFault(f) => format!(
+            "virtio-fault (fault-injection test device): panics in {} on request {}, \
+             holding {}, socket {}",
+            f.panic_in.name(),
+            f.panic_after.saturating_add(1),
+            f.hold,
+            f.vhost_user.socket.display(),
         ),
     };
     match qemu_args(spec) {
@@ -337,7 +358,16 @@ impl Runner {
                 Ok(json!({ "id": id, "drain_ms": drain_ms }))
             }
             Err(fleet::Error::NotFound(_)) => Err(CommandError::device_not_found(&id)),
-            Err(e) => Err(CommandError::generic(e.to_string())),
+            Err(e) => {
+                // The fleet removed the device all the same (a failed device
+                // ends its stop with its failure): its id and its files are
+                // free for a new device.
+                self.specs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|s| s.id().as_str() != id);
+                Err(CommandError::generic(e.to_string()))
+            }
         }
     }
 

@@ -36,15 +36,25 @@
 //! | `virtio-rng` | `id`, `rate_limit?` (bytes per second; no limit), `vhost_user` |
 //! | `uart-16550` | `id`, `bus`, `addr` (an 8-byte register region), `output` |
 //! | `test-device` | `id`, `bus`, `addr` (a 32-byte region), `read_delay_us?` (0) |
+//! | `virtio-fault` | `id`, `panic_after?` (0), `hold?` (0), `panic_in?` (`"handle"`), `fail_status?` (none), `vhost_user` |
 //!
 //! - `vhost_user` is `{ "socket", "queues?" }`: the unix socket the device is
 //!   served on, and its number of virtqueues (default 1; 1 to 64 for
-//!   virtio-blk, exactly 1 for virtio-rng).
+//!   virtio-blk, exactly 1 for virtio-rng and virtio-fault).
+//! - `virtio-fault` is a **fault-injection device for testing** panic
+//!   containment ([`crate::fault`]): an entropy device that answers the
+//!   first `panic_after` requests, except that it keeps the last `hold` of
+//!   them (at most `panic_after`, at most 255) unanswered, and panics on the
+//!   next one, in `handle` on the queue worker (`panic_in: "handle"`) or on
+//!   a thread of its own (`"io-thread"`). The requests it holds then are
+//!   answered with `fail_status` (0 to 255) in their last writable byte, or
+//!   with nothing written when it is left out. Never put one in a real VM.
 //! - `output` (a UART's character backend) is one of the strings `"stdout"`,
 //!   `"stdio"` (stdout, and input from stdin), `"null"`, `"file:PATH"`
 //!   (appended to, created if missing) or `"unix:PATH"` (a socket the UART
 //!   listens on); see [`Output`].
-//! - Numbers (`addr`, `size`, `queues`, `rate_limit`, `read_delay_us`) are JSON
+//! - Numbers (`addr`, `size`, `queues`, `rate_limit`, `read_delay_us`,
+//!   `panic_after`, `hold`, `fail_status`) are JSON
 //!   numbers or strings of decimal digits or of `0x` and hex digits
 //!   (`"0x3f8"`, `"1016"`).
 //! - Unknown fields are errors, and so is a key given twice in one object.
@@ -79,7 +89,8 @@
 //!    that exist and are not sockets (or are in use), or whose directory is
 //!    missing, two devices on one socket or output file, two devices on one
 //!    image unless both are read-only, queue counts out of range, serials
-//!    over 20 bytes and a rate limit of 0.
+//!    over 20 bytes, a rate limit of 0 and a fault device holding more
+//!    requests than come before its panic.
 //!
 //! The file-system checks inspect and open files but never create, write or
 //! remove anything.
@@ -102,6 +113,7 @@ use switchboard_runtime::{BusAddr, DeviceId};
 
 use crate::blk::{BlkOptions, ID_LEN, SECTOR_SIZE};
 use crate::error_chain;
+use crate::fault::{FaultConfig, PanicIn, MAX_HOLD};
 use crate::serial::SERIAL_REGION_SIZE;
 use crate::slow::{SlowDeviceConfig, SLOW_REGION_SIZE};
 use crate::uart_sink::Sink;
@@ -115,7 +127,13 @@ pub const MAX_QUEUES: u16 = 64;
 pub const PIO_SPACE_SIZE: u64 = 0x1_0000;
 
 /// The device kinds, as written in `kind`.
-pub const KINDS: [&str; 4] = ["virtio-blk", "virtio-rng", "uart-16550", "test-device"];
+pub const KINDS: [&str; 5] = [
+    "virtio-blk",
+    "virtio-rng",
+    "uart-16550",
+    "test-device",
+    "virtio-fault",
+];
 
 /// Longest id.
 const MAX_ID_LEN: usize = 64;
@@ -235,6 +253,12 @@ impl JsonSchema for BusId {
 trait Unsigned: Copy + TryFrom<u64> + Into<u64> {
     const MAX: u64;
     const EXPECTED: &'static str;
+}
+
+impl Unsigned for u8 {
+    const MAX: u64 = u8::MAX as u64;
+    const EXPECTED: &'static str = "an integer from 0 to 255 (a JSON number, \
+        or a string of decimal digits or of 0x and hex digits)";
 }
 
 impl Unsigned for u16 {
@@ -440,7 +464,8 @@ pub struct VhostUserSpec {
     /// The unix socket the device listens on. It must not exist, or be a
     /// stale socket nobody listens on.
     pub socket: PathBuf,
-    /// Number of virtqueues: 1 to 64 for virtio-blk, 1 for virtio-rng.
+    /// Number of virtqueues: 1 to 64 for virtio-blk, 1 for virtio-rng and
+    /// virtio-fault.
     #[serde(default = "default_queues", deserialize_with = "deserialize_num")]
     #[schemars(with = "Num<u16>")]
     pub queues: u16,
@@ -508,6 +533,61 @@ impl RngSpec {
     /// The device's id.
     pub fn id(&self) -> &DeviceId {
         &self.id
+    }
+}
+
+/// The fault-injection test device ([`crate::fault::FaultDevice`]): an
+/// entropy device that panics on a chosen request, served over vhost-user.
+/// For testing panic containment only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// The device's id.
+    #[serde(deserialize_with = "deserialize_device_id")]
+    #[schemars(with = "IdSchema")]
+    pub id: DeviceId,
+    /// Requests before the one that panics (default 0: the first request
+    /// panics).
+    #[serde(default, deserialize_with = "deserialize_num")]
+    #[schemars(with = "Num<u64>")]
+    pub panic_after: u64,
+    /// How many of the requests before the panic (the last ones) are kept
+    /// unanswered until it: at most `panic_after` and at most 255 (default
+    /// 0).
+    #[serde(default, deserialize_with = "deserialize_num")]
+    #[schemars(with = "Num<u16>")]
+    pub hold: u16,
+    /// Where the panic happens: `"handle"` (on the queue worker, the
+    /// default) or `"io-thread"` (on the device's own thread).
+    #[serde(default)]
+    pub panic_in: PanicIn,
+    /// The status byte written into the last writable byte of each request
+    /// answered because of the panic (default: nothing is written).
+    #[serde(
+        default,
+        deserialize_with = "deserialize_opt_num",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(with = "Option<Num<u8>>")]
+    pub fail_status: Option<u8>,
+    /// The vhost-user endpoint.
+    pub vhost_user: VhostUserSpec,
+}
+
+impl FaultSpec {
+    /// The device's id.
+    pub fn id(&self) -> &DeviceId {
+        &self.id
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> FaultConfig {
+        FaultConfig {
+            panic_after: self.panic_after,
+            hold: self.hold,
+            panic_in: self.panic_in,
+            fail_status: self.fail_status,
+        }
     }
 }
 
@@ -695,6 +775,10 @@ pub enum DeviceSpec {
     /// The slow test device, with a 32-byte register region on a bus.
     #[serde(rename = "test-device")]
     TestDevice(TestDeviceSpec),
+    /// The fault-injection test device (an entropy device that panics on a
+    /// chosen request), served over vhost-user. For testing only.
+    #[serde(rename = "virtio-fault")]
+    VirtioFault(FaultSpec),
 }
 
 /// Where a device with a register region sits.
@@ -722,6 +806,7 @@ impl DeviceSpec {
             DeviceSpec::VirtioRng(d) => &d.id,
             DeviceSpec::Uart16550(d) => &d.id,
             DeviceSpec::TestDevice(d) => &d.id,
+            DeviceSpec::VirtioFault(d) => &d.id,
         }
     }
 
@@ -732,6 +817,7 @@ impl DeviceSpec {
             DeviceSpec::VirtioRng(_) => KINDS[1],
             DeviceSpec::Uart16550(_) => KINDS[2],
             DeviceSpec::TestDevice(_) => KINDS[3],
+            DeviceSpec::VirtioFault(_) => KINDS[4],
         }
     }
 
@@ -740,6 +826,7 @@ impl DeviceSpec {
         match self {
             DeviceSpec::VirtioBlk(d) => Some(&d.vhost_user),
             DeviceSpec::VirtioRng(d) => Some(&d.vhost_user),
+            DeviceSpec::VirtioFault(d) => Some(&d.vhost_user),
             DeviceSpec::Uart16550(_) | DeviceSpec::TestDevice(_) => None,
         }
     }
@@ -757,7 +844,9 @@ impl DeviceSpec {
                 addr: d.addr,
                 size: SLOW_REGION_SIZE,
             }),
-            DeviceSpec::VirtioBlk(_) | DeviceSpec::VirtioRng(_) => None,
+            DeviceSpec::VirtioBlk(_) | DeviceSpec::VirtioRng(_) | DeviceSpec::VirtioFault(_) => {
+                None
+            }
         }
     }
 
@@ -774,6 +863,7 @@ impl DeviceSpec {
                 resolve(&mut d.vhost_user.socket);
             }
             DeviceSpec::VirtioRng(d) => resolve(&mut d.vhost_user.socket),
+            DeviceSpec::VirtioFault(d) => resolve(&mut d.vhost_user.socket),
             DeviceSpec::Uart16550(d) => match &mut d.output {
                 Output::File(p) | Output::Unix(p) => resolve(p),
                 Output::Null | Output::Stdout | Output::Stdio => {}
@@ -1603,6 +1693,7 @@ fn parse_device_at(
         "virtio-rng" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::VirtioRng),
         "uart-16550" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::Uart16550),
         "test-device" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::TestDevice),
+        "virtio-fault" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::VirtioFault),
         other => {
             out.push(Finding::at(
                 at.key("kind"),
@@ -1700,7 +1791,7 @@ fn explain(kind: Option<&str>, rel: &JsonPath, message: String) -> String {
         [Seg::Key(k)] => Some(k.as_str()),
         _ => None,
     };
-    let vhost_user = kind == "virtio-blk" || kind == "virtio-rng";
+    let vhost_user = matches!(kind, "virtio-blk" | "virtio-rng" | "virtio-fault");
     match field {
         Some(f @ ("bus" | "addr")) if vhost_user && message.starts_with("unknown field") => {
             format!(
@@ -1843,6 +1934,13 @@ impl Claims {
                 image = Some((identity(&d.path), d.read_only));
             }
             DeviceSpec::VirtioRng(d) => {
+                exclusive.push((
+                    "vhost_user.socket",
+                    "socket",
+                    identity(&d.vhost_user.socket),
+                ));
+            }
+            DeviceSpec::VirtioFault(d) => {
                 exclusive.push((
                     "vhost_user.socket",
                     "socket",
@@ -2009,6 +2107,35 @@ impl<'a> Checker<'a> {
                         "expected a rate limit of at least 1 byte per second (leave \
                          `rate_limit` out for no limit), found 0"
                             .into(),
+                    );
+                }
+                let q = d.vhost_user.queues;
+                if q != 1 {
+                    self.push(
+                        at.key("vhost_user").key("queues"),
+                        format!("expected 1 queue (a {kind} has one request queue), found {q}"),
+                    );
+                }
+                self.check_socket(&at.key("vhost_user").key("socket"), &d.vhost_user.socket);
+            }
+            DeviceSpec::VirtioFault(d) => {
+                if d.hold > MAX_HOLD {
+                    self.push(
+                        at.key("hold"),
+                        format!(
+                            "expected at most {MAX_HOLD} requests held (the queue must still \
+                             have room for the one that panics), found {}",
+                            d.hold
+                        ),
+                    );
+                } else if u64::from(d.hold) > d.panic_after {
+                    self.push(
+                        at.key("hold"),
+                        format!(
+                            "expected at most `panic_after` ({}) requests held: the requests \
+                             held are among those before the panic, found {}",
+                            d.panic_after, d.hold
+                        ),
                     );
                 }
                 let q = d.vhost_user.queues;
@@ -2534,6 +2661,62 @@ mod tests {
             d.in_file(Path::new("t.json")).to_string(),
             "t.json: cannot read"
         );
+    }
+
+    #[test]
+    fn test_fault_device_reads_its_schedule_and_checks_hold_and_queues() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"{ "devices": [
+            { "id": "f0", "kind": "virtio-fault", "panic_after": "0x4", "hold": 2,
+              "panic_in": "io-thread", "fail_status": "0xee", "vhost_user": { "socket": "f0.sock" } },
+            { "id": "f1", "kind": "virtio-fault", "vhost_user": { "socket": "f1.sock" } } ] }"#;
+        let t = check_str(text, dir.path()).expect("valid");
+        let DeviceSpec::VirtioFault(f) = &t.devices[0] else {
+            panic!("not a fault device: {:?}", t.devices[0]);
+        };
+        assert_eq!(
+            f.config(),
+            FaultConfig {
+                panic_after: 4,
+                hold: 2,
+                panic_in: PanicIn::IoThread,
+                fail_status: Some(0xee),
+            }
+        );
+        assert_eq!(f.vhost_user.socket, dir.path().join("f0.sock"));
+        assert_eq!(t.devices[1].kind_name(), "virtio-fault");
+        let DeviceSpec::VirtioFault(f) = &t.devices[1] else {
+            panic!("not a fault device: {:?}", t.devices[1]);
+        };
+        assert_eq!(f.config(), FaultConfig::default());
+
+        let text = r#"{ "devices": [
+            { "id": "f0", "kind": "virtio-fault", "panic_after": 1, "hold": 2,
+              "vhost_user": { "socket": "f0.sock", "queues": 2 } },
+            { "id": "f1", "kind": "virtio-fault", "panic_after": 1000, "hold": 256,
+              "fail_status": 256, "panic_in": "later", "vhost_user": { "socket": "f1.sock" } } ] }"#;
+        let e = errors(text, dir.path());
+        let paths: Vec<&str> = e.iter().map(|d| d.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "devices[0].hold",
+                "devices[0].vhost_user.queues",
+                "devices[1].fail_status",
+                "devices[1].panic_in",
+            ],
+            "{e:#?}"
+        );
+        assert!(
+            e[0].message.contains("`panic_after` (1)"),
+            "{}",
+            e[0].message
+        );
+        let text = r#"{ "devices": [ { "id": "f1", "kind": "virtio-fault", "panic_after": 1000,
+            "hold": 256, "vhost_user": { "socket": "f1.sock" } } ] }"#;
+        let e = errors(text, dir.path());
+        assert_eq!(e[0].path, "devices[0].hold");
+        assert!(e[0].message.contains("at most 255"), "{}", e[0].message);
     }
 
     #[test]
