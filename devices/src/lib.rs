@@ -6,7 +6,8 @@
 //!   [`uart`] is its register model and [`uart_sink`] its character backends
 //!   (stdout, a file, a unix socket).
 //! - [`blk`] and [`rng`]: virtio-blk and virtio-rng, served over
-//!   vhost-user by [`vhost_user`].
+//!   vhost-user by [`vhost_user`], which waits for frontends with `listen`
+//!   (a wait a stop always ends).
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
 //!
@@ -19,6 +20,7 @@ pub mod blk;
 pub mod control;
 pub mod fleet;
 pub mod inspect;
+mod listen;
 pub mod replay;
 pub mod rng;
 pub mod runner;

@@ -62,6 +62,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use switchboard_runtime::recording::{Body, Entry, Recorder};
 
+use crate::listen::{self, FrontendWait, StopSignal, Woken};
 use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
@@ -782,7 +783,7 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // A fresh pair per worker of every connection: after a disconnect
-        // `serve_listener` notifies them through the crate's handlers, so the
+        // `serve_connection` notifies them through the crate's handlers, so the
         // workers of a finished connection exit instead of lingering.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
             Ok(pair) => Some(pair),
@@ -827,16 +828,22 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
 }
 
 /// Stops [`serve`] from another thread (a signal handler's thread, say).
+///
+/// A stop always completes: the serving loop waits for a frontend by
+/// polling the listener together with the stop's eventfd (see `listen`),
+/// so a wait ends however the socket file was treated, and a connected
+/// frontend is shut down whether or not it still answers.
 #[derive(Clone, Default)]
 pub struct StopHandle {
-    stop: Arc<AtomicBool>,
+    /// Raised by `stop`, never lowered. The serving loop watches its
+    /// eventfd with the listener, and checks it once it has handed a
+    /// frontend to a daemon.
+    signal: Arc<StopSignal>,
+    /// The current connection's shutdown handle: set by the serving loop
+    /// once a frontend is accepted. `stop`
+    /// shuts the connection down, which ends the daemon thread's read or
+    /// write; the loop then drains the queues and ends the workers.
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
-    /// The socket `serve` listens on, connected to once on stop so that an
-    /// `accept` with no frontend returns.
-    wake: Arc<Mutex<Option<std::path::PathBuf>>>,
-    /// A listener without a known path (`--socket-fd`): shut down for
-    /// reading on stop, which ends a blocked `accept`.
-    listener: Arc<Mutex<Option<UnixListener>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -851,7 +858,9 @@ impl StopHandle {
     /// Asks the server to stop: the current connection is shut down (which
     /// drains the queues) and no new frontend is accepted.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        // Raised before the handle is read: a serving loop that stores a
+        // handle after this read sees the stop when it checks afterwards.
+        self.signal.raise();
         if let Some(h) = self
             .shutdown
             .lock()
@@ -860,27 +869,10 @@ impl StopHandle {
         {
             h.shutdown();
         }
-        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(path) = wake {
-            // Nobody may be connected: a connection of our own ends the
-            // `accept`, and the loop then sees the stop flag.
-            let _ = std::os::unix::net::UnixStream::connect(path);
-        }
-        if let Some(l) = self
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            // A listening socket shut down for reading fails its `accept`.
-            if let Err(e) = rustix::net::shutdown(l, rustix::net::Shutdown::Read) {
-                tracing::warn!(error = %e, "shut down the listening socket");
-            }
-        }
     }
 
     fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.signal.raised()
     }
 }
 
@@ -962,7 +954,6 @@ pub fn serve_bound<D: VirtioDevice>(
     mut socket: BoundSocket,
     stop: &StopHandle,
 ) -> Result<()> {
-    *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.path.clone());
     let name = socket.path.display().to_string();
     // Dropping the listener (with `socket`) removes the socket file.
     serve_listener(server, &mut socket.listener, &name, stop)
@@ -977,88 +968,97 @@ pub fn serve_unix_listener<D: VirtioDevice>(
     name: &str,
     stop: &StopHandle,
 ) -> Result<()> {
-    let kept = listener.try_clone().map_err(|e| Error::Serve {
-        path: name.to_string(),
-        reason: format!("duplicate the listening socket: {e}"),
-    })?;
-    *stop.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
-    // A socket bound to a path is woken by connecting to it, as in
-    // `serve`: a listening socket shut down for reading does not reliably
-    // wake an `accept` already blocked on it.
-    if let Some(path) = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-    {
-        *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
-    }
-    if stop.stopped() {
-        return Ok(());
-    }
+    // Made with `From`, the crate's listener knows no path to remove.
     let mut listener = Listener::from(listener);
     serve_listener(server, &mut listener, name, stop)
 }
 
-/// Like [`serve`], on a listener the caller already has. Stopping it
-/// through `stop` needs [`serve`] or [`serve_unix_listener`], which tell
-/// `stop` how to end a blocked `accept`.
+/// Like [`serve`], on a listener the caller already has; nothing is
+/// removed afterwards. The listener is made non-blocking and accepted from
+/// only once it is readable, so `stop` ends the wait for a frontend in
+/// every case. Nothing else may accept on it (in this process or another
+/// holding the same socket): a frontend taken between the wake-up and the
+/// accept would leave the crate's accept loop spinning until the next one.
 pub fn serve_listener<D: VirtioDevice>(
     server: VhostUserServer<D>,
     listener: &mut Listener,
     name: &str,
     stop: &StopHandle,
 ) -> Result<()> {
+    let waiting = |e: listen::Error| Error::Serve {
+        path: name.to_string(),
+        reason: crate::error_chain(&e),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Listen {
+            path: name.to_string(),
+            source,
+        })?;
+    let event = stop.signal.event().map_err(waiting)?;
+    let wait = FrontendWait::new(&*listener, event).map_err(waiting)?;
+    loop {
+        match wait.wait().map_err(waiting)? {
+            Woken::Stop => return Ok(()),
+            Woken::Frontend => serve_connection(&server, listener, name, stop)?,
+        }
+    }
+}
+
+/// Serves the frontend waiting on `listener` until it disconnects or `stop`
+/// is used, then drains the queues, ends the connection's workers and
+/// resets the device.
+fn serve_connection<D: VirtioDevice>(
+    server: &VhostUserServer<D>,
+    listener: &mut Listener,
+    name: &str,
+    stop: &StopHandle,
+) -> Result<()> {
     let kind = server.device().kind();
     let queues = server.num_queues() as u64;
-    while !stop.stopped() {
-        // A daemon per connection: the crate keeps per-connection state
-        // (ownership, vring setup) in it, and a reconnecting frontend starts
-        // from scratch. Device state lives in `server` and survives.
-        let mut daemon = VhostUserDaemon::new(
-            kind.to_string(),
-            server.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| Error::CreateDaemon {
-            kind,
-            reason: e.to_string(),
-        })?;
-        let handlers = daemon.get_epoll_handlers();
-        for (worker, handler) in handlers.iter().enumerate() {
-            let fd = server.shared.completions[worker].event.as_raw_fd();
-            handler
-                .register_listener(fd, EventSet::IN, queues + 1)
-                .map_err(|source| Error::RegisterCompletion { worker, source })?;
-        }
-        if let Err(e) = daemon.start(listener) {
-            if stop.stopped() {
-                // The accept was ended on purpose.
-                break;
-            }
-            return Err(Error::Serve {
-                path: name.to_string(),
-                reason: e.to_string(),
-            });
-        }
-        *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-        if stop.stopped() {
-            daemon.request_shutdown();
-        }
-        let result = daemon.wait();
-        // The workers finish what is in flight (writing used entries) before
-        // they are told to exit.
-        server.drain_all("disconnect");
-        for handler in &handlers {
-            handler.send_exit_event();
-        }
-        server.shared.device.reset();
-        match result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!(socket = name, "frontend disconnected"),
-            Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
-        }
+    // A daemon per connection: the crate keeps per-connection state
+    // (ownership, vring setup) in it, and a reconnecting frontend starts
+    // from scratch. Device state lives in `server` and survives.
+    let mut daemon = VhostUserDaemon::new(
+        kind.to_string(),
+        server.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| Error::CreateDaemon {
+        kind,
+        reason: e.to_string(),
+    })?;
+    let handlers = daemon.get_epoll_handlers();
+    for (worker, handler) in handlers.iter().enumerate() {
+        let fd = server.shared.completions[worker].event.as_raw_fd();
+        handler
+            .register_listener(fd, EventSet::IN, queues + 1)
+            .map_err(|source| Error::RegisterCompletion { worker, source })?;
+    }
+    // The listener is readable and nothing else accepts on it: the accept
+    // returns the waiting frontend at once.
+    daemon.start(listener).map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    if stop.stopped() {
+        daemon.request_shutdown();
+    }
+    let result = daemon.wait();
+    // The workers finish what is in flight (writing used entries) before
+    // they are told to exit.
+    server.drain_all("disconnect");
+    for handler in &handlers {
+        handler.send_exit_event();
+    }
+    server.shared.device.reset();
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => tracing::info!(socket = name, "frontend disconnected"),
+        Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
     }
     Ok(())
 }
