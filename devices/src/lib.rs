@@ -7,7 +7,8 @@
 //!   (stdout, a file, a unix socket).
 //! - [`blk`] and [`rng`]: virtio-blk and virtio-rng, served over
 //!   vhost-user by [`vhost_user`], which waits for frontends with `listen`
-//!   (a wait a stop always ends).
+//!   (a wait a stop always ends, and a socket file removed only while it is
+//!   still the server's).
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
 //!

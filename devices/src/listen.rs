@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Waiting for vhost-user frontends so that a stop always ends the wait.
+//! Waiting for vhost-user frontends so that a stop always ends the wait,
+//! and the socket file a server owns.
 //!
 //! [`crate::vhost_user`] serves one frontend at a time and waits here in
 //! between:
@@ -12,9 +13,15 @@
 //!   replaced) and for an inherited listener (`--socket-fd`) alike. The
 //!   old way, connecting to the socket path to end a blocked `accept`,
 //!   hung for ever once the file was gone.
+//! - **The socket file.** [`SocketFile`] remembers the device and inode of
+//!   the socket it bound, and removes the path on drop only while it still
+//!   names that socket: a file put in its place is left alone.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -181,11 +188,71 @@ impl FrontendWait {
     }
 }
 
+/// A socket file this process bound. Dropping it removes the path if the
+/// path still names that socket (same device and inode), and leaves
+/// whatever else is there alone.
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Listens on `path`. A socket already at `path` is removed first: the
+    /// caller has checked that nobody listens on it (a stale socket).
+    pub(crate) fn bind(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Ok((
+            listener,
+            SocketFile {
+                path: path.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        ))
+    }
+
+    /// The path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the path if it is still this socket. Idempotent.
+    pub(crate) fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "remove the socket file");
+                }
+            }
+            Ok(_) => tracing::warn!(
+                path = %self.path.display(),
+                "the socket path no longer names this server's socket; left as it is"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "inspect the socket file");
+            }
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::net::{UnixListener, UnixStream};
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     /// A non-blocking listener on a socket in `dir`, and its path.
     fn listening(dir: &Path) -> (UnixListener, PathBuf) {
@@ -249,5 +316,43 @@ mod tests {
         let wait = FrontendWait::new(&listener, stop.event().expect("event")).expect("wait");
         rustix::net::shutdown(&listener, rustix::net::Shutdown::Read).expect("shutdown");
         assert!(matches!(wait.wait(), Err(Error::ListenerShutDown)));
+    }
+
+    #[test]
+    fn test_socket_file_removes_its_own_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listener, file) = SocketFile::bind(&dir.path().join("s.sock")).expect("bind");
+        let path = file.path().to_path_buf();
+        drop(listener);
+        drop(file);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn test_socket_file_leaves_a_replacing_file_or_socket_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_listener, file) = SocketFile::bind(&dir.path().join("s.sock")).expect("bind");
+        let path = file.path().to_path_buf();
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::write(&path, b"precious").expect("write");
+        drop(file);
+        assert_eq!(std::fs::read(&path).expect("still there"), b"precious");
+
+        std::fs::remove_file(&path).expect("remove");
+        let (_first, file) = SocketFile::bind(&path).expect("bind");
+        std::fs::remove_file(&path).expect("remove");
+        let _other = UnixListener::bind(&path).expect("another socket");
+        drop(file);
+        assert!(path.exists(), "another server's socket was removed");
+    }
+
+    #[test]
+    fn test_socket_file_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        drop(UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists(), "a closed listener leaves its file");
+        let (_listener, _file) = SocketFile::bind(&path).expect("rebind");
+        UnixStream::connect(&path).expect("connect to the new socket");
     }
 }

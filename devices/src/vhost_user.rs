@@ -62,7 +62,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use switchboard_runtime::recording::{Body, Entry, Recorder};
 
-use crate::listen::{self, FrontendWait, StopSignal, Woken};
+use crate::listen::{self, FrontendWait, SocketFile, StopSignal, Woken};
 use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
@@ -910,7 +910,8 @@ pub fn check_socket_path(path: &Path) -> Result<()> {
 /// Serves `server` on the unix socket at `path`, one frontend at a time,
 /// accepting a new frontend after each disconnect, until `stop` is used.
 /// After every disconnect the queues are drained and the device reset before
-/// the next frontend is accepted.
+/// the next frontend is accepted. The socket file is removed at the end if
+/// it is still this server's socket (a file put in its place stays).
 pub fn serve<D: VirtioDevice>(
     server: VhostUserServer<D>,
     path: &Path,
@@ -922,29 +923,34 @@ pub fn serve<D: VirtioDevice>(
 /// A socket bound and listening, not yet served: binding first lets a
 /// caller report a bad socket path before it starts a serving thread.
 pub struct BoundSocket {
+    /// Made from a plain `UnixListener`, so that the crate's listener does
+    /// not remove the path on drop whatever it names by then.
     listener: Listener,
-    path: std::path::PathBuf,
+    /// Removes the socket file on drop, if the path still names it.
+    file: SocketFile,
 }
 
 impl std::fmt::Debug for BoundSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BoundSocket")
-            .field("path", &self.path)
+            .field("path", &self.file.path())
             .finish()
     }
 }
 
-/// Checks `path` ([`check_socket_path`]) and listens on it. The socket
-/// file is removed when the returned socket is dropped.
+/// Checks `path` ([`check_socket_path`]) and listens on it. When the
+/// returned socket is dropped, the socket file is removed if the path
+/// still names this socket (same device and inode); a file that replaced
+/// it is left alone.
 pub fn bind(path: &Path) -> Result<BoundSocket> {
     check_socket_path(path)?;
-    let listener = Listener::new(path, true).map_err(|source| Error::Listen {
+    let (listener, file) = SocketFile::bind(path).map_err(|e| Error::Listen {
         path: path.display().to_string(),
-        source,
+        source: vhost::vhost_user::Error::SocketError(e),
     })?;
     Ok(BoundSocket {
-        listener,
-        path: path.to_path_buf(),
+        listener: Listener::from(listener),
+        file,
     })
 }
 
@@ -954,8 +960,8 @@ pub fn serve_bound<D: VirtioDevice>(
     mut socket: BoundSocket,
     stop: &StopHandle,
 ) -> Result<()> {
-    let name = socket.path.display().to_string();
-    // Dropping the listener (with `socket`) removes the socket file.
+    let name = socket.file.path().display().to_string();
+    // Dropping `socket` afterwards removes the socket file if it is ours.
     serve_listener(server, &mut socket.listener, &name, stop)
 }
 
