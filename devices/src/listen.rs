@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Waiting for vhost-user frontends so that a stop always ends the wait,
-//! and the socket file a server owns.
+//! ending a connection's queue workers, and the socket file a server owns.
 //!
 //! [`crate::vhost_user`] serves one frontend at a time and waits here in
 //! between:
@@ -13,6 +13,12 @@
 //!   replaced) and for an inherited listener (`--socket-fd`) alike. The
 //!   old way, connecting to the socket path to end a blocked `accept`,
 //!   hung for ever once the file was gone.
+//! - **Ending the workers.** Each connection has its own queue workers
+//!   (the vhost-user-backend crate's epoll loops). They are told to exit
+//!   through a [`WorkerExit`] of ours, not through the crate's
+//!   `exit_event`: the crate registers the consumer half of that event
+//!   with `into_raw_fd` and never closes it, which leaked one eventfd per
+//!   worker per connection.
 //! - **The socket file.** [`SocketFile`] remembers the device and inode of
 //!   the socket it bound, and removes the path on drop only while it still
 //!   names that socket: a file put in its place is left alone.
@@ -55,6 +61,18 @@ pub enum Error {
     /// The listening socket was shut down: no frontend can connect again.
     #[error("The listening socket was shut down")]
     ListenerShutDown,
+    /// Creating a connection's worker exit eventfd failed.
+    #[error("Create the worker exit eventfd")]
+    CreateExitEvent(#[source] io::Error),
+    /// Registering the exit eventfd with a queue worker failed.
+    #[error("Register the exit eventfd with worker {worker}")]
+    RegisterExit {
+        /// The worker.
+        worker: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Result of waiting for frontends.
@@ -248,6 +266,55 @@ impl Drop for SocketFile {
     }
 }
 
+/// Tells one connection's queue workers to leave their epoll loops: an
+/// eventfd registered with every worker and written once the connection
+/// is over. It must outlive the workers: closing it would take it, and a
+/// pending wake-up with it, out of their epoll sets.
+#[derive(Debug)]
+pub(crate) struct WorkerExit {
+    event: EventFd,
+}
+
+impl WorkerExit {
+    /// A new, unwritten exit event.
+    pub(crate) fn new() -> Result<Self> {
+        Ok(WorkerExit {
+            event: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::CreateExitEvent)?,
+        })
+    }
+
+    /// Makes the event readable: every worker watching it exits. Never
+    /// read back, so writing it again is harmless.
+    pub(crate) fn fire(&self) {
+        if let Err(e) = self.event.write(1) {
+            tracing::error!(error = %e, "write the worker exit eventfd");
+        }
+    }
+
+    /// A guard that fires the event when dropped: declared after the
+    /// daemon, it is dropped first, so that the daemon's drop (which joins
+    /// the workers) never waits for workers nobody told to exit.
+    pub(crate) fn fire_on_drop(&self) -> FireOnDrop<'_> {
+        FireOnDrop(self)
+    }
+}
+
+impl AsRawFd for WorkerExit {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.event.as_raw_fd()
+    }
+}
+
+/// Fires a [`WorkerExit`] when dropped.
+#[derive(Debug)]
+pub(crate) struct FireOnDrop<'a>(&'a WorkerExit);
+
+impl Drop for FireOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fire();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +421,12 @@ mod tests {
         assert!(path.exists(), "a closed listener leaves its file");
         let (_listener, _file) = SocketFile::bind(&path).expect("rebind");
         UnixStream::connect(&path).expect("connect to the new socket");
+    }
+
+    #[test]
+    fn test_worker_exit_guard_fires_on_drop() {
+        let exit = WorkerExit::new().expect("exit");
+        drop(exit.fire_on_drop());
+        assert_eq!(exit.event.read().expect("fired"), 1);
     }
 }

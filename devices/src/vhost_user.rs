@@ -55,14 +55,12 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use switchboard_runtime::recording::{Body, Entry, Recorder};
 
-use crate::listen::{self, FrontendWait, SocketFile, StopSignal, Woken};
+use crate::listen::{self, FrontendWait, SocketFile, StopSignal, Woken, WorkerExit};
 use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
@@ -782,16 +780,11 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // A fresh pair per worker of every connection: after a disconnect
-        // `serve_connection` notifies them through the crate's handlers, so the
-        // workers of a finished connection exit instead of lingering.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                tracing::error!(error = %e, "create a worker exit event");
-                None
-            }
-        }
+        // None: the crate registers the consumer with `into_raw_fd` and never
+        // closes it, which leaked an eventfd per worker per connection. The
+        // workers of a finished connection are ended by `serve_connection`'s
+        // own exit event instead (see `handle_event`).
+        None
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -822,6 +815,10 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
             }
         } else if event == queues + 1 {
             self.process_completions(thread_id, vrings);
+        } else if event == exit_token(queues) {
+            // The connection is over: an error is what ends the crate's
+            // epoll loop when there is no crate exit event.
+            return Err(io::Error::other("connection over: worker exits"));
         }
         Ok(())
     }
@@ -840,7 +837,8 @@ pub struct StopHandle {
     /// frontend to a daemon.
     signal: Arc<StopSignal>,
     /// The current connection's shutdown handle: set by the serving loop
-    /// once a frontend is accepted. `stop`
+    /// once a frontend is accepted, and taken back when the connection is
+    /// over (it holds a duplicate of the connection's socket). `stop`
     /// shuts the connection down, which ends the daemon thread's read or
     /// write; the loop then drains the queues and ends the workers.
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
@@ -1011,6 +1009,13 @@ pub fn serve_listener<D: VirtioDevice>(
     }
 }
 
+/// The epoll token of a connection's [`WorkerExit`] in its queue workers:
+/// after the queues' tokens, the crate's own (`queues`) and the completion
+/// event's (`queues + 1`).
+fn exit_token(queues: usize) -> usize {
+    queues + 2
+}
+
 /// Serves the frontend waiting on `listener` until it disconnects or `stop`
 /// is used, then drains the queues, ends the connection's workers and
 /// resets the device.
@@ -1021,7 +1026,14 @@ fn serve_connection<D: VirtioDevice>(
     stop: &StopHandle,
 ) -> Result<()> {
     let kind = server.device().kind();
-    let queues = server.num_queues() as u64;
+    let queues = server.num_queues();
+    let serving = |e: listen::Error| Error::Serve {
+        path: name.to_string(),
+        reason: crate::error_chain(&e),
+    };
+    // Declared before the daemon, so it is closed only after the daemon's
+    // drop has joined the workers that watch it.
+    let exit = WorkerExit::new().map_err(serving)?;
     // A daemon per connection: the crate keeps per-connection state
     // (ownership, vring setup) in it, and a reconnecting frontend starts
     // from scratch. Device state lives in `server` and survives.
@@ -1036,9 +1048,23 @@ fn serve_connection<D: VirtioDevice>(
     })?;
     let handlers = daemon.get_epoll_handlers();
     for (worker, handler) in handlers.iter().enumerate() {
+        let token = exit_token(queues) as u64;
+        if let Err(source) = handler.register_listener(exit.as_raw_fd(), EventSet::IN, token) {
+            // This worker can never be told to exit, and the daemon's drop
+            // would wait for it for ever: give the daemon up (the workers
+            // registered so far exit).
+            exit.fire();
+            std::mem::forget(daemon);
+            return Err(serving(listen::Error::RegisterExit { worker, source }));
+        }
+    }
+    // From here on, every return tells the workers to exit before the
+    // daemon's drop joins them.
+    let _exit_on_return = exit.fire_on_drop();
+    for (worker, handler) in handlers.iter().enumerate() {
         let fd = server.shared.completions[worker].event.as_raw_fd();
         handler
-            .register_listener(fd, EventSet::IN, queues + 1)
+            .register_listener(fd, EventSet::IN, queues as u64 + 1)
             .map_err(|source| Error::RegisterCompletion { worker, source })?;
     }
     // The listener is readable and nothing else accepts on it: the accept
@@ -1052,12 +1078,16 @@ fn serve_connection<D: VirtioDevice>(
         daemon.request_shutdown();
     }
     let result = daemon.wait();
+    // Its duplicate of the connection's socket is closed now, not when the
+    // next frontend connects.
+    stop.shutdown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     // The workers finish what is in flight (writing used entries) before
     // they are told to exit.
     server.drain_all("disconnect");
-    for handler in &handlers {
-        handler.send_exit_event();
-    }
+    exit.fire();
     server.shared.device.reset();
     match result {
         Ok(())
