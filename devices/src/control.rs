@@ -31,6 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use crate::listen::SocketFile;
 use crate::vhost_user::check_socket_path;
 
 /// Longest request line accepted (bytes).
@@ -108,10 +109,11 @@ pub enum Error {
 type Clients = Arc<Mutex<Vec<Arc<Mutex<UnixStream>>>>>;
 
 /// A running control socket. Dropping it (or [`ControlServer::stop`])
-/// stops accepting and removes the socket file.
+/// stops accepting and removes the socket file, if the path still names
+/// this socket (a file put in its place is left alone).
 #[derive(Debug)]
 pub struct ControlServer {
-    path: PathBuf,
+    socket: SocketFile,
     listener: UnixListener,
     clients: Clients,
     stopped: Arc<AtomicBool>,
@@ -139,13 +141,12 @@ impl ControlServer {
             path: path.to_path_buf(),
             source,
         })?;
-        // A stale socket (nobody listening) is replaced.
-        let _ = std::fs::remove_file(path);
         let io_err = |source| Error::Io {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(io_err)?;
+        // A stale socket (nobody listening) is replaced.
+        let (listener, socket) = SocketFile::bind(path).map_err(io_err)?;
         let accepting = listener.try_clone().map_err(io_err)?;
         let clients: Clients = Arc::default();
         let stopped = Arc::new(AtomicBool::new(false));
@@ -157,7 +158,7 @@ impl ControlServer {
                 .map_err(io_err)?;
         }
         Ok(ControlServer {
-            path: path.to_path_buf(),
+            socket,
             listener,
             clients,
             stopped,
@@ -166,7 +167,7 @@ impl ControlServer {
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
 
     /// Sends an event line to every connected client.
@@ -182,7 +183,7 @@ impl ControlServer {
     }
 
     /// Stops accepting, closes every client connection and removes the
-    /// socket file.
+    /// socket file if it is still this socket.
     pub fn stop(&self) {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
@@ -198,7 +199,7 @@ impl ControlServer {
             let s = c.lock().unwrap_or_else(|e| e.into_inner());
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        let _ = std::fs::remove_file(&self.path);
+        self.socket.remove();
     }
 }
 

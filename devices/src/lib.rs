@@ -6,7 +6,9 @@
 //!   [`uart`] is its register model and [`uart_sink`] its character backends
 //!   (stdout, a file, a unix socket).
 //! - [`blk`] and [`rng`]: virtio-blk and virtio-rng, served over
-//!   vhost-user by [`vhost_user`].
+//!   vhost-user by [`vhost_user`], which waits for frontends with `listen`
+//!   (a wait a stop always ends, and a socket file removed only while it is
+//!   still the server's).
 //! - [`slow`]: a test device whose reads take a configurable time, for drain
 //!   tests.
 //! - [`fault`]: virtio-fault, a fault-injection test device served over
@@ -22,6 +24,7 @@ pub mod control;
 pub mod fault;
 pub mod fleet;
 pub mod inspect;
+mod listen;
 pub mod replay;
 pub mod rng;
 pub mod runner;

@@ -56,9 +56,7 @@ use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use actix::Recipient;
@@ -69,6 +67,7 @@ use switchboard_runtime::{
     Refused, Runtime, State, Ticket,
 };
 
+use crate::listen::{self, FrontendWait, SocketFile, StopSignal, Woken, WorkerExit};
 use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
 
 /// Virtio 1.0 compliance (virtio 1.2, 6).
@@ -937,16 +936,11 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // A fresh pair per worker of every connection: after a disconnect
-        // `serve_listener` notifies them through the crate's handlers, so the
-        // workers of a finished connection exit instead of lingering.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                tracing::error!(error = %e, "create a worker exit event");
-                None
-            }
-        }
+        // None: the crate registers the consumer with `into_raw_fd` and never
+        // closes it, which leaked an eventfd per worker per connection. The
+        // workers of a finished connection are ended by `serve_connection`'s
+        // own exit event instead (see `handle_event`).
+        None
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -1017,22 +1011,33 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
                     panic_message(p.as_ref())
                 ));
             }
+        } else if event == exit_token(queues) {
+            // The connection is over: an error is what ends the crate's
+            // epoll loop when there is no crate exit event.
+            return Err(io::Error::other("connection over: worker exits"));
         }
         Ok(())
     }
 }
 
 /// Stops [`serve`] from another thread (a signal handler's thread, say).
+///
+/// A stop always completes: the serving loop waits for a frontend by
+/// polling the listener together with the stop's eventfd (see `listen`),
+/// so a wait ends however the socket file was treated, and a connected
+/// frontend is shut down whether or not it still answers.
 #[derive(Clone, Default)]
 pub struct StopHandle {
-    stop: Arc<AtomicBool>,
+    /// Raised by `stop`, never lowered. The serving loop watches its
+    /// eventfd with the listener, and checks it once it has handed a
+    /// frontend to a daemon.
+    signal: Arc<StopSignal>,
+    /// The current connection's shutdown handle: set by the serving loop
+    /// once a frontend is accepted, and taken back when the connection is
+    /// over (it holds a duplicate of the connection's socket). `stop`
+    /// shuts the connection down, which ends the daemon thread's read or
+    /// write; the loop then drains the queues and ends the workers.
     shutdown: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>>,
-    /// The socket `serve` listens on, connected to once on stop so that an
-    /// `accept` with no frontend returns.
-    wake: Arc<Mutex<Option<std::path::PathBuf>>>,
-    /// A listener without a known path (`--socket-fd`): shut down for
-    /// reading on stop, which ends a blocked `accept`.
-    listener: Arc<Mutex<Option<UnixListener>>>,
 }
 
 impl std::fmt::Debug for StopHandle {
@@ -1047,7 +1052,9 @@ impl StopHandle {
     /// Asks the server to stop: the current connection is shut down (which
     /// drains the queues) and no new frontend is accepted.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        // Raised before the handle is read: a serving loop that stores a
+        // handle after this read sees the stop when it checks afterwards.
+        self.signal.raise();
         if let Some(h) = self
             .shutdown
             .lock()
@@ -1056,27 +1063,10 @@ impl StopHandle {
         {
             h.shutdown();
         }
-        let wake = self.wake.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(path) = wake {
-            // Nobody may be connected: a connection of our own ends the
-            // `accept`, and the loop then sees the stop flag.
-            let _ = std::os::unix::net::UnixStream::connect(path);
-        }
-        if let Some(l) = self
-            .listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            // A listening socket shut down for reading fails its `accept`.
-            if let Err(e) = rustix::net::shutdown(l, rustix::net::Shutdown::Read) {
-                tracing::warn!(error = %e, "shut down the listening socket");
-            }
-        }
     }
 
     fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.signal.raised()
     }
 }
 
@@ -1114,7 +1104,8 @@ pub fn check_socket_path(path: &Path) -> Result<()> {
 /// Serves `server` on the unix socket at `path`, one frontend at a time,
 /// accepting a new frontend after each disconnect, until `stop` is used.
 /// After every disconnect the queues are drained and the device reset before
-/// the next frontend is accepted.
+/// the next frontend is accepted. The socket file is removed at the end if
+/// it is still this server's socket (a file put in its place stays).
 pub fn serve<D: VirtioDevice>(
     server: VhostUserServer<D>,
     path: &Path,
@@ -1126,29 +1117,34 @@ pub fn serve<D: VirtioDevice>(
 /// A socket bound and listening, not yet served: binding first lets a
 /// caller report a bad socket path before it starts a serving thread.
 pub struct BoundSocket {
+    /// Made from a plain `UnixListener`, so that the crate's listener does
+    /// not remove the path on drop whatever it names by then.
     listener: Listener,
-    path: std::path::PathBuf,
+    /// Removes the socket file on drop, if the path still names it.
+    file: SocketFile,
 }
 
 impl std::fmt::Debug for BoundSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BoundSocket")
-            .field("path", &self.path)
+            .field("path", &self.file.path())
             .finish()
     }
 }
 
-/// Checks `path` ([`check_socket_path`]) and listens on it. The socket
-/// file is removed when the returned socket is dropped.
+/// Checks `path` ([`check_socket_path`]) and listens on it. When the
+/// returned socket is dropped, the socket file is removed if the path
+/// still names this socket (same device and inode); a file that replaced
+/// it is left alone.
 pub fn bind(path: &Path) -> Result<BoundSocket> {
     check_socket_path(path)?;
-    let listener = Listener::new(path, true).map_err(|source| Error::Listen {
+    let (listener, file) = SocketFile::bind(path).map_err(|e| Error::Listen {
         path: path.display().to_string(),
-        source,
+        source: vhost::vhost_user::Error::SocketError(e),
     })?;
     Ok(BoundSocket {
-        listener,
-        path: path.to_path_buf(),
+        listener: Listener::from(listener),
+        file,
     })
 }
 
@@ -1158,9 +1154,8 @@ pub fn serve_bound<D: VirtioDevice>(
     mut socket: BoundSocket,
     stop: &StopHandle,
 ) -> Result<()> {
-    *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.path.clone());
-    let name = socket.path.display().to_string();
-    // Dropping the listener (with `socket`) removes the socket file.
+    let name = socket.file.path().display().to_string();
+    // Dropping `socket` afterwards removes the socket file if it is ours.
     serve_listener(server, &mut socket.listener, &name, stop)
 }
 
@@ -1173,107 +1168,57 @@ pub fn serve_unix_listener<D: VirtioDevice>(
     name: &str,
     stop: &StopHandle,
 ) -> Result<()> {
-    let kept = listener.try_clone().map_err(|e| Error::Serve {
-        path: name.to_string(),
-        reason: format!("duplicate the listening socket: {e}"),
-    })?;
-    *stop.listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
-    // A socket bound to a path is woken by connecting to it, as in
-    // `serve`: a listening socket shut down for reading does not reliably
-    // wake an `accept` already blocked on it.
-    if let Some(path) = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-    {
-        *stop.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
-    }
-    if stop.stopped() {
-        return Ok(());
-    }
+    // Made with `From`, the crate's listener knows no path to remove.
     let mut listener = Listener::from(listener);
     serve_listener(server, &mut listener, name, stop)
 }
 
-/// Like [`serve`], on a listener the caller already has. Stopping it
-/// through `stop` needs [`serve`] or [`serve_unix_listener`], which tell
-/// `stop` how to end a blocked `accept`.
+/// Like [`serve`], on a listener the caller already has; nothing is
+/// removed afterwards. The listener is made non-blocking and accepted from
+/// only once it is readable, so `stop` ends the wait for a frontend in
+/// every case. Nothing else may accept on it (in this process or another
+/// holding the same socket): a frontend taken between the wake-up and the
+/// accept would leave the crate's accept loop spinning until the next one.
 pub fn serve_listener<D: VirtioDevice>(
     server: VhostUserServer<D>,
     listener: &mut Listener,
     name: &str,
     stop: &StopHandle,
 ) -> Result<()> {
-    let kind = server.device().kind();
-    let queues = server.num_queues() as u64;
-    server.start();
-    while !stop.stopped() && server.gate().state() == State::Running {
-        // A daemon per connection: the crate keeps per-connection state
-        // (ownership, vring setup) in it, and a reconnecting frontend starts
-        // from scratch. Device state lives in `server` and survives.
-        let mut daemon = VhostUserDaemon::new(
-            kind.to_string(),
-            server.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| Error::CreateDaemon {
-            kind,
-            reason: e.to_string(),
+    let waiting = |e: listen::Error| Error::Serve {
+        path: name.to_string(),
+        reason: crate::error_chain(&e),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Listen {
+            path: name.to_string(),
+            source,
         })?;
-        let handlers = daemon.get_epoll_handlers();
-        for (worker, handler) in handlers.iter().enumerate() {
-            let fd = server.shared.completions[worker].event.as_raw_fd();
-            handler
-                .register_listener(fd, EventSet::IN, queues + 1)
-                .map_err(|source| Error::RegisterCompletion { worker, source })?;
-        }
-        if let Err(e) = daemon.start(listener) {
-            if stop.stopped() {
-                // The accept was ended on purpose.
-                break;
-            }
-            return Err(Error::Serve {
-                path: name.to_string(),
-                reason: e.to_string(),
-            });
-        }
-        *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-        *server
-            .shared
-            .connection
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    let event = stop.signal.event().map_err(waiting)?;
+    let wait = FrontendWait::new(&*listener, event).map_err(waiting)?;
+    server.start();
+    // Until stopped, or until the device fails (its gate is then Stopped).
+    let served = loop {
         if server.gate().state() != State::Running {
-            // Failed between the accept and here: its frontend goes now.
-            daemon.request_shutdown();
+            break Ok(());
         }
-        if stop.stopped() {
-            daemon.request_shutdown();
+        match wait.wait().map_err(waiting) {
+            Ok(Woken::Stop) => break Ok(()),
+            Ok(Woken::Frontend) => {
+                if let Err(e) = serve_connection(&server, listener, name, stop) {
+                    break Err(e);
+                }
+            }
+            Err(e) => break Err(e),
         }
-        let result = daemon.wait();
-        if stop.stopped() {
-            // Stopping: refuse new work from here, which also bounds the
-            // wait below by STOP_DEADLINE (a request that never completes
-            // cannot hold the stop for ever).
-            server.gate().begin_drain();
-        }
-        // The workers finish what is in flight (writing used entries) before
-        // they are told to exit.
-        server.drain_all("disconnect");
-        for handler in &handlers {
-            handler.send_exit_event();
-        }
-        server.shared.device.reset();
-        match result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => tracing::info!(socket = name, "frontend disconnected"),
-            Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
-        }
-    }
-    // Stopping: nothing more is admitted, and the requests still in flight
-    // (a frontend gone silent with requests queued) get the deadline.
+    };
+    served.and(finish_serving(&server, name))
+}
+
+/// The end of serving: nothing more is admitted, and the requests still in
+/// flight (a frontend gone silent with requests queued) get the deadline.
+fn finish_serving<D: VirtioDevice>(server: &VhostUserServer<D>, name: &str) -> Result<()> {
     let drained = server.gate().drain(Some(STOP_DEADLINE));
     match drained {
         Ok(_) => Ok(()),
@@ -1306,4 +1251,113 @@ fn pending_of(report: &GateDrainError) -> &[Pending] {
 fn device_name(bus: &BusHandle) -> String {
     let id = bus.id().to_string();
     id.strip_suffix("-guest-memory").unwrap_or(&id).to_string()
+}
+
+/// The epoll token of a connection's [`WorkerExit`] in its queue workers:
+/// after the queues' tokens, the crate's own (`queues`) and the completion
+/// event's (`queues + 1`).
+fn exit_token(queues: usize) -> usize {
+    queues + 2
+}
+
+/// Serves the frontend waiting on `listener` until it disconnects or `stop`
+/// is used, then drains the queues, ends the connection's workers and
+/// resets the device.
+fn serve_connection<D: VirtioDevice>(
+    server: &VhostUserServer<D>,
+    listener: &mut Listener,
+    name: &str,
+    stop: &StopHandle,
+) -> Result<()> {
+    let kind = server.device().kind();
+    let queues = server.num_queues();
+    let serving = |e: listen::Error| Error::Serve {
+        path: name.to_string(),
+        reason: crate::error_chain(&e),
+    };
+    // Declared before the daemon, so it is closed only after the daemon's
+    // drop has joined the workers that watch it.
+    let exit = WorkerExit::new().map_err(serving)?;
+    // A daemon per connection: the crate keeps per-connection state
+    // (ownership, vring setup) in it, and a reconnecting frontend starts
+    // from scratch. Device state lives in `server` and survives.
+    let mut daemon = VhostUserDaemon::new(
+        kind.to_string(),
+        server.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| Error::CreateDaemon {
+        kind,
+        reason: e.to_string(),
+    })?;
+    let handlers = daemon.get_epoll_handlers();
+    for (worker, handler) in handlers.iter().enumerate() {
+        let token = exit_token(queues) as u64;
+        if let Err(source) = handler.register_listener(exit.as_raw_fd(), EventSet::IN, token) {
+            // This worker can never be told to exit, and the daemon's drop
+            // would wait for it for ever: give the daemon up (the workers
+            // registered so far exit).
+            exit.fire();
+            std::mem::forget(daemon);
+            return Err(serving(listen::Error::RegisterExit { worker, source }));
+        }
+    }
+    // From here on, every return tells the workers to exit before the
+    // daemon's drop joins them.
+    let _exit_on_return = exit.fire_on_drop();
+    for (worker, handler) in handlers.iter().enumerate() {
+        let fd = server.shared.completions[worker].event.as_raw_fd();
+        handler
+            .register_listener(fd, EventSet::IN, queues as u64 + 1)
+            .map_err(|source| Error::RegisterCompletion { worker, source })?;
+    }
+    // The listener is readable and nothing else accepts on it: the accept
+    // returns the waiting frontend at once.
+    daemon.start(listener).map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    // The gate's failure hook disconnects the frontend through this one.
+    *server
+        .shared
+        .connection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    if stop.stopped() || server.gate().state() != State::Running {
+        // Stopped, or failed, between the accept and here.
+        daemon.request_shutdown();
+    }
+    let result = daemon.wait();
+    // Their duplicates of the connection's socket are closed now, not when
+    // the next frontend connects.
+    stop.shutdown
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    server
+        .shared
+        .connection
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if stop.stopped() {
+        // Stopping: refuse new work from here, which also bounds the wait
+        // below by STOP_DEADLINE (a request that never completes cannot
+        // hold the stop for ever).
+        server.gate().begin_drain();
+    }
+    // The workers finish what is in flight (writing used entries) before
+    // they are told to exit.
+    server.drain_all("disconnect");
+    exit.fire();
+    server.shared.device.reset();
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => tracing::info!(socket = name, "frontend disconnected"),
+        Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
+    }
+    Ok(())
 }

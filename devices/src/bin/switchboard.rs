@@ -50,7 +50,9 @@ enum Command {
     /// Each frontend (QEMU's vhost-user-*-pci with a chardev on the socket)
     /// is served until it disconnects; the socket then accepts the next one
     /// (QEMU's reconnect=). On SIGINT or SIGTERM every request in flight is
-    /// completed, the socket file is removed, and the process exits 0.
+    /// completed, the frontend is disconnected, the socket file is removed
+    /// (if it is still this socket: a file put in its place stays), and the
+    /// process exits 0.
     #[command(subcommand)]
     Serve(Device),
     /// Check a topology file without starting anything.
