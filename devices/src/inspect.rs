@@ -23,7 +23,9 @@ use std::path::Path;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
-use switchboard_runtime::recording::{Data, DataMode, Header, LogError, LogReader, Record};
+use switchboard_runtime::recording::{
+    Data, DataMode, Header, LogError, LogReader, Record, RecordKind,
+};
 
 /// Characters of payload and reply shown on a listing line, beyond which
 /// the summary is cut with `…`.
@@ -33,7 +35,7 @@ pub const SUMMARY_WIDTH: usize = 120;
 const HEX_MAX: usize = 16;
 
 /// The type and actor of the recorder's own `gap` records.
-const GAP: &str = "gap";
+const GAP: &str = RecordKind::Gap.as_str();
 const RECORDER: &str = "recorder";
 
 /// What to show of a log.
@@ -819,7 +821,7 @@ mod tests {
             from: Arc::from(from),
             to: Arc::from(to),
             kind: match RecordKind::parse(kind) {
-                ParsedKind::Control(k) => k,
+                ParsedKind::Known(k) => k,
                 ParsedKind::Message(_) => RecordKind::Message(kind),
             },
             body: Box::new(JsonBody {

@@ -25,7 +25,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use switchboard_runtime::recording::{ActorInfo, Data, DataMode, LogError, LogReader};
+use switchboard_runtime::recording::{
+    ActorInfo, Data, DataMode, LogError, LogReader, ParsedKind, RecordKind,
+};
 
 use crate::blk::{Blk, BlkRebuild};
 use crate::rng::{Rng, RngRebuild};
@@ -198,20 +200,11 @@ impl Mismatch {
     }
 }
 
-/// Record types that are not virtio requests.
-const NOT_REQUESTS: &[&str] = &[
-    "added",
-    "removed",
-    "gap",
-    "SET_FEATURES",
-    "GET_CONFIG",
-    "SET_MEM_TABLE",
-    "GET_VRING_BASE",
-    "RESET_DEVICE",
-    "connect",
-    "disconnect",
-    "malformed",
-];
+/// Whether records of type `kind` are the log's or the connection's own
+/// (a device added, a protocol message), not messages a device handled.
+fn is_protocol(kind: &str) -> bool {
+    matches!(RecordKind::parse(kind), ParsedKind::Known(k) if !k.is_message())
+}
 
 /// The `type` of a record line, found without parsing it: the writer puts
 /// `type` before `payload`, and a `","type":"` inside a JSON string would
@@ -444,22 +437,20 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
 impl<D: VirtioDevice> Replayer for VirtioReplayer<D> {
     fn replay(&mut self, msg: Msg<'_>, compare: bool) -> Result<(), Mismatch> {
         let kind = msg.kind;
-        match (kind, msg.body) {
+        use RecordKind as K;
+        match (RecordKind::parse(kind), msg.body) {
             (_, MsgBody::Request(payload, reply)) if compare => self.request(kind, payload, reply),
             (_, MsgBody::Request(..)) => Ok(()),
-            ("RESET_DEVICE", _) => {
+            (ParsedKind::Known(K::ResetDevice), _) => {
                 self.device.reset();
                 Ok(())
             }
-            ("GET_CONFIG", body) if compare => {
+            (ParsedKind::Known(K::GetConfig), body) if compare => {
                 let (payload, reply) = body.raw();
                 self.config(payload, reply)
             }
-            (
-                "SET_FEATURES" | "SET_MEM_TABLE" | "GET_VRING_BASE" | "connect" | "disconnect"
-                | "GET_CONFIG" | "malformed",
-                _,
-            ) => Ok(()),
+            // The rest of the protocol changes nothing replay rebuilds.
+            (ParsedKind::Known(k), _) if !k.is_message() => Ok(()),
             (_, body) if compare => {
                 // A request whose line was parsed in full (an id with an
                 // escape in it, say).
@@ -810,7 +801,7 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             let kind = peek_type(text).unwrap_or("");
             // A virtio request is parsed in one pass; anything else in two.
             let request = !kind.is_empty()
-                && !NOT_REQUESTS.contains(&kind)
+                && !is_protocol(kind)
                 && peek_to(text)
                     .and_then(|to| actors.get(to))
                     .is_some_and(|a| a.replayer.as_ref().is_ok_and(|r| r.takes_requests()));
@@ -864,7 +855,8 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
                 ended = false;
                 break 'log;
             }
-            if kind == "gap" && to == "recorder" {
+            let parsed_kind = RecordKind::parse(kind);
+            if parsed_kind == ParsedKind::Known(RecordKind::Gap) && to == "recorder" {
                 report.gaps += 1;
                 #[derive(serde::Deserialize)]
                 struct Gap {
@@ -886,7 +878,7 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
                 }
                 continue;
             }
-            if kind == "added" {
+            if parsed_kind == ParsedKind::Known(RecordKind::Added) {
                 let info: ActorInfo = serde_json::from_str(msg.body.raw().0).map_err(|e| {
                     rebuild_error(format!("line {line_no}: bad `added` record: {e}"))
                 })?;
@@ -905,7 +897,7 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
                      nor an `added` record describes"
                 )));
             };
-            if kind == "removed" {
+            if parsed_kind == ParsedKind::Known(RecordKind::Removed) {
                 actor.removed = true;
                 if let Ok(r) = &mut actor.replayer {
                     let compare = opts.from.is_none_or(|f| seq >= f);

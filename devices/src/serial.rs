@@ -43,7 +43,7 @@ use std::thread;
 
 use actix::{ArbiterHandle, Recipient};
 use serde::{Deserialize, Serialize};
-use switchboard_runtime::recording::Data;
+use switchboard_runtime::recording::{Data, RecordKind};
 use switchboard_runtime::{
     spawn_device, AccessOp, AccessReply, ActorId, Completion, Deliver, Device, DeviceFailed,
     DeviceId, GuestAccess, IrqLine, IrqNumber, Request, Runtime, SpawnedDevice,
@@ -81,7 +81,7 @@ impl Request for SerialInput {
     type Reply = ();
 
     fn kind(&self) -> &'static str {
-        "input"
+        RecordKind::Input.as_str()
     }
 }
 

@@ -866,8 +866,9 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn reset_device(&self) {
+        // Counted on the control lane while it runs; the queues' lanes are
+        // the ones to quiesce (the control lane holds this very message).
         let _ticket = self.admit_control(MessageKind::Control);
-        let _ = self.quiesce(Lanes::One(usize::MAX), "RESET_DEVICE");
         for q in 0..self.shared.queues {
             let _ = self.quiesce(Lanes::One(q), "RESET_DEVICE");
         }

@@ -108,6 +108,8 @@ pub fn connect(path: &Path, queues: usize, size: u16) -> anyhow::Result<TestFron
     if !pf.contains(want) {
         bail!("backend lacks protocol features: offered {pf:?}");
     }
+    // RESET_DEVICE too, where offered, as QEMU takes it.
+    let want = want | (pf & VhostUserProtocolFeatures::RESET_DEVICE);
     frontend
         .set_protocol_features(want)
         .context("SET_PROTOCOL_FEATURES")?;

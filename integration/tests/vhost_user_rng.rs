@@ -151,6 +151,42 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
 }
 
 #[test]
+fn test_reset_device_waits_for_every_request_in_flight_and_the_device_serves_again() {
+    let b = start(Some(1024));
+    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
+    for i in 0..3u64 {
+        fe.add_chain(0, &[(0x10_0000 + i * 0x1000, 1024, VIRTQ_DESC_F_WRITE)])
+            .expect("chain");
+    }
+    fe.kick(0).expect("kick");
+    until("requests in flight", || b.served.server.in_flight() >= 2);
+    // RESET_DEVICE is itself a message on the device's control lane: it
+    // must wait for the queue's requests, not for itself.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reset = std::thread::spawn(move || {
+        let r = fe.frontend.reset_device();
+        let _ = tx.send(());
+        (fe, r)
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("RESET_DEVICE answered within 10 s");
+    let (fe, r) = reset.join().expect("reset thread");
+    r.expect("RESET_DEVICE");
+    assert_eq!(
+        fe.used_idx(0).expect("used"),
+        3,
+        "answered before every used entry was written"
+    );
+    assert_eq!(b.served.server.in_flight(), 0);
+    assert_eq!(
+        b.served.server.gate().state(),
+        switchboard_runtime::State::Running,
+        "a reset device keeps running"
+    );
+    b.served.stop.stop();
+}
+
+#[test]
 fn test_malformed_chains_get_an_empty_answer_and_the_backend_stays_up() {
     let b = start(None);
     let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");

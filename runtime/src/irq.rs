@@ -40,7 +40,7 @@ impl Request for IrqLevel {
     type Reply = ();
 
     fn kind(&self) -> &'static str {
-        "irq"
+        crate::recording::RecordKind::Irq.as_str()
     }
 }
 

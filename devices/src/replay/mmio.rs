@@ -26,6 +26,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 
 use switchboard_runtime::journal::{Journal, Replied, Sent};
+use switchboard_runtime::recording::RecordKind;
 use switchboard_runtime::{
     AccessOp, AccessReply, Completion, Device, DeviceId, GuestAccess, IrqLevel, Refused, Runtime,
 };
@@ -35,7 +36,9 @@ use crate::serial::{Serial, SerialEvent, SerialInput, SerialRebuild};
 use crate::slow::{SlowDevice, SlowDeviceRebuild};
 
 /// The record type of an interrupt message.
-pub(super) const IRQ: &str = "irq";
+pub(super) const IRQ: &str = RecordKind::Irq.as_str();
+/// The record type of an input from outside.
+const INPUT: &str = RecordKind::Input.as_str();
 
 /// Collects the interrupt messages a replayed device sends.
 #[derive(Debug, Default)]
@@ -269,7 +272,7 @@ impl<D: Device> Replayer for DeviceReplayer<D> {
                 });
                 Ok(())
             }
-            "input" => {
+            INPUT => {
                 let event = (self.input)(msg.body.raw().0)
                     .map_err(|e| Mismatch::new("the input cannot be fed again", "an input", e))?;
                 self.run("the input taken", |d| d.event(event))?;

@@ -37,6 +37,11 @@ pub enum RecordKind {
     Malformed,
     /// A device was failed (a contained panic), with the reason.
     Failed,
+    /// An interrupt message a device sent (one-way).
+    Irq,
+    /// An input a device took from outside the guest (bytes from a UART's
+    /// sink; one-way).
+    Input,
     /// A message of a type the device or message defines: a virtqueue
     /// request's type as the device named it (`read`, `entropy`), an
     /// MMIO/PIO access (`read`, `write`), an interrupt or an input.
@@ -45,7 +50,7 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// Every kind but [`RecordKind::Message`].
-    pub const CONTROL: [RecordKind; 13] = [
+    pub const KNOWN: [RecordKind; 15] = [
         RecordKind::Added,
         RecordKind::Removed,
         RecordKind::Gap,
@@ -59,10 +64,12 @@ impl RecordKind {
         RecordKind::ResetDevice,
         RecordKind::Malformed,
         RecordKind::Failed,
+        RecordKind::Irq,
+        RecordKind::Input,
     ];
 
     /// The `type` field as written.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             RecordKind::Added => "added",
             RecordKind::Removed => "removed",
@@ -77,31 +84,37 @@ impl RecordKind {
             RecordKind::ResetDevice => "RESET_DEVICE",
             RecordKind::Malformed => "malformed",
             RecordKind::Failed => "failed",
+            RecordKind::Irq => "irq",
+            RecordKind::Input => "input",
             RecordKind::Message(s) => s,
         }
     }
 
-    /// The kind a `type` field names; anything that is not a control kind
-    /// is a [`RecordKind::Message`] (of a type only its device knows).
+    /// The kind a `type` field names; anything that is not one of
+    /// [`RecordKind::KNOWN`] is a [`RecordKind::Message`] (of a type only
+    /// its device knows).
     pub fn parse(s: &str) -> ParsedKind<'_> {
-        match Self::CONTROL.iter().find(|k| k.as_str() == s) {
-            Some(k) => ParsedKind::Control(*k),
+        match Self::KNOWN.iter().find(|k| k.as_str() == s) {
+            Some(k) => ParsedKind::Known(*k),
             None => ParsedKind::Message(s),
         }
     }
 
-    /// Whether records of this kind are messages a device handled (and
-    /// replay compares), rather than the log's or the connection's own.
+    /// Whether records of this kind are messages a device handled or sent
+    /// (and replay compares), rather than the log's or the connection's own.
     pub fn is_message(self) -> bool {
-        matches!(self, RecordKind::Message(_))
+        matches!(
+            self,
+            RecordKind::Message(_) | RecordKind::Irq | RecordKind::Input
+        )
     }
 }
 
 /// A kind read back from a log: the message type borrows the line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParsedKind<'a> {
-    /// One of [`RecordKind::CONTROL`].
-    Control(RecordKind),
+    /// One of [`RecordKind::KNOWN`].
+    Known(RecordKind),
     /// A message type.
     Message(&'a str),
 }
@@ -117,11 +130,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_every_control_kind_parses_back_to_itself() {
-        for k in RecordKind::CONTROL {
-            assert_eq!(RecordKind::parse(k.as_str()), ParsedKind::Control(k));
-            assert!(!k.is_message());
+    fn test_every_known_kind_parses_back_to_itself() {
+        for k in RecordKind::KNOWN {
+            assert_eq!(RecordKind::parse(k.as_str()), ParsedKind::Known(k));
         }
+        assert!(RecordKind::Irq.is_message());
+        assert!(!RecordKind::Added.is_message());
     }
 
     #[test]
