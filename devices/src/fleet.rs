@@ -30,7 +30,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -42,8 +42,8 @@ use switchboard_bus::{BusHandle, RegionId};
 use switchboard_runtime::journal::Journal;
 use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, RecordKind, Recorder};
 use switchboard_runtime::{
-    BusAddr, DeviceFailed, DeviceId, DeviceRef, Gate, IrqLine, IrqNumber, QueryFailures, Runtime,
-    State, Supervisor,
+    BusAddr, DeviceFailed, DeviceId, DeviceRef, Gate, GateDrainError, IrqLine, IrqNumber,
+    QueryFailures, Runtime, State, Supervisor,
 };
 
 use crate::blk::{Blk, BlkOptions};
@@ -53,7 +53,10 @@ use crate::rng::Rng;
 use crate::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
 use crate::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
 use crate::uart_sink::Sink;
-use crate::vhost_user::{bind, default_workers, serve_bound, StopHandle, VhostUserServer};
+use crate::vhost_user::{
+    bind, default_workers, serve_bound, StopHandle, VhostUserServer, DRAIN_DEADLINE_PASSED,
+    STOP_DEADLINE,
+};
 use crate::virtio::VirtioDevice;
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
@@ -311,16 +314,22 @@ struct Entry {
     body: Body,
 }
 
-/// A removal in progress; later removals wait on it.
-#[derive(Default)]
-struct Removal {
-    result: Mutex<Option<Result<Duration, String>>>,
-    done: Condvar,
-}
-
+/// A device, running or being removed (a later removal waits on the
+/// device's gate for the same drain).
 enum Slot {
     Running(Arc<Entry>),
-    Removing(Arc<Entry>, Arc<Removal>),
+    Removing(Arc<Entry>),
+}
+
+impl Entry {
+    /// The device's gate: its state, and the one drain every removal waits
+    /// for.
+    fn gate(&self) -> &Gate {
+        match &self.body {
+            Body::VhostUser { server, .. } => server.gate(),
+            Body::OnBus { device, .. } => device.gate(),
+        }
+    }
 }
 
 /// The interrupt line of every UART the fleet starts (COM1's ISA IRQ).
@@ -339,6 +348,28 @@ pub fn mmio_rebuild_info(plan: &Plan) -> Option<serde_json::Value> {
     };
     // Two structs of integers always serialize.
     info.ok()
+}
+
+/// The prefix of the failure reason of a device whose stop itself failed.
+const STOP_FAILED: &str = "stop failed: ";
+
+/// The result of a removal, from the device's gate: the drain time it
+/// reports (the same for every removal of the device); zero for a device
+/// that had failed (a contained panic: it is stopped and removed, its
+/// failure listed); or why it did not stop cleanly (its stop failed, or
+/// its drain deadline passed and it was stopped anyway).
+fn drained(gate: &Gate, stopped: Result<(), String>) -> Result<Duration, String> {
+    stopped?;
+    match gate.drain(None) {
+        Ok(report) => Ok(report.waited),
+        Err(GateDrainError::Failed { reason, .. })
+            if reason.starts_with(STOP_FAILED) || reason.starts_with(DRAIN_DEADLINE_PASSED) =>
+        {
+            Err(reason)
+        }
+        Err(GateDrainError::Failed { .. }) => Ok(Duration::ZERO),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The devices of one process.
@@ -645,9 +676,10 @@ impl Fleet {
         })
     }
 
-    /// Drains and stops `entry`; returns how long the drain took.
-    fn stop_entry(entry: &Entry) -> Result<Duration, String> {
-        let start = Instant::now();
+    /// Drains and stops `entry`, within a bounded time: a device whose
+    /// drain does not finish in [`STOP_DEADLINE`] is failed with the drain
+    /// report, and stops anyway.
+    fn stop_entry(entry: &Entry) -> Result<(), String> {
         match &entry.body {
             Body::VhostUser { stop, thread, .. } => {
                 // Disconnects the frontend; the serving thread drains every
@@ -666,74 +698,71 @@ impl Fleet {
                 device, arbiter, ..
             } => {
                 // Unplugged from its bus by the caller; drain the actor.
-                let drained = futures::executor::block_on(device.drain(None));
-                arbiter.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Err(e) = drained {
-                    return Err(e.to_string());
+                let drained = futures::executor::block_on(device.drain(Some(STOP_DEADLINE)));
+                if let Err(e @ switchboard_runtime::DrainError::Timeout { .. }) = &drained {
+                    tracing::error!(device = %device.id(), error = %e, "stopping it anyway");
+                    device.gate().fail(format!("{DRAIN_DEADLINE_PASSED}{e}"));
                 }
+                // Stops the actor, whatever it was doing.
+                arbiter.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
         }
-        Ok(start.elapsed())
+        Ok(())
     }
 
-    /// Drains and stops device `id`; returns how long the drain took. A
-    /// removal of a device already being removed waits for that removal.
+    /// Drains and stops device `id`; returns how long the drain took (from
+    /// the device's gate: every removal of one device gets the same). A
+    /// removal of a device already being removed waits for that drain. A
+    /// device that had failed is removed as well; its failure stays listed
+    /// in [`Fleet::failures`].
     pub fn remove(&self, id: &str) -> Result<Duration, Error> {
-        let (entry, removal, first) = {
+        let (entry, first) = {
             let mut devices = self.lock_devices();
             match devices.get(id) {
                 None => return Err(Error::NotFound(id.to_string())),
-                Some(Slot::Removing(e, r)) => (Arc::clone(e), Arc::clone(r), false),
+                Some(Slot::Removing(e)) => (Arc::clone(e), false),
                 Some(Slot::Running(e)) => {
                     let e = Arc::clone(e);
-                    let r = Arc::new(Removal::default());
-                    devices.insert(
-                        id.to_string(),
-                        Slot::Removing(Arc::clone(&e), Arc::clone(&r)),
-                    );
-                    (e, r, true)
+                    devices.insert(id.to_string(), Slot::Removing(Arc::clone(&e)));
+                    (e, true)
                 }
             }
         };
-        let result = if first {
+        let stopped = if first {
             let start = self.journal().map(|j| j.now());
-            let result = self.unplug_and_stop(&entry);
-            if let Some(start) = start {
+            let stopped = self.unplug_and_stop(&entry);
+            if let Err(reason) = &stopped {
+                // Whatever failed, later removals must not wait for ever.
+                entry.gate().fail(format!("{STOP_FAILED}{reason}"));
+            }
+            let result = drained(entry.gate(), stopped);
+            if let (Some(start), Some(j)) = (start, self.journal()) {
                 let reply = match &result {
                     Ok(d) => serde_json::json!({ "drain_ms": d.as_secs_f64() * 1000.0 }),
                     Err(e) => serde_json::json!({ "error": e }),
                 };
-                if let Some(j) = self.journal() {
-                    j.record(LogEntry::json(
-                        start,
-                        j.now().saturating_sub(start),
-                        Arc::from("switchboard"),
-                        Arc::from(id),
-                        RecordKind::Removed,
-                        serde_json::Value::Null,
-                        reply,
-                    ));
-                }
+                j.record(LogEntry::json(
+                    start,
+                    j.now().saturating_sub(start),
+                    Arc::from("switchboard"),
+                    Arc::from(id),
+                    RecordKind::Removed,
+                    serde_json::Value::Null,
+                    reply,
+                ));
             }
-            *removal.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
-            removal.done.notify_all();
             self.lock_devices().remove(id);
             result
         } else {
-            let mut r = removal.result.lock().unwrap_or_else(|e| e.into_inner());
-            while r.is_none() {
-                r = removal.done.wait(r).unwrap_or_else(|e| e.into_inner());
-            }
-            r.clone().unwrap_or_else(|| Err("removal lost".into()))
+            drained(entry.gate(), Ok(()))
         };
-        result.map_err(|reason| Error::Stop {
+        stopped.map_err(|reason| Error::Stop {
             id: id.to_string(),
             reason,
         })
     }
 
-    fn unplug_and_stop(&self, entry: &Entry) -> Result<Duration, String> {
-        let start = Instant::now();
+    fn unplug_and_stop(&self, entry: &Entry) -> Result<(), String> {
         if let Body::OnBus { bus, region, .. } = &entry.body {
             // Off the bus first: no access reaches the device afterwards.
             if let Some(handle) = self.bus(bus) {
@@ -741,8 +770,7 @@ impl Fleet {
                     .map_err(|e| e.to_string())?;
             }
         }
-        Self::stop_entry(entry)?;
-        Ok(start.elapsed())
+        Self::stop_entry(entry)
     }
 
     /// Removes every device (each drained), in parallel.
@@ -764,7 +792,7 @@ impl Fleet {
             .values()
             .map(|s| match s {
                 Slot::Running(e) => (Arc::clone(e), false),
-                Slot::Removing(e, _) => (Arc::clone(e), true),
+                Slot::Removing(e) => (Arc::clone(e), true),
             })
             .collect();
         entries

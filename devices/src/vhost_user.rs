@@ -151,6 +151,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// goes on.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(3);
 
+/// How the failure reason of a device stopped by its drain deadline begins.
+pub const DRAIN_DEADLINE_PASSED: &str = "drain deadline passed: ";
+
 /// One worker's completion path.
 struct Completions {
     rx: crossbeam_channel::Receiver<(Request, u32)>,
@@ -1233,7 +1236,7 @@ fn finish_serving<D: VirtioDevice>(server: &VhostUserServer<D>, name: &str) -> R
             tracing::error!(socket = name, error = %report, pending = ?pending_of(&report), "stopped with requests still in flight");
             server
                 .gate()
-                .fail(format!("drain deadline passed: {report}"));
+                .fail(format!("{DRAIN_DEADLINE_PASSED}{report}"));
             Ok(())
         }
     }

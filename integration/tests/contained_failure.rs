@@ -478,3 +478,53 @@ fn test_io_thread_panic_without_a_status_answers_empty_while_rng_serves() {
     drop(rng_fe);
     rng.finish();
 }
+
+/// A device that never answers the requests it holds (it would panic only
+/// on the next one) cannot hold up `device-del` or SIGTERM: the removal
+/// returns within the drain deadline with the report of what was still in
+/// flight, the device is stopped anyway, and the disk keeps serving.
+#[test]
+fn test_device_del_of_a_device_that_never_answers_returns_with_the_drain_report() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image(dir.path());
+    let file = dir.path().join("topology.json");
+    let text = json!({ "devices": [
+        { "id": "disk0", "kind": "virtio-blk", "path": image,
+          "vhost_user": { "socket": "disk0.sock" } },
+        { "id": "fault0", "kind": "virtio-fault", "panic_after": 2, "hold": 2,
+          "vhost_user": { "socket": "fault0.sock" } },
+    ] });
+    std::fs::write(&file, text.to_string()).expect("write the topology");
+    let ctl_path = dir.path().join("ctl.sock");
+    let run = Run::start(&file, &ctl_path);
+    let mut ctl = Client::connect(&ctl_path).expect("control socket");
+    let mut disk = frontend::connect(&dir.path().join("disk0.sock"), 1, 64).expect("disk");
+    let mut fault =
+        frontend::connect(&dir.path().join("fault0.sock"), 1, 64).expect("fault device");
+    push_fault(&mut fault, 1);
+    push_fault(&mut fault, 2);
+    fault.kick(0).expect("kick");
+    until("the fault device holds both requests", || {
+        device(&mut ctl, "fault0").is_some_and(|d| d["in_flight"] == 2)
+    });
+
+    let start = Instant::now();
+    let (mut ctl, reply) = returns("device-del", move || {
+        let reply = execute(&mut ctl, "device-del", Some(json!({ "id": "fault0" })));
+        (ctl, reply)
+    });
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "device-del took {took:?}");
+    let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+    assert!(
+        desc.contains("drain deadline passed") && desc.contains("2 in flight"),
+        "{reply}"
+    );
+    assert!(device(&mut ctl, "fault0").is_none(), "fault0 still listed");
+    disk_answers(&mut disk, &image, 0);
+    drop(fault);
+    drop(disk);
+    drop(ctl);
+    let status = run.terminate();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
