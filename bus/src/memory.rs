@@ -28,7 +28,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
-use switchboard_runtime::{Gate, State, Ticket};
+use switchboard_runtime::{Gate, State};
 use vm_memory::{Bytes, GuestAddress, GuestRegionMmap, MemoryRegionAddress, MmapRegion};
 
 /// A guest-physical address.
@@ -201,10 +201,10 @@ impl RamRegion {
 
     /// Takes a lease, unless the region is draining.
     pub fn try_lease(self: &Arc<Self>) -> Result<Lease> {
-        match self.gate.admit_untracked(0) {
-            Ok(ticket) => Ok(Lease {
+        match self.gate.enter(0) {
+            // Paired with the `leave` in the lease's drop.
+            Ok(()) => Ok(Lease {
                 region: Arc::clone(self),
-                _ticket: ticket,
             }),
             Err(_) => Err(Error::Draining),
         }
@@ -238,9 +238,14 @@ impl RamRegion {
 
 /// The right to touch one region's memory. Returned by dropping it.
 pub struct Lease {
+    /// Counted on this region's gate (`Gate::enter`) until dropped.
     region: Arc<RamRegion>,
-    /// Counted on the region's gate until dropped.
-    _ticket: Ticket,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.region.gate.leave(0);
+    }
 }
 
 impl fmt::Debug for Lease {

@@ -607,6 +607,7 @@ fn write_status(request: &mut Request, status_at: u64, status: u8, len: u64) -> 
 
 fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
     let mut buf: Vec<u8> = Vec::new();
+    let mut gate: Option<switchboard_runtime::Gate> = None;
     loop {
         let job = {
             let mut q = pool.lock();
@@ -623,7 +624,14 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
         if !latency.is_zero() {
             thread::sleep(latency);
         }
-        let gate = job.request.gate();
+        // The device's gate, kept for a failure: cloned once per thread,
+        // not once per job (a clone per job would bounce its count between
+        // this thread and the queue worker).
+        if let Some(g) = job.request.gate() {
+            if !gate.as_ref().is_some_and(|c| c.same(g)) {
+                gate = Some(g.clone());
+            }
+        }
         // A panic here drops the job's request, whose guard answers it
         // with IOERR, and fails the device; the thread goes on, so jobs
         // admitted before the failure are still answered.
@@ -632,7 +640,7 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
                 "I/O thread: {}",
                 switchboard_runtime::panic_message(p.as_ref())
             );
-            match gate {
+            match &gate {
                 Some(g) => {
                     g.fail(reason);
                 }

@@ -244,7 +244,7 @@ fn io_thread(schedule: &Schedule, rx: crossbeam_channel::Receiver<(Request, Comp
             drop(request);
             continue;
         }
-        let gate = request.gate();
+        let gate = request.gate().cloned();
         match catch_unwind(AssertUnwindSafe(|| schedule.step(request, "I/O thread"))) {
             Ok(Step::Answer(request, len)) => done.complete(request, len),
             Ok(Step::Held) => {}

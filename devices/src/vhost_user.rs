@@ -13,11 +13,17 @@
 //!   removes it from the bus and blocks until its last lease is returned,
 //!   so the acknowledgement the crate sends afterwards is true.
 //! - **GET_VRING_BASE, RESET_DEVICE and a disconnect drain the queue.**
-//!   Every popped request is counted in flight on its queue until its used
-//!   entry is written. `stop_vring` (GET_VRING_BASE) waits for the queue's
-//!   count to reach zero before the crate reads the ring position and
-//!   replies; `reset_device` and [`serve`] after a disconnect wait for all
-//!   queues.
+//!   Every popped request is admitted on its queue's lane of the device's
+//!   [`Gate`] (the one model of `switchboard-runtime`: a sequence number,
+//!   counted in flight, refused while the device is not running) and holds
+//!   its ticket until its used entry is written. `stop_vring`
+//!   (GET_VRING_BASE) waits for the queue's lane to reach zero before the
+//!   crate reads the ring position and replies; `reset_device` and [`serve`]
+//!   after a disconnect wait for every queue.
+//!
+//! A panic in the device, on any of its threads, fails that device alone:
+//! see [`VhostUserServer::fail`] and `runtime/DESIGN.md`, which documents
+//! the whole request path and the drain path.
 //!
 //! # Threads
 //!
@@ -659,10 +665,10 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             let mut used = false;
             for chain in chains {
                 let head = chain.head_index();
-                let descriptors: Vec<(GuestAddr, u32, bool)> = chain
+                // Walked straight into the request: no allocation per chain.
+                let descriptors = chain
                     .clone()
-                    .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()))
-                    .collect();
+                    .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()));
                 let seq = self.shared.runtime.next_seq();
                 let admitted = gate.admit(queue, seq, MessageKind::Request);
                 let memreq = self.shared.bus.guest_memory().request();

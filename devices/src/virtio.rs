@@ -358,8 +358,8 @@ impl Request {
     /// The gate that admitted it, if it was admitted: a thread that runs
     /// the request elsewhere (an I/O thread) fails the device through it
     /// when it catches a panic.
-    pub fn gate(&self) -> Option<Gate> {
-        self.ticket.as_ref().map(|t| t.gate().clone())
+    pub fn gate(&self) -> Option<&Gate> {
+        self.ticket.as_ref().map(Ticket::gate)
     }
 
     /// The request's sequence number, if it was admitted.
@@ -797,6 +797,12 @@ pub fn actor_info<D: VirtioDevice + ?Sized>(
 ///   per queue; queues may be on different workers.
 /// - `reset` is called with no request in flight (after the server drained
 ///   every queue), when the frontend resets the device or disconnects.
+/// - Every request `handle` gets was admitted by the device's gate and
+///   carries its ticket: the device answers it exactly once (returning it in
+///   [`Handled::Done`] or through the [`Completer`]); a request it drops is
+///   answered by the request's drop guard with [`VirtioDevice::fail_status`].
+/// - A panic in any of these methods, or on a thread of the device's that
+///   catches it and fails the request's [`Gate`], fails this device alone.
 pub trait VirtioDevice: Send + Sync + 'static {
     /// A short name for logs (`virtio-rng`).
     fn kind(&self) -> &'static str;

@@ -42,7 +42,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{AccessSize, RegionOffset};
-use crate::gate::{panic_message, Gate, MessageKind};
+use crate::gate::{panic_message, Gate};
 use crate::ids::{ActorId, DeviceId, Seq};
 use crate::lifecycle::{InvalidTransition, State};
 use crate::send::{Envelope, Refused, Reply, Request, Responder, Runtime, Sender};
@@ -87,13 +87,6 @@ impl Request for GuestAccess {
         match self.op {
             AccessOp::Read => "read",
             AccessOp::Write { .. } => "write",
-        }
-    }
-
-    fn gate_kind(&self) -> MessageKind {
-        match self.op {
-            AccessOp::Read => MessageKind::Read,
-            AccessOp::Write { .. } => MessageKind::Write,
         }
     }
 }

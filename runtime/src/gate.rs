@@ -224,7 +224,6 @@ struct Inner {
     lanes: Box<[Lane]>,
     epoch: Instant,
     refused: AtomicU64,
-    admitted: AtomicU64,
     /// Messages in flight when the lanes were last closed.
     at_close: AtomicU64,
     waiters: Mutex<Waiters>,
@@ -291,7 +290,6 @@ impl Gate {
                 lanes,
                 epoch: Instant::now(),
                 refused: AtomicU64::new(0),
-                admitted: AtomicU64::new(0),
                 at_close: AtomicU64::new(0),
                 waiters: Mutex::default(),
                 cond: Condvar::new(),
@@ -336,9 +334,9 @@ impl Gate {
         self.inner.refused.load(Ordering::Relaxed)
     }
 
-    /// Messages admitted since the gate was made.
-    pub fn admitted(&self) -> u64 {
-        self.inner.admitted.load(Ordering::Relaxed)
+    /// Whether `other` is this same gate.
+    pub fn same(&self, other: &Gate) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// Messages in flight on every lane.
@@ -463,7 +461,6 @@ impl Gate {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return Err(self.refusal());
         }
-        self.inner.admitted.fetch_add(1, Ordering::Relaxed);
         let tag = (seq.0 << 8) | u64::from(kind as u8);
         let mask = l.slots.len() - 1;
         let start = seq.0 as usize;
@@ -511,6 +508,32 @@ impl Gate {
             slot: u32::MAX,
             seq: Seq(0),
         })
+    }
+
+    /// Counts one holder in on `lane`, as [`Gate::admit_untracked`] does,
+    /// without a ticket: for a holder that keeps the gate alive itself (a
+    /// guest-memory lease holds its region, which owns the gate) and so
+    /// needs no reference of its own. Every `Ok` must be paired with exactly
+    /// one [`Gate::leave`] on the same lane; a missing one holds every drain
+    /// of this gate for ever, an extra one miscounts.
+    pub fn enter(&self, lane: usize) -> Result<(), Refused> {
+        let lane = lane.min(self.inner.lanes.len() - 1);
+        let l = &self.inner.lanes[lane];
+        if l.word.load(Ordering::Acquire) & CLOSED != 0 {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(self.refusal());
+        }
+        if l.word.fetch_add(1, Ordering::Acquire) & CLOSED != 0 {
+            self.release(lane);
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(self.refusal());
+        }
+        Ok(())
+    }
+
+    /// Counts out a holder [`Gate::enter`] counted in.
+    pub fn leave(&self, lane: usize) {
+        self.release(lane.min(self.inner.lanes.len() - 1));
     }
 
     fn release(&self, lane: usize) {
@@ -855,7 +878,6 @@ mod tests {
         drop(t);
         assert_eq!(g.in_flight(), 0);
         assert_eq!(g.refused(), 1);
-        assert_eq!(g.admitted(), 1);
     }
 
     #[test]
