@@ -448,19 +448,8 @@ impl Gate {
     /// the device is not running. An out-of-range lane is the last lane.
     pub fn admit(&self, lane: usize, seq: Seq, kind: MessageKind) -> Result<Ticket, Refused> {
         let lane = lane.min(self.inner.lanes.len() - 1);
+        self.enter(lane)?;
         let l = &self.inner.lanes[lane];
-        // A closed lane refuses without touching the count, so a drain's
-        // snapshot of the count is not inflated by refusals.
-        if l.word.load(Ordering::Acquire) & CLOSED != 0 {
-            self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(self.refusal());
-        }
-        let prev = l.word.fetch_add(1, Ordering::Acquire);
-        if prev & CLOSED != 0 {
-            self.release(lane);
-            self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(self.refusal());
-        }
         let tag = (seq.0 << 8) | u64::from(kind as u8);
         let mask = l.slots.len() - 1;
         let start = seq.0 as usize;
@@ -491,17 +480,7 @@ impl Gate {
     /// guest-memory lease, counted so that a drain waits for it.
     pub fn admit_untracked(&self, lane: usize) -> Result<Ticket, Refused> {
         let lane = lane.min(self.inner.lanes.len() - 1);
-        let l = &self.inner.lanes[lane];
-        if l.word.load(Ordering::Acquire) & CLOSED != 0 {
-            self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(self.refusal());
-        }
-        let prev = l.word.fetch_add(1, Ordering::Acquire);
-        if prev & CLOSED != 0 {
-            self.release(lane);
-            self.inner.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(self.refusal());
-        }
+        self.enter(lane)?;
         Ok(Ticket {
             gate: self.clone(),
             lane: lane as u32,
@@ -519,6 +498,8 @@ impl Gate {
     pub fn enter(&self, lane: usize) -> Result<(), Refused> {
         let lane = lane.min(self.inner.lanes.len() - 1);
         let l = &self.inner.lanes[lane];
+        // A closed lane refuses without touching the count, so a drain's
+        // snapshot of the count is not inflated by refusals.
         if l.word.load(Ordering::Acquire) & CLOSED != 0 {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return Err(self.refusal());
