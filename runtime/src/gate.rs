@@ -81,42 +81,30 @@ const PROBES: usize = 8;
 #[serde(rename_all = "kebab-case")]
 #[repr(u8)]
 pub enum MessageKind {
-    /// An MMIO/PIO read.
-    Read = 1,
-    /// An MMIO/PIO write.
-    Write,
     /// A virtqueue request.
-    Request,
+    Request = 1,
     /// A config-space read (vhost-user GET_CONFIG).
     GetConfig,
     /// A config-space write (vhost-user SET_CONFIG).
     SetConfig,
-    /// An input from outside the guest (bytes on a serial line).
-    Event,
-    /// A lifecycle or control request (realize, start, reset, status).
+    /// A control request (vhost-user RESET_DEVICE).
     Control,
 }
 
 impl MessageKind {
-    const ALL: [MessageKind; 7] = [
-        MessageKind::Read,
-        MessageKind::Write,
+    const ALL: [MessageKind; 4] = [
         MessageKind::Request,
         MessageKind::GetConfig,
         MessageKind::SetConfig,
-        MessageKind::Event,
         MessageKind::Control,
     ];
 
     /// The name used in logs and reports.
     pub fn as_str(self) -> &'static str {
         match self {
-            MessageKind::Read => "read",
-            MessageKind::Write => "write",
             MessageKind::Request => "request",
             MessageKind::GetConfig => "get-config",
             MessageKind::SetConfig => "set-config",
-            MessageKind::Event => "event",
             MessageKind::Control => "control",
         }
     }
@@ -847,14 +835,15 @@ mod tests {
     fn test_admission_refused_until_running_with_the_state_named() {
         let g = Gate::new("dev", 1, 4);
         assert_eq!(
-            g.admit(0, Seq(1), MessageKind::Read).expect_err("created"),
+            g.admit(0, Seq(1), MessageKind::Request)
+                .expect_err("created"),
             Refused::NotRunning {
                 state: State::Created
             }
         );
         g.transition(State::Realized).expect("realize");
         g.transition(State::Running).expect("start");
-        let t = g.admit(0, Seq(2), MessageKind::Read).expect("running");
+        let t = g.admit(0, Seq(2), MessageKind::Request).expect("running");
         assert_eq!(g.in_flight(), 1);
         drop(t);
         assert_eq!(g.in_flight(), 0);
@@ -914,7 +903,7 @@ mod tests {
     #[test]
     fn test_concurrent_drains_share_one_report() {
         let g = running(1);
-        let t = g.admit(0, Seq(1), MessageKind::Write).expect("admit");
+        let t = g.admit(0, Seq(1), MessageKind::Control).expect("admit");
         let drains: Vec<_> = (0..4)
             .map(|_| {
                 let g = g.clone();
@@ -978,7 +967,7 @@ mod tests {
     #[test]
     fn test_drained_future_resolves_when_the_last_ticket_goes() {
         let g = running(1);
-        let t = g.admit(0, Seq(1), MessageKind::Read).expect("admit");
+        let t = g.admit(0, Seq(1), MessageKind::Request).expect("admit");
         let mut fut = Box::pin(g.drained());
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
