@@ -489,16 +489,17 @@ fn topology(dir: &Path) -> PathBuf {
     file
 }
 
-fn run(state: State) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = topology(dir.path());
+/// Starts `switchboard run` of [`topology`] in `dir` with a control
+/// socket; returns it and its disk, rng and control socket paths.
+fn start_run(dir: &Path) -> (Proc, PathBuf, PathBuf, PathBuf) {
+    let file = topology(dir);
     let (disk, rng, control) = (
-        dir.path().join("disk0.sock"),
-        dir.path().join("rng0.sock"),
-        dir.path().join("control.sock"),
+        dir.join("disk0.sock"),
+        dir.join("rng0.sock"),
+        dir.join("control.sock"),
     );
-    let mut proc = Proc::start(
-        dir.path(),
+    let proc = Proc::start(
+        dir,
         &[
             "run",
             file.to_str().expect("utf-8 path"),
@@ -508,6 +509,12 @@ fn run(state: State) {
             control.to_str().expect("utf-8 path"),
         ],
     );
+    (proc, disk, rng, control)
+}
+
+fn run(state: State) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, disk, rng, control) = start_run(dir.path());
     wait_for_sockets(&mut proc, &[&rng, &disk, &control]);
     let what = format!("run, {state:?}");
     // The rng socket first: the idle and in-flight frontends go to it (its
@@ -578,23 +585,7 @@ fn test_serve_rng_stops_on_sigint_with_its_socket_file_deleted() {
 #[test]
 fn test_run_device_del_completes_with_the_socket_file_deleted_or_replaced() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = topology(dir.path());
-    let (disk, rng, control) = (
-        dir.path().join("disk0.sock"),
-        dir.path().join("rng0.sock"),
-        dir.path().join("control.sock"),
-    );
-    let mut proc = Proc::start(
-        dir.path(),
-        &[
-            "run",
-            file.to_str().expect("utf-8 path"),
-            "--create-images",
-            "64M",
-            "--control",
-            control.to_str().expect("utf-8 path"),
-        ],
-    );
+    let (mut proc, disk, rng, control) = start_run(dir.path());
     wait_for_sockets(&mut proc, &[&disk, &rng, &control]);
     tamper(State::SocketDeleted, &disk);
     tamper(State::SocketReplaced, &rng);

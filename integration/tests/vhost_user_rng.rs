@@ -129,8 +129,9 @@ fn test_rem_mem_reg_is_acked_only_after_the_request_using_it_completed() {
     b.served.stop.stop();
 }
 
-#[test]
-fn test_get_vring_base_waits_for_every_request_in_flight() {
+/// A rate-limited device (1 KiB/s) with three 1 KiB requests kicked, at
+/// least two of them in flight.
+fn three_rate_limited_requests() -> (Backend, frontend::TestFrontend) {
     let b = start(Some(1024));
     let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
     for i in 0..3u64 {
@@ -139,6 +140,12 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
     }
     fe.kick(0).expect("kick");
     until("requests in flight", || b.served.server.in_flight() >= 2);
+    (b, fe)
+}
+
+#[test]
+fn test_get_vring_base_waits_for_every_request_in_flight() {
+    let (b, fe) = three_rate_limited_requests();
     let base = fe.frontend.get_vring_base(0).expect("GET_VRING_BASE");
     assert_eq!(base, 3, "next avail index");
     assert_eq!(
@@ -152,14 +159,7 @@ fn test_get_vring_base_waits_for_every_request_in_flight() {
 
 #[test]
 fn test_reset_device_waits_for_every_request_in_flight_and_the_device_serves_again() {
-    let b = start(Some(1024));
-    let mut fe = frontend::connect(&b.served.socket, 1, 64).expect("connect");
-    for i in 0..3u64 {
-        fe.add_chain(0, &[(0x10_0000 + i * 0x1000, 1024, VIRTQ_DESC_F_WRITE)])
-            .expect("chain");
-    }
-    fe.kick(0).expect("kick");
-    until("requests in flight", || b.served.server.in_flight() >= 2);
+    let (b, mut fe) = three_rate_limited_requests();
     // RESET_DEVICE is itself a message on the device's control lane: it
     // must wait for the queue's requests, not for itself.
     let (tx, rx) = std::sync::mpsc::channel();
