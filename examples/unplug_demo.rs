@@ -18,10 +18,12 @@ use actix::prelude::*;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_devices::serial::{spawn_serial, SERIAL_REGION_SIZE};
-use switchboard_devices::slow::{SlowDevice, SlowDeviceConfig, REG_COUNTER, SLOW_REGION_SIZE};
-use switchboard_devices::uart::regs;
-use switchboard_devices::uart_sink::Sink;
+use switchboard_devices::models::serial::{spawn_serial, SERIAL_REGION_SIZE};
+use switchboard_devices::models::slow::{
+    SlowDevice, SlowDeviceConfig, REG_COUNTER, SLOW_REGION_SIZE,
+};
+use switchboard_devices::models::uart::regs;
+use switchboard_devices::models::uart_sink::Sink;
 use switchboard_runtime::{
     spawn_device, AccessReply, AccessSize, ActorId, BusAddr, DeviceId, IrqLevel, IrqLine,
     IrqNumber, Runtime, Supervisor,

@@ -1,43 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Device actors for switchboard.
+//! Device actors for switchboard, and what serves and hosts them.
 //!
-//! - [`serial`]: a 16550A UART for Linux's 8250 driver as a device actor;
-//!   [`uart`] is its register model and [`uart_sink`] its character backends
-//!   (stdout, a file, a unix socket).
-//! - [`blk`] and [`rng`]: virtio-blk and virtio-rng, served over
-//!   vhost-user by [`vhost_user`], which waits for frontends with `listen`
-//!   (a wait a stop always ends, and a socket file removed only while it is
-//!   still the server's).
-//! - [`slow`]: a test device whose reads take a configurable time, for drain
-//!   tests.
-//! - [`fault`]: virtio-fault, a fault-injection test device served over
-//!   vhost-user that panics on a chosen request, for panic-containment tests.
+//! The crate is split by role; each folder is one module:
 //!
-//! Each device implements [`switchboard_runtime::Device`] and is hosted by a
-//! device actor; buses from `switchboard-bus` route guest accesses to it.
+//! - [`models`]: the device models (UART, test device, virtio-blk,
+//!   virtio-rng, virtio-fault), each implementing
+//!   [`switchboard_runtime::Device`] or [`models::virtio::VirtioDevice`];
+//! - [`vhost_user`]: the serving layer that hands virtio devices to a VMM
+//!   over vhost-user;
+//! - [`host`]: the topology format, the fleet of running devices, the
+//!   control socket and the runner;
+//! - [`log`]: replay and inspection of message logs.
+//!
+//! Buses from `switchboard-bus` route guest accesses to the MMIO/PIO devices.
+//! The `switchboard` command line lives in its own crate (`devices/cli`), so
+//! this library depends on no CLI crate.
 
 #![deny(missing_docs)]
 
-pub mod blk;
-pub mod control;
-pub mod fault;
-pub mod fleet;
-pub mod inspect;
-mod listen;
-pub mod replay;
-pub mod rng;
-pub mod runner;
-pub mod serial;
-pub mod slow;
-pub mod topology;
-pub mod uart;
-pub mod uart_sink;
+pub mod host;
+pub mod log;
+pub mod models;
 pub mod vhost_user;
-pub mod virtio;
 
-pub use serial::{spawn_serial, Serial, SerialEvent};
-pub use slow::{SlowDevice, SlowDeviceConfig, SlowDeviceProbe};
+pub use models::serial::{spawn_serial, Serial, SerialEvent};
+pub use models::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceProbe};
 
 /// An error and its sources, joined with `": "`: the one-line form used in
 /// logs, CLI messages and control replies.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use actix::{Arbiter, System};
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_devices::slow::{SlowDevice, SlowDeviceConfig, REG_DATA, SLOW_REGION_SIZE};
+use switchboard_devices::models::slow::{SlowDevice, SlowDeviceConfig, REG_DATA, SLOW_REGION_SIZE};
 use switchboard_runtime::{
     spawn_device, AccessOp, AccessReply, AccessSize, ActorId, BusAddr, Completion, Device,
     DeviceId, DeviceRef, DeviceRegion, GuestAccess, RegionOffset, Runtime,

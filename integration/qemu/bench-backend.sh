@@ -101,7 +101,7 @@ BENCH=$TDIR/release/blk_bench
 declare -A WHY=()   # backend -> why it did not run
 if [[ " $BACKENDS " == *" ours "* ]]; then
     note "building switchboard (log: $W/build-ours.log)"
-    if ! (cd "$ROOT" && cargo build --release -p switchboard-devices --bin switchboard) > "$W/build-ours.log" 2>&1; then
+    if ! (cd "$ROOT" && cargo build --release -p switchboard-cli --bin switchboard) > "$W/build-ours.log" 2>&1; then
         WHY[ours]="switchboard does not build (log: $W/build-ours.log)"
         tail -n 20 "$W/build-ours.log" >&2
         note "ours: ${WHY[ours]}; going on with the peer"

@@ -199,7 +199,7 @@ if [ ${#OURS[@]} -gt 0 ]; then
         || die "cannot find cargo's target directory (cargo metadata failed in $ROOT)"
     SWITCHBOARD=$TDIR/release/switchboard
     note "building switchboard (log: $W/build-ours.log)"
-    if ! (cd "$ROOT" && cargo build --release -p switchboard-devices --bin switchboard) > "$W/build-ours.log" 2>&1; then
+    if ! (cd "$ROOT" && cargo build --release -p switchboard-cli --bin switchboard) > "$W/build-ours.log" 2>&1; then
         for b in "${OURS[@]}"; do WHY[$b]="switchboard does not build (log: $W/build-ours.log)"; done
         tail -n 20 "$W/build-ours.log" >&2
         note "${OURS[*]}: ${WHY[${OURS[0]}]}; going on with the peer"

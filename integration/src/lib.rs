@@ -40,7 +40,7 @@ pub fn switchboard_bin() -> std::path::PathBuf {
                 "build",
                 "--quiet",
                 "-p",
-                "switchboard-devices",
+                "switchboard-cli",
                 "--bin",
                 "switchboard",
             ])
@@ -79,7 +79,7 @@ pub fn start_guest_memory_bus() -> switchboard_bus::BusHandle {
 
 /// A virtio device served over vhost-user in this process, on a socket, as
 /// the tests use it. Stops serving when dropped.
-pub struct Served<D: switchboard_devices::virtio::VirtioDevice> {
+pub struct Served<D: switchboard_devices::models::virtio::VirtioDevice> {
     /// The server (in-flight and handled counters, the device).
     pub server: switchboard_devices::vhost_user::VhostUserServer<D>,
     /// The socket it listens on.
@@ -89,7 +89,7 @@ pub struct Served<D: switchboard_devices::virtio::VirtioDevice> {
     serving: Option<std::thread::JoinHandle<switchboard_devices::vhost_user::Result<()>>>,
 }
 
-impl<D: switchboard_devices::virtio::VirtioDevice> std::fmt::Debug for Served<D> {
+impl<D: switchboard_devices::models::virtio::VirtioDevice> std::fmt::Debug for Served<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Served")
             .field("socket", &self.socket)
@@ -99,7 +99,7 @@ impl<D: switchboard_devices::virtio::VirtioDevice> std::fmt::Debug for Served<D>
 
 /// Serves `device` on `socket` with its queues on `workers` threads and
 /// its guest memory on a bus of its own; returns once the socket exists.
-pub fn serve_in_process<D: switchboard_devices::virtio::VirtioDevice>(
+pub fn serve_in_process<D: switchboard_devices::models::virtio::VirtioDevice>(
     device: D,
     workers: usize,
     socket: std::path::PathBuf,
@@ -128,7 +128,7 @@ pub fn serve_in_process<D: switchboard_devices::virtio::VirtioDevice>(
     }
 }
 
-impl<D: switchboard_devices::virtio::VirtioDevice> Served<D> {
+impl<D: switchboard_devices::models::virtio::VirtioDevice> Served<D> {
     /// Stops serving; asserts that nothing was left in flight, that serving
     /// ended without an error and that the socket file is gone.
     pub fn finish(mut self) {
@@ -141,7 +141,7 @@ impl<D: switchboard_devices::virtio::VirtioDevice> Served<D> {
     }
 }
 
-impl<D: switchboard_devices::virtio::VirtioDevice> Drop for Served<D> {
+impl<D: switchboard_devices::models::virtio::VirtioDevice> Drop for Served<D> {
     fn drop(&mut self) {
         self.stop.stop();
     }

@@ -20,9 +20,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use switchboard_devices::control::Client;
-use switchboard_devices::fault::{FaultConfig, FaultDevice, PanicIn};
-use switchboard_devices::rng::Rng;
+use switchboard_devices::host::control::Client;
+use switchboard_devices::models::fault::{FaultConfig, FaultDevice, PanicIn};
+use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{
     self, TestFrontend, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTQ_DESC_F_WRITE,
 };

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use switchboard_devices::blk::BlkOptions;
-use switchboard_devices::fleet::{Fleet, Plan};
+use switchboard_devices::host::fleet::{Fleet, Plan};
+use switchboard_devices::models::blk::BlkOptions;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -156,7 +156,7 @@ fn test_mmio_devices_and_vhost_user_devices_share_a_fleet() {
             id: "com1".into(),
             bus: "pio0".into(),
             addr: 0x3f8,
-            sink: switchboard_devices::uart_sink::Sink::Null,
+            sink: switchboard_devices::models::uart_sink::Sink::Null,
         })
         .expect("uart");
     fleet
@@ -195,7 +195,7 @@ fn test_mmio_devices_and_vhost_user_devices_share_a_fleet() {
     assert_eq!(
         id,
         switchboard_runtime::AccessReply::Read {
-            value: switchboard_devices::slow::SLOW_ID
+            value: switchboard_devices::models::slow::SLOW_ID
         }
     );
     let info = fleet.query();

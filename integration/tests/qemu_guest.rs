@@ -10,8 +10,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use switchboard_devices::blk::{Blk, BlkOptions};
-use switchboard_devices::rng::Rng;
+use switchboard_devices::models::blk::{Blk, BlkOptions};
+use switchboard_devices::models::rng::Rng;
 use switchboard_integration::qemu::{self, setup};
 
 /// Runs one guest test (with more run-guest.sh arguments); returns its

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use switchboard_devices::blk::{Blk, BlkOptions, VIRTIO_BLK_S_OK};
-use switchboard_devices::rng::Rng;
+use switchboard_devices::models::blk::{Blk, BlkOptions, VIRTIO_BLK_S_OK};
+use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTQ_DESC_F_WRITE};
 use switchboard_integration::{output_text as text, serve_in_process, switchboard_bin};
 use switchboard_runtime::recording::{ActorInfo, DataMode, Header, RecordOptions, Recorder};
@@ -298,7 +298,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
 
 #[test]
 fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_replays() {
-    use switchboard_devices::fleet::{Fleet, Plan};
+    use switchboard_devices::host::fleet::{Fleet, Plan};
     use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr};
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -333,7 +333,7 @@ fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_repl
         assert_eq!(
             r,
             AccessReply::Read {
-                value: switchboard_devices::slow::SLOW_ID
+                value: switchboard_devices::models::slow::SLOW_ID
             }
         );
     }
@@ -365,7 +365,7 @@ fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_repl
     assert!(
         answered
             .iter()
-            .all(|r| r.contains(&switchboard_devices::slow::SLOW_ID.to_string())),
+            .all(|r| r.contains(&switchboard_devices::models::slow::SLOW_ID.to_string())),
         "{answered:?}"
     );
 
@@ -437,7 +437,7 @@ const SLOW0: u64 = 0xd000_0000;
 /// `slow0` (writes, reads of every register, reads answered 500 us late,
 /// one of them overtaken by a write).
 fn record_mmio_session(dir: &Path, log: &Path) {
-    use switchboard_devices::uart::regs::*;
+    use switchboard_devices::models::uart::regs::*;
     use switchboard_runtime::AccessSize;
 
     let topology = serde_json::json!({
@@ -452,13 +452,13 @@ fn record_mmio_session(dir: &Path, log: &Path) {
               "read_delay_us": 500 }
         ]
     });
-    let topology =
-        switchboard_devices::topology::check_str(&topology.to_string(), dir).expect("topology");
+    let topology = switchboard_devices::host::topology::check_str(&topology.to_string(), dir)
+        .expect("topology");
     let header = Header::new(
         "test".into(),
         DataMode::Hash,
         serde_json::to_value(&topology).expect("topology as JSON"),
-        switchboard_devices::runner::log_actors(&topology),
+        switchboard_devices::host::runner::log_actors(&topology),
     );
     let rec = Recorder::create(
         log,
@@ -469,9 +469,12 @@ fn record_mmio_session(dir: &Path, log: &Path) {
         },
     )
     .expect("create the log");
-    let (runner, started) =
-        switchboard_devices::runner::Runner::start_recording(topology, dir, Some(rec.clone()))
-            .expect("start");
+    let (runner, started) = switchboard_devices::host::runner::Runner::start_recording(
+        topology,
+        dir,
+        Some(rec.clone()),
+    )
+    .expect("start");
     for s in &started {
         assert!(s.result.is_ok(), "{}: {:?}", s.id, s.result);
     }
@@ -530,7 +533,7 @@ fn record_mmio_session(dir: &Path, log: &Path) {
     pio.outb(IER, IER_ERBFI | IER_ETBEI);
 
     // The test device.
-    use switchboard_devices::slow::{COUNTER_TAG, REG_COUNTER, REG_DATA, REG_ID, SLOW_ID};
+    use switchboard_devices::models::slow::{COUNTER_TAG, REG_COUNTER, REG_DATA, REG_ID, SLOW_ID};
     mmio.write(SLOW0 + REG_DATA, AccessSize::B4, 0x1234_5678);
     assert_eq!(mmio.read(SLOW0 + REG_DATA, AccessSize::B4), 0x1234_5678);
     for n in 1..=3 {

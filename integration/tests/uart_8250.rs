@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_devices::serial::{spawn_serial, SERIAL_REGION_SIZE};
-use switchboard_devices::uart::regs::*;
-use switchboard_devices::uart_sink::Sink;
+use switchboard_devices::models::serial::{spawn_serial, SERIAL_REGION_SIZE};
+use switchboard_devices::models::uart::regs::*;
+use switchboard_devices::models::uart_sink::Sink;
 use switchboard_runtime::{
     AccessReply, AccessSize, ActorId, BusAddr, DeviceId, IrqLevel, IrqLine, IrqNumber, Runtime,
 };

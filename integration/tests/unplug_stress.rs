@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use actix::Arbiter;
 use switchboard_bus::{BusHandle, RegionId};
-use switchboard_devices::slow::{
+use switchboard_devices::models::slow::{
     SlowDevice, SlowDeviceConfig, COUNTER_TAG, REG_COUNTER, REG_DATA, SLOW_REGION_SIZE,
 };
 use switchboard_runtime::{

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use switchboard_devices::blk::{
+use switchboard_devices::models::blk::{
     Blk, BlkOptions, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use switchboard_integration::frontend::{

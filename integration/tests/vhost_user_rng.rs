@@ -8,7 +8,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use switchboard_devices::rng::Rng;
+use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{self, region_infos, VIRTQ_DESC_F_WRITE};
 use switchboard_integration::{serve_in_process, Served};
 use vhost::vhost_user::VhostUserFrontend;

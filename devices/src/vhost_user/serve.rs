@@ -20,8 +20,8 @@ use vmm_sys_util::epoll::EventSet;
 use switchboard_runtime::{GateDrainError, State};
 
 use super::{pending_of, Error, Result, VhostUserServer, DRAIN_DEADLINE_PASSED, STOP_DEADLINE};
-use crate::listen::{self, FrontendWait, SocketFile, StopSignal, Woken, WorkerExit};
-use crate::virtio::VirtioDevice;
+use crate::models::virtio::VirtioDevice;
+use crate::vhost_user::listen::{self, FrontendWait, SocketFile, StopSignal, Woken, WorkerExit};
 
 /// Stops [`serve`] from another thread (a signal handler's thread, say).
 ///

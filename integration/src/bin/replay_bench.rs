@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use switchboard_devices::blk::{Blk, BlkOptions};
-use switchboard_devices::replay::{replay, ReplayOptions};
-use switchboard_devices::rng::Rng;
+use switchboard_devices::log::replay::{replay, ReplayOptions};
+use switchboard_devices::models::blk::{Blk, BlkOptions};
+use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{self, VIRTQ_DESC_F_WRITE};
 use switchboard_integration::serve_in_process;
 use switchboard_runtime::recording::{DataMode, Header, RecordOptions, Recorder};

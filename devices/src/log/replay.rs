@@ -29,10 +29,10 @@ use switchboard_runtime::recording::{
     ActorInfo, Data, DataMode, LogError, LogReader, ParsedKind, RecordKind,
 };
 
-use crate::blk::{Blk, BlkRebuild};
-use crate::rng::{Rng, RngRebuild};
+use crate::models::blk::{Blk, BlkRebuild};
+use crate::models::rng::{Rng, RngRebuild};
+use crate::models::virtio::{At, Completer, External, Handled, Request, Trace, VirtioDevice};
 use crate::vhost_user::{RequestPayload, RequestReply};
-use crate::virtio::{At, Completer, External, Handled, Request, Trace, VirtioDevice};
 
 mod mmio;
 
@@ -414,7 +414,7 @@ impl<D: VirtioDevice> VirtioReplayer<D> {
         })?;
         let got: Got = serde_json::from_str(reply)
             .map_err(|e| Mismatch::new("bad GET_CONFIG reply", "data", e.to_string()))?;
-        let actual = Data::Bytes(crate::virtio::config_window(
+        let actual = Data::Bytes(crate::models::virtio::config_window(
             &self.device.config(),
             ask.offset,
             ask.size,

@@ -9,7 +9,7 @@
 //! bytes, collects transmitted bytes with [`Uart16550::take_output`], and turns
 //! [`Uart16550::take_irq_change`] into raise/lower messages for its interrupt
 //! line. Moving the bytes to a terminal, file or socket is the job of
-//! [`crate::uart_sink`].
+//! [`crate::models::uart_sink`].
 //!
 //! # Simplifications
 //!
@@ -222,7 +222,7 @@ impl IrqTracker {
 /// with [`take_irq_change`](Self::take_irq_change).
 ///
 /// ```
-/// use switchboard_devices::uart::{regs, IrqChange, Uart16550};
+/// use switchboard_devices::models::uart::{regs, IrqChange, Uart16550};
 ///
 /// let mut uart = Uart16550::new();
 /// uart.write(regs::FCR, regs::FCR_FIFO_ENABLE);

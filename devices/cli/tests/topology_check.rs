@@ -691,7 +691,7 @@ fn test_check_help_explains_exit_codes() {
 /// Copies `examples/topologies/` into a temporary directory and creates the
 /// images its blk devices name (1 MiB, sparse), as a later `run` would.
 fn examples_with_images() -> (tempfile::TempDir, Vec<PathBuf>) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/topologies");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/topologies");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut files = Vec::new();
     for entry in fs::read_dir(&src).expect("read examples/topologies") {

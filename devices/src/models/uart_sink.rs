@@ -5,10 +5,10 @@
 //!
 //! A [`Sink`] is the validated-by-construction configuration; [`CharBackend::open`]
 //! turns it into a live backend. The device actor owns the backend, passes it
-//! every batch of bytes that [`crate::uart::Uart16550::take_output`] returns,
+//! every batch of bytes that [`crate::models::uart::Uart16550::take_output`] returns,
 //! and reads input from the channel whose sender it handed to `open`. The
 //! actor then feeds that input to the register model as
-//! [`crate::uart::Uart16550::rx_space`] allows, so the guest sees back-pressure
+//! [`crate::models::uart::Uart16550::rx_space`] allows, so the guest sees back-pressure
 //! instead of overruns. `mock::MemorySink` (feature `test-utils`) stands in
 //! for a backend in tests.
 //!
@@ -194,7 +194,7 @@ pub trait CharBackendT: Send {
 /// A live character backend opened from a [`Sink`].
 ///
 /// ```
-/// use switchboard_devices::uart_sink::{CharBackend, CharBackendT, Sink};
+/// use switchboard_devices::models::uart_sink::{CharBackend, CharBackendT, Sink};
 /// # let dir = tempfile::tempdir()?;
 /// # let path = dir.path().join("console.log");
 ///
@@ -675,7 +675,7 @@ pub mod mock {
     ///
     /// ```
     /// # #[cfg(feature = "test-utils")] {
-    /// use switchboard_devices::uart_sink::{mock::MemorySink, CharBackendT};
+    /// use switchboard_devices::models::uart_sink::{mock::MemorySink, CharBackendT};
     ///
     /// let (input, input_rx) = crossbeam_channel::unbounded();
     /// let sink = MemorySink::new(input);

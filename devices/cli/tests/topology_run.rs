@@ -17,7 +17,7 @@ fn switchboard() -> Command {
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
+        .join("../..")
         .join("examples")
         .join("topologies")
 }

@@ -46,18 +46,18 @@ use switchboard_runtime::{
     QueryFailures, Runtime, State, Supervisor,
 };
 
-use crate::blk::{Blk, BlkOptions};
 use crate::error_chain;
-use crate::fault::{FaultConfig, FaultDevice};
-use crate::rng::Rng;
-use crate::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
-use crate::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
-use crate::uart_sink::Sink;
+use crate::models::blk::{Blk, BlkOptions};
+use crate::models::fault::{FaultConfig, FaultDevice};
+use crate::models::rng::Rng;
+use crate::models::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
+use crate::models::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
+use crate::models::uart_sink::Sink;
+use crate::models::virtio::VirtioDevice;
 use crate::vhost_user::{
     bind, default_workers, serve_bound, StopHandle, VhostUserServer, DRAIN_DEADLINE_PASSED,
     STOP_DEADLINE,
 };
-use crate::virtio::VirtioDevice;
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
 const MEMORY_ARBITERS: usize = 2;
@@ -90,7 +90,7 @@ pub enum Plan {
         /// The vhost-user socket.
         socket: PathBuf,
     },
-    /// The fault-injection test device ([`crate::fault`]) over vhost-user:
+    /// The fault-injection test device ([`crate::models::fault`]) over vhost-user:
     /// an entropy device that panics on a chosen request. For testing only.
     Fault {
         /// Device id.
@@ -141,7 +141,7 @@ impl Plan {
         match self {
             Plan::Blk { .. } => "virtio-blk",
             Plan::Rng { .. } => "virtio-rng",
-            Plan::Fault { .. } => crate::fault::KIND,
+            Plan::Fault { .. } => crate::models::fault::KIND,
             Plan::Uart { .. } => "uart-16550",
             Plan::TestDevice { .. } => "test-device",
         }

@@ -40,7 +40,7 @@ use std::thread;
 
 use rustix::fs::FallocateFlags;
 
-use crate::virtio::{ChainError, Completer, Handled, Request, VirtioDevice};
+use crate::models::virtio::{ChainError, Completer, Handled, Request, VirtioDevice};
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;

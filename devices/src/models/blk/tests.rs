@@ -5,7 +5,9 @@
 use switchboard_runtime::{Gate, MessageKind, Seq};
 
 use super::*;
-use crate::virtio::mock::{Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE};
+use crate::models::virtio::mock::{
+    Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE,
+};
 
 /// Sectors of a test image.
 const SECTORS: u64 = 8;

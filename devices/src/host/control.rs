@@ -31,8 +31,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use crate::listen::SocketFile;
 use crate::vhost_user::check_socket_path;
+use crate::vhost_user::listen::SocketFile;
 
 /// Longest request line accepted (bytes).
 pub const MAX_LINE: usize = 1 << 20;

@@ -23,7 +23,7 @@
 //!
 //! ```
 //! # #[cfg(feature = "test-utils")] {
-//! use switchboard_devices::virtio::mock::{Desc, MockDriver, MockGuest, DATA_BASE};
+//! use switchboard_devices::models::virtio::mock::{Desc, MockDriver, MockGuest, DATA_BASE};
 //!
 //! let guest = MockGuest::new();
 //! let mut driver = MockDriver::new(&guest, 0);

@@ -105,7 +105,7 @@ pub type Result<T> = std::result::Result<T, InspectError>;
 ///
 /// ```
 /// use std::sync::Arc;
-/// use switchboard_devices::inspect::{inspect, InspectOptions};
+/// use switchboard_devices::log::inspect::{inspect, InspectOptions};
 /// use switchboard_runtime::recording::{
 ///     DataMode, Entry, Header, JsonBody, RecordKind, RecordOptions, Recorder,
 /// };

@@ -69,8 +69,11 @@ use switchboard_runtime::{
     Refused, Runtime, State, Ticket,
 };
 
-use crate::virtio::{actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice};
+use crate::models::virtio::{
+    actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice,
+};
 
+pub(crate) mod listen;
 mod serve;
 pub use serve::{
     bind, check_socket_path, default_workers, serve, serve_bound, serve_listener,
@@ -238,7 +241,10 @@ pub(crate) struct RequestRecord {
 /// A request record's payload as written and read back.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RequestPayload<R = Vec<crate::virtio::At>, I = Vec<crate::virtio::External>> {
+pub(crate) struct RequestPayload<
+    R = Vec<crate::models::virtio::At>,
+    I = Vec<crate::models::virtio::External>,
+> {
     pub(crate) queue: u16,
     pub(crate) head: u16,
     pub(crate) readable: Vec<u32>,
@@ -250,7 +256,10 @@ pub(crate) struct RequestPayload<R = Vec<crate::virtio::At>, I = Vec<crate::virt
 /// A request record's reply as written and read back.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RequestReply<W = Vec<crate::virtio::At>, E = Vec<crate::virtio::External>> {
+pub(crate) struct RequestReply<
+    W = Vec<crate::models::virtio::At>,
+    E = Vec<crate::models::virtio::External>,
+> {
     pub(crate) len: u32,
     pub(crate) writes: W,
     pub(crate) effects: E,

@@ -51,8 +51,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use switchboard_runtime::panic_message;
 
-use crate::rng::VIRTIO_ID_RNG;
-use crate::virtio::{Completer, Handled, Request, VirtioDevice};
+use crate::models::rng::VIRTIO_ID_RNG;
+use crate::models::virtio::{Completer, Handled, Request, VirtioDevice};
 
 /// The device kind, as in a topology file and in logs.
 pub const KIND: &str = "virtio-fault";
@@ -169,8 +169,8 @@ impl Schedule {
 /// The fault-injection test device (see the [module documentation](self)).
 ///
 /// ```
-/// use switchboard_devices::fault::{FaultConfig, FaultDevice, PanicIn};
-/// use switchboard_devices::virtio::VirtioDevice;
+/// use switchboard_devices::models::fault::{FaultConfig, FaultDevice, PanicIn};
+/// use switchboard_devices::models::virtio::VirtioDevice;
 ///
 /// // Answers requests 1 and 2, holds 3 and 4, and panics on 5 on its own
 /// // thread; the requests it holds then get status 0xee.
@@ -318,7 +318,7 @@ mod tests {
     use switchboard_runtime::recording::DataMode;
 
     use super::*;
-    use crate::virtio::{Replayed, Trace};
+    use crate::models::virtio::{Replayed, Trace};
 
     /// A request with one writable buffer of `len` bytes and no guest
     /// memory behind it: its writes are kept for [`Request::replayed`].

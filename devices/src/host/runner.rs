@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! `switchboard run`: a topology's devices in one [`Fleet`], driven over the
-//! control socket ([`crate::control`]).
+//! control socket ([`crate::host::control`]).
 //!
 //! Control commands:
 //! - `query-devices`: every device with its id, kind, state, requests in
@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::control::{CommandError, Controller, Events};
-use crate::fleet::{self, Fleet, Plan};
-use crate::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
+use crate::host::control::{CommandError, Controller, Events};
+use crate::host::fleet::{self, Fleet, Plan};
+use crate::host::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
 
 /// What to start for a checked device.
 pub fn plan(spec: &DeviceSpec) -> Plan {
@@ -87,7 +87,7 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
     let devices = topology.devices.iter().map(|spec| {
         let p = plan(spec);
         let not_replayable = match p {
-            Plan::Fault { .. } => Some(crate::fault::NOT_REPLAYABLE.to_string()),
+            Plan::Fault { .. } => Some(crate::models::fault::NOT_REPLAYABLE.to_string()),
             _ => None,
         };
         switchboard_runtime::recording::ActorInfo {

@@ -32,8 +32,8 @@ use switchboard_runtime::{
 };
 
 use super::{abbreviate, Earlier, Mismatch, Msg, Replayer};
-use crate::serial::{Serial, SerialEvent, SerialInput, SerialRebuild};
-use crate::slow::{SlowDevice, SlowDeviceRebuild};
+use crate::models::serial::{Serial, SerialEvent, SerialInput, SerialRebuild};
+use crate::models::slow::{SlowDevice, SlowDeviceRebuild};
 
 /// The record type of an interrupt message.
 pub(super) const IRQ: &str = RecordKind::Irq.as_str();

@@ -23,13 +23,13 @@ use actix::{Arbiter, System};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use switchboard_bus::BusHandle;
-use switchboard_devices::blk::{Blk, BlkOptions};
 use switchboard_devices::error_chain;
-use switchboard_devices::rng::Rng;
+use switchboard_devices::models::blk::{Blk, BlkOptions};
+use switchboard_devices::models::rng::Rng;
+use switchboard_devices::models::virtio::VirtioDevice;
 use switchboard_devices::vhost_user::{
     check_socket_path, default_workers, serve, serve_unix_listener, StopHandle, VhostUserServer,
 };
-use switchboard_devices::virtio::VirtioDevice;
 use switchboard_runtime::recording::{
     ActorInfo, DataMode, Header, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
 };
@@ -500,7 +500,9 @@ fn serve_all<D: VirtioDevice>(
                 spec["id"] = serde_json::json!(id);
                 spec["vhost_user"]["socket"] = serde_json::json!(endpoint.name());
                 specs.push(spec);
-                actors.push(switchboard_devices::virtio::actor_info(&**device, &id));
+                actors.push(switchboard_devices::models::virtio::actor_info(
+                    &**device, &id,
+                ));
             }
             args.start(serde_json::json!({ "devices": specs }), actors)?
         }
@@ -604,7 +606,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_progress,
         } => replay_log(
             &log,
-            &switchboard_devices::replay::ReplayOptions {
+            &switchboard_devices::log::replay::ReplayOptions {
                 device,
                 from,
                 until,
@@ -621,7 +623,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => show_log(
             &log,
-            &switchboard_devices::inspect::InspectOptions {
+            &switchboard_devices::log::inspect::InspectOptions {
                 device,
                 kind,
                 from,
@@ -722,7 +724,7 @@ impl std::error::Error for InvalidTopology {}
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
     let count =
         |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
-    match switchboard_devices::topology::check_file(file) {
+    match switchboard_devices::host::topology::check_file(file) {
         Ok(t) => {
             println!(
                 "{}: {} on {}: OK",
@@ -793,8 +795,8 @@ fn run_topology(
     create: Option<u64>,
     record: &RecordArgs,
 ) -> anyhow::Result<()> {
-    use switchboard_devices::control::ControlServer;
-    use switchboard_devices::runner::Runner;
+    use switchboard_devices::host::control::ControlServer;
+    use switchboard_devices::host::runner::Runner;
 
     // Signals first: a signal that arrives while devices start is not lost.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -805,7 +807,7 @@ fn run_topology(
     if let Some(size) = create {
         create_images(file, size)?;
     }
-    let topology = match switchboard_devices::topology::check_file(file) {
+    let topology = match switchboard_devices::host::topology::check_file(file) {
         Ok(t) => t,
         Err(diagnostics) => {
             for d in &diagnostics {
@@ -824,7 +826,7 @@ fn run_topology(
     let base = file.parent().unwrap_or(std::path::Path::new(""));
     let recorder = record.start(
         serde_json::to_value(&topology).context("the topology as JSON")?,
-        switchboard_devices::runner::log_actors(&topology),
+        switchboard_devices::host::runner::log_actors(&topology),
     )?;
     let t0 = std::time::Instant::now();
     let (runner, started) =
@@ -921,7 +923,7 @@ impl std::fmt::Display for BadLog {
 
 impl std::error::Error for BadLog {}
 
-fn print_replayed(r: &switchboard_devices::replay::ReplayReport) {
+fn print_replayed(r: &switchboard_devices::log::replay::ReplayReport) {
     for (id, n) in &r.per_actor {
         say!("  {id}: {n} messages replayed, all matched");
     }
@@ -938,9 +940,9 @@ fn print_replayed(r: &switchboard_devices::replay::ReplayReport) {
 
 fn replay_log(
     log: &std::path::Path,
-    options: &switchboard_devices::replay::ReplayOptions,
+    options: &switchboard_devices::log::replay::ReplayOptions,
 ) -> anyhow::Result<()> {
-    use switchboard_devices::replay::{replay, ReplayError};
+    use switchboard_devices::log::replay::{replay, ReplayError};
     match replay(log, options) {
         Ok(report) => {
             say!(
@@ -979,11 +981,11 @@ fn replay_log(
 
 fn show_log(
     log: &std::path::Path,
-    options: &switchboard_devices::inspect::InspectOptions,
+    options: &switchboard_devices::log::inspect::InspectOptions,
 ) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let result = switchboard_devices::inspect::inspect(log, options, &mut out);
+    let result = switchboard_devices::log::inspect::inspect(log, options, &mut out);
     let _ = std::io::Write::flush(&mut out);
     match result {
         Ok(_) => Ok(()),
@@ -999,7 +1001,7 @@ fn ctl(
     arguments: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
-    use switchboard_devices::control::Client;
+    use switchboard_devices::host::control::Client;
 
     let arguments = arguments
         .map(|a| {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::virtio::{Completer, Handled, Request, VirtioDevice};
+use crate::models::virtio::{Completer, Handled, Request, VirtioDevice};
 
 /// virtio device ID of an entropy device.
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -184,7 +184,9 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
 
-    use crate::virtio::mock::{Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE};
+    use crate::models::virtio::mock::{
+        Completions, Desc, MockDriver, MockGuest, DATA_BASE, HIGH_RAM_BASE,
+    };
 
     const SENTINEL: u8 = 0x5a;
 

@@ -49,8 +49,8 @@ use switchboard_runtime::{
     DeviceId, GuestAccess, IrqLine, IrqNumber, Request, Runtime, SpawnedDevice,
 };
 
-use crate::uart::{IrqChange, Uart16550};
-use crate::uart_sink::{self, CharBackend, CharBackendT, Sink};
+use crate::models::uart::{IrqChange, Uart16550};
+use crate::models::uart_sink::{self, CharBackend, CharBackendT, Sink};
 
 /// Size of the UART's register region on a bus.
 pub const SERIAL_REGION_SIZE: u64 = 8;
@@ -349,8 +349,8 @@ mod tests {
     use switchboard_runtime::{AccessSize, DeviceRegion, IrqNumber, RegionOffset};
 
     use super::*;
-    use crate::uart::regs;
-    use crate::uart_sink::mock::MemorySink;
+    use crate::models::uart::regs;
+    use crate::models::uart_sink::mock::MemorySink;
 
     fn serial() -> (Serial, MemorySink) {
         let (tx, _rx) = crossbeam_channel::unbounded();

@@ -1,0 +1,17 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The host: what runs a set of devices as one process.
+//!
+//! - [`topology`]: the JSON topology format, its schema and its checker;
+//! - [`fleet`]: the running devices, added and removed at run time;
+//! - [`control`]: the control socket's line protocol;
+//! - [`runner`]: a checked topology run to completion, with signals,
+//!   recording, stop and diagnostics.
+//!
+//! The host depends on the models ([`crate::models`]) and the serving layer
+//! ([`crate::vhost_user`]).
+
+pub mod control;
+pub mod fleet;
+pub mod runner;
+pub mod topology;

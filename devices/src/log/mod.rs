@@ -1,0 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The log tools: what reads a message log after the run.
+//!
+//! - [`replay`]: feeds a recorded log back to fresh devices and checks every
+//!   answer against the recorded one;
+//! - [`inspect`]: lists, filters and summarises a log.
+//!
+//! The log tools depend on the models ([`crate::models`]) and on the serving
+//! layer's record schema ([`crate::vhost_user`]), never on the host.
+
+pub mod inspect;
+pub mod replay;
