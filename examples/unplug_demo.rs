@@ -177,7 +177,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("plug slow0")?;
     println!(
-        "plugged com1 (uart-16550) at {COM1:#x} and slow0 (slow-test, reads take {} us) at {SLOW_BASE:#x} on bus pio0",
+        "plugged com1 ({}) at {COM1:#x} and slow0 ({}, reads take {} us) at {SLOW_BASE:#x} on bus pio0",
+        switchboard_devices::models::serial::KIND,
+        slow.kind(),
         args.read_delay_us
     );
 

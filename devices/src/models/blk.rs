@@ -85,8 +85,14 @@ const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 const HEADER_LEN: u64 = 16;
 /// Bytes of one discard / write-zeroes segment.
 const SEGMENT_LEN: u64 = 16;
-/// Bytes of the device ID answered to GET_ID.
+/// The device kind, as in a topology file and in logs.
+pub const KIND: &str = "virtio-blk";
+
+/// Bytes of the device ID answered to GET_ID, and so the longest serial.
 pub const ID_LEN: usize = 20;
+
+/// Most virtqueues a disk may have.
+pub const MAX_QUEUES: u16 = 64;
 
 /// Sectors one discard or write-zeroes segment may cover (2 GiB - 512).
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 22) - 1;
@@ -270,9 +276,9 @@ impl Blk {
     /// Opens `path` and starts the I/O threads. The image's size must be at
     /// least one sector; a trailing partial sector is not served.
     pub fn open(path: &Path, options: &BlkOptions) -> Result<Self, Error> {
-        if !(1..=64).contains(&options.queues) {
+        if !(1..=MAX_QUEUES).contains(&options.queues) {
             return Err(Error::Option(format!(
-                "queues must be 1 to 64, not {}",
+                "queues must be 1 to {MAX_QUEUES}, not {}",
                 options.queues
             )));
         }
@@ -392,7 +398,7 @@ impl Blk {
     /// A device rebuilt for replay: same geometry and answers, no image and
     /// no I/O threads.
     pub fn replay(info: &BlkRebuild) -> Result<Self, Error> {
-        if !(1..=64).contains(&info.queues) || info.queue_size < 2 || info.capacity == 0 {
+        if !(1..=MAX_QUEUES).contains(&info.queues) || info.queue_size < 2 || info.capacity == 0 {
             return Err(Error::Option(format!(
                 "cannot rebuild a disk from {info:?}"
             )));
@@ -774,7 +780,7 @@ fn zero(file: &File, offset: u64, len: u64, unmap: bool, buf: &mut Vec<u8>) -> i
 
 impl VirtioDevice for Blk {
     fn kind(&self) -> &'static str {
-        "virtio-blk"
+        KIND
     }
 
     fn device_type(&self) -> u32 {

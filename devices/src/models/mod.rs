@@ -12,15 +12,21 @@
 //!   and so does [`fault`], a fault-injection test device that panics on a
 //!   chosen request.
 //!
+//! - [`kind`]: the registry of device kinds ([`DeviceKind`]), each named by
+//!   its model's `KIND`.
+//!
 //! Models depend on `switchboard-runtime` and `switchboard-bus` only, never
 //! on the serving layer ([`crate::vhost_user`]), the host ([`crate::host`]) or
 //! the log tools ([`crate::log`]).
 
 pub mod blk;
 pub mod fault;
+pub mod kind;
 pub mod rng;
 pub mod serial;
 pub mod slow;
 pub mod uart;
 pub mod uart_sink;
 pub mod virtio;
+
+pub use kind::{DeviceKind, UnknownKind};

@@ -18,6 +18,9 @@ use crate::models::virtio::{Completer, Handled, Request, VirtioDevice};
 /// virtio device ID of an entropy device.
 pub const VIRTIO_ID_RNG: u32 = 4;
 
+/// The device kind, as in a topology file and in logs.
+pub const KIND: &str = "virtio-rng";
+
 /// Bytes given per request at most: the Linux driver asks for up to a page
 /// or so; a guest asking for more gets a short (valid) answer.
 const MAX_FILL: u64 = 64 * 1024;
@@ -141,7 +144,7 @@ impl Rng {
 
 impl VirtioDevice for Rng {
     fn kind(&self) -> &'static str {
-        "virtio-rng"
+        KIND
     }
 
     fn device_type(&self) -> u32 {

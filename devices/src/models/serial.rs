@@ -55,6 +55,9 @@ use crate::models::uart_sink::{self, CharBackend, CharBackendT, Sink};
 /// Size of the UART's register region on a bus.
 pub const SERIAL_REGION_SIZE: u64 = 8;
 
+/// The device kind, as in a topology file and in logs.
+pub const KIND: &str = "uart-16550";
+
 /// Bytes of input held for a guest that is not reading them.
 pub const INPUT_QUEUE_LIMIT: usize = 64 * 1024;
 
@@ -238,7 +241,7 @@ impl Device for Serial {
     type Event = SerialEvent;
 
     fn kind(&self) -> &'static str {
-        "uart-16550"
+        KIND
     }
 
     fn access(&mut self, access: &GuestAccess) -> Completion {

@@ -31,6 +31,9 @@ use switchboard_runtime::{AccessOp, AccessReply, Completion, Device, GuestAccess
 
 /// Size of the device's register region.
 pub const SLOW_REGION_SIZE: u64 = 0x20;
+
+/// The device kind, as in a topology file and in logs.
+pub const KIND: &str = "test-device";
 /// ID register.
 pub const REG_ID: u64 = 0x00;
 /// Data register.
@@ -164,7 +167,7 @@ impl Device for SlowDevice {
     type Event = ();
 
     fn kind(&self) -> &'static str {
-        "slow-test"
+        KIND
     }
 
     fn access(&mut self, access: &GuestAccess) -> Completion {
