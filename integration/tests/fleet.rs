@@ -11,9 +11,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use switchboard_devices::host::fleet::{Fleet, Plan};
+use switchboard_devices::host::fleet::Fleet;
+use switchboard_devices::host::topology::{BlkSpec, DeviceSpec, RngSpec, TestDeviceSpec, UartSpec};
+use switchboard_devices::host::topology::{BusId, Output, VhostUserSpec};
 use switchboard_devices::models::blk::BlkOptions;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use switchboard_runtime::{BusAddr, DeviceId};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -25,17 +28,35 @@ fn image(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-fn blk(dir: &Path, id: &str, latency: Duration) -> Plan {
-    Plan::Blk {
-        id: id.into(),
+fn vhost_user(socket: PathBuf) -> VhostUserSpec {
+    VhostUserSpec { socket, queues: 1 }
+}
+
+/// A disk, and the options to open it with: reads and writes take
+/// `latency` more.
+fn blk(dir: &Path, id: &str, latency: Duration) -> (BlkSpec, BlkOptions) {
+    let spec = BlkSpec {
+        id: DeviceId::new(id),
         path: image(dir, &format!("{id}.img")),
-        options: BlkOptions {
-            latency,
-            io_threads: 2,
-            ..BlkOptions::default()
-        },
-        socket: dir.join(format!("{id}.sock")),
-    }
+        read_only: false,
+        serial: None,
+        vhost_user: vhost_user(dir.join(format!("{id}.sock"))),
+    };
+    let options = BlkOptions {
+        latency,
+        io_threads: 2,
+        ..spec.blk_options()
+    };
+    (spec, options)
+}
+
+fn test_device(id: &str, bus: &str, addr: u64, read_delay_us: u64) -> DeviceSpec {
+    DeviceSpec::TestDevice(TestDeviceSpec {
+        id: DeviceId::new(id),
+        bus: BusId::new(bus),
+        addr: BusAddr(addr),
+        read_delay_us,
+    })
 }
 
 /// One write then a read-back of it on `fe`, checked.
@@ -60,8 +81,8 @@ fn test_removing_a_disk_with_io_in_flight_waits_for_it_while_another_disk_serves
     let fleet = Arc::new(Fleet::new().expect("fleet"));
     let slow = blk(dir.path(), "disk0", Duration::from_millis(100));
     let fast = blk(dir.path(), "disk1", Duration::ZERO);
-    fleet.add(&slow).expect("add disk0");
-    fleet.add(&fast).expect("add disk1");
+    fleet.add_blk(&slow.0, &slow.1).expect("add disk0");
+    fleet.add_blk(&fast.0, &fast.1).expect("add disk1");
     let mut fe0 = frontend::connect(&dir.path().join("disk0.sock"), 1, 64).expect("connect 0");
     let mut fe1 = frontend::connect(&dir.path().join("disk1.sock"), 1, 64).expect("connect 1");
     round_trip(&mut fe1, 1, 1);
@@ -129,8 +150,11 @@ fn test_removing_a_disk_with_io_in_flight_waits_for_it_while_another_disk_serves
 
     // A disk added at runtime serves a new frontend.
     let added = blk(dir.path(), "disk2", Duration::ZERO);
-    fleet.add(&added).expect("add disk2");
-    assert!(fleet.add(&added).is_err(), "duplicate id accepted");
+    fleet.add_blk(&added.0, &added.1).expect("add disk2");
+    assert!(
+        fleet.add_blk(&added.0, &added.1).is_err(),
+        "duplicate id accepted"
+    );
     let mut fe2 = frontend::connect(&dir.path().join("disk2.sock"), 1, 64).expect("connect 2");
     round_trip(&mut fe2, 7, 0x77);
     let info = fleet.query();
@@ -152,35 +176,25 @@ fn test_mmio_devices_and_vhost_user_devices_share_a_fleet() {
     let fleet = Fleet::new().expect("fleet");
     fleet.add_bus("pio0").expect("bus");
     fleet
-        .add(&Plan::Uart {
-            id: "com1".into(),
-            bus: "pio0".into(),
-            addr: 0x3f8,
-            sink: switchboard_devices::models::uart_sink::Sink::Null,
-        })
+        .add(&DeviceSpec::Uart16550(UartSpec {
+            id: DeviceId::new("com1"),
+            bus: BusId::new("pio0"),
+            addr: BusAddr(0x3f8),
+            output: Output::Null,
+        }))
         .expect("uart");
     fleet
-        .add(&Plan::TestDevice {
-            id: "slow0".into(),
-            bus: "pio0".into(),
-            addr: 0x1000,
-            read_delay: Duration::from_millis(1),
-        })
+        .add(&test_device("slow0", "pio0", 0x1000, 1000))
         .expect("test device");
     fleet
-        .add(&Plan::Rng {
-            id: "rng0".into(),
+        .add(&DeviceSpec::VirtioRng(RngSpec {
+            id: DeviceId::new("rng0"),
             rate_limit: None,
-            socket: dir.path().join("rng.sock"),
-        })
+            vhost_user: vhost_user(dir.path().join("rng.sock")),
+        }))
         .expect("rng");
     let err = fleet
-        .add(&Plan::TestDevice {
-            id: "slow1".into(),
-            bus: "nope".into(),
-            addr: 0,
-            read_delay: Duration::ZERO,
-        })
+        .add(&test_device("slow1", "nope", 0, 0))
         .expect_err("unknown bus");
     assert!(err.to_string().contains("nope"), "{err}");
 

@@ -298,8 +298,9 @@ fn test_a_log_of_a_newer_format_is_refused() {
 
 #[test]
 fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_replays() {
-    use switchboard_devices::host::fleet::{Fleet, Plan};
-    use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr};
+    use switchboard_devices::host::fleet::Fleet;
+    use switchboard_devices::host::topology::{BusId, DeviceSpec, TestDeviceSpec};
+    use switchboard_runtime::{AccessReply, AccessSize, ActorId, BusAddr, DeviceId};
 
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("mmio.log");
@@ -318,12 +319,12 @@ fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_repl
     let fleet = Fleet::new_recording(Some(rec.clone())).expect("fleet");
     fleet.add_bus("pio0").expect("bus");
     fleet
-        .add(&Plan::TestDevice {
-            id: "slow0".into(),
-            bus: "pio0".into(),
-            addr: 0x1000,
-            read_delay: Duration::ZERO,
-        })
+        .add(&DeviceSpec::TestDevice(TestDeviceSpec {
+            id: DeviceId::new("slow0"),
+            bus: BusId::new("pio0"),
+            addr: BusAddr(0x1000),
+            read_delay_us: 0,
+        }))
         .expect("test device");
     let bus = fleet.bus("pio0").expect("bus handle");
     let me = ActorId::new("vcpu0");

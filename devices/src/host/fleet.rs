@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,16 +42,17 @@ use switchboard_bus::{BusHandle, RegionId};
 use switchboard_runtime::journal::Journal;
 use switchboard_runtime::recording::{ActorInfo, Entry as LogEntry, RecordKind, Recorder};
 use switchboard_runtime::{
-    BusAddr, DeviceFailed, DeviceId, DeviceRef, Gate, GateDrainError, IrqLine, IrqNumber,
-    QueryFailures, Runtime, State, Supervisor,
+    BusAddr, DeviceFailed, DeviceRef, Gate, GateDrainError, IrqLine, IrqNumber, QueryFailures,
+    Runtime, State, Supervisor,
 };
 
 use crate::error_chain;
+use crate::host::topology::{BlkSpec, DeviceSpec, KindSpec};
 use crate::models::blk::{Blk, BlkOptions};
-use crate::models::fault::{FaultConfig, FaultDevice};
+use crate::models::fault::FaultDevice;
 use crate::models::rng::Rng;
-use crate::models::serial::{spawn_serial, SerialRebuild, SERIAL_REGION_SIZE};
-use crate::models::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_REGION_SIZE};
+use crate::models::serial::{spawn_serial, SerialRebuild};
+use crate::models::slow::{SlowDevice, SlowDeviceRebuild};
 use crate::models::uart_sink::Sink;
 use crate::models::virtio::VirtioDevice;
 use crate::vhost_user::{
@@ -65,88 +66,6 @@ const MEMORY_ARBITERS: usize = 2;
 /// How long a status query waits for a device actor before reporting it
 /// unresponsive.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(200);
-
-/// What to start: a device, resolved and checked (the topology module
-/// turns a topology's device objects into these).
-#[derive(Clone, Debug)]
-pub enum Plan {
-    /// virtio-blk over vhost-user.
-    Blk {
-        /// Device id.
-        id: String,
-        /// The raw image.
-        path: PathBuf,
-        /// Device options (read-only, queues, serial...).
-        options: BlkOptions,
-        /// The vhost-user socket.
-        socket: PathBuf,
-    },
-    /// virtio-rng over vhost-user.
-    Rng {
-        /// Device id.
-        id: String,
-        /// Bytes per second, if limited.
-        rate_limit: Option<u64>,
-        /// The vhost-user socket.
-        socket: PathBuf,
-    },
-    /// The fault-injection test device ([`crate::models::fault`]) over vhost-user:
-    /// an entropy device that panics on a chosen request. For testing only.
-    Fault {
-        /// Device id.
-        id: String,
-        /// When and where it panics.
-        config: FaultConfig,
-        /// The vhost-user socket.
-        socket: PathBuf,
-    },
-    /// A 16550A UART on an MMIO/PIO bus.
-    Uart {
-        /// Device id.
-        id: String,
-        /// Bus id.
-        bus: String,
-        /// Base address on the bus.
-        addr: u64,
-        /// Where its output goes.
-        sink: Sink,
-    },
-    /// The slow test device on an MMIO/PIO bus.
-    TestDevice {
-        /// Device id.
-        id: String,
-        /// Bus id.
-        bus: String,
-        /// Base address on the bus.
-        addr: u64,
-        /// How long each read takes.
-        read_delay: Duration,
-    },
-}
-
-impl Plan {
-    /// The device id.
-    pub fn id(&self) -> &str {
-        match self {
-            Plan::Blk { id, .. }
-            | Plan::Rng { id, .. }
-            | Plan::Fault { id, .. }
-            | Plan::Uart { id, .. }
-            | Plan::TestDevice { id, .. } => id,
-        }
-    }
-
-    /// The device kind, as in a topology file.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Plan::Blk { .. } => "virtio-blk",
-            Plan::Rng { .. } => "virtio-rng",
-            Plan::Fault { .. } => crate::models::fault::KIND,
-            Plan::Uart { .. } => "uart-16550",
-            Plan::TestDevice { .. } => "test-device",
-        }
-    }
-}
 
 /// Errors of the fleet.
 #[derive(Debug, thiserror::Error)]
@@ -335,16 +254,18 @@ impl Entry {
 /// The interrupt line of every UART the fleet starts (COM1's ISA IRQ).
 pub const UART_IRQ: IrqNumber = IrqNumber(4);
 
-/// What replay needs to rebuild an MMIO/PIO device, from its plan alone
+/// What replay needs to rebuild an MMIO/PIO device, from its spec alone
 /// (its `added` record and the log header hold it); `None` for a
 /// vhost-user device, whose rebuild data comes from the opened device.
-pub fn mmio_rebuild_info(plan: &Plan) -> Option<serde_json::Value> {
-    let info = match plan {
-        Plan::Uart { .. } => serde_json::to_value(SerialRebuild { irq: UART_IRQ }),
-        Plan::TestDevice { read_delay, .. } => {
-            serde_json::to_value(SlowDeviceRebuild::new(*read_delay))
+pub fn mmio_rebuild_info(spec: &DeviceSpec) -> Option<serde_json::Value> {
+    let info = match spec {
+        DeviceSpec::Uart16550(_) => serde_json::to_value(SerialRebuild { irq: UART_IRQ }),
+        DeviceSpec::TestDevice(t) => {
+            serde_json::to_value(SlowDeviceRebuild::new(t.config().read_delay))
         }
-        Plan::Blk { .. } | Plan::Rng { .. } | Plan::Fault { .. } => return None,
+        DeviceSpec::VirtioBlk(_) | DeviceSpec::VirtioRng(_) | DeviceSpec::VirtioFault(_) => {
+            return None
+        }
     };
     // Two structs of integers always serialize.
     info.ok()
@@ -478,15 +399,31 @@ impl Fleet {
             .map(|b| b.handle.clone())
     }
 
-    /// Starts a device. Its id must be new. A failure leaves nothing behind.
-    pub fn add(&self, plan: &Plan) -> Result<(), Error> {
-        let id = plan.id().to_string();
+    /// Starts a device, checked (see [`crate::host::topology`]). Its id
+    /// must be new. A failure leaves nothing behind.
+    pub fn add(&self, spec: &DeviceSpec) -> Result<(), Error> {
+        self.add_entry(spec.id().as_str(), || self.start(spec))
+    }
+
+    /// As [`Fleet::add`] for a disk, opened with `options` in place of the
+    /// spec's ([`BlkSpec::blk_options`]): for tests and benchmarks that need
+    /// what a topology does not offer (added latency, I/O threads).
+    pub fn add_blk(&self, spec: &BlkSpec, options: &BlkOptions) -> Result<(), Error> {
+        self.add_entry(spec.id().as_str(), || self.start_blk(spec, options))
+    }
+
+    fn add_entry(
+        &self,
+        id: &str,
+        start: impl FnOnce() -> Result<Entry, Error>,
+    ) -> Result<(), Error> {
+        let id = id.to_string();
         // Reserve the id first: two concurrent adds of one id cannot both
         // start.
         if self.lock_devices().contains_key(&id) {
             return Err(Error::Duplicate(id));
         }
-        let entry = self.start(plan)?;
+        let entry = start()?;
         let mut devices = self.lock_devices();
         if devices.contains_key(&id) {
             drop(devices);
@@ -497,78 +434,65 @@ impl Fleet {
         Ok(())
     }
 
-    fn start(&self, plan: &Plan) -> Result<Entry, Error> {
+    /// The resolver: a checked spec to a running device.
+    fn start(&self, spec: &DeviceSpec) -> Result<Entry, Error> {
+        let (id, kind) = (spec.id().as_str(), spec.kind_name());
         let fail = |reason: String| Error::Start {
-            id: plan.id().to_string(),
-            kind: plan.kind(),
+            id: id.to_string(),
+            kind,
             reason,
         };
-        match plan {
-            Plan::Blk {
-                id,
-                path,
-                options,
-                socket,
-            } => {
-                let blk = Blk::open(path, options).map_err(|e| fail(error_chain(&e)))?;
-                let workers = default_workers(usize::from(options.queues));
-                self.start_vhost_user(id, plan.kind(), blk, workers, socket)
+        match spec {
+            DeviceSpec::VirtioBlk(b) => self.start_blk(b, &b.blk_options()),
+            DeviceSpec::VirtioRng(r) => {
+                let rng = Rng::new(r.rate_limit).map_err(|e| fail(e.to_string()))?;
+                self.start_vhost_user(id, kind, rng, 1, &r.vhost_user.socket)
             }
-            Plan::Rng {
-                id,
-                rate_limit,
-                socket,
-            } => {
-                let rng = Rng::new(*rate_limit).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, plan.kind(), rng, 1, socket)
+            DeviceSpec::VirtioFault(f) => {
+                let fault = FaultDevice::new(f.config()).map_err(|e| fail(e.to_string()))?;
+                self.start_vhost_user(id, kind, fault, 1, &f.vhost_user.socket)
             }
-            Plan::Fault { id, config, socket } => {
-                let fault = FaultDevice::new(*config).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, plan.kind(), fault, 1, socket)
-            }
-            Plan::Uart {
-                id,
-                bus,
-                addr,
-                sink,
-            } => {
+            DeviceSpec::Uart16550(u) => {
                 let arbiter =
                     OwnArbiter::start(&format!("dev-{id}")).map_err(|e| fail(e.to_string()))?;
                 let device = spawn_serial(
                     &self.runtime,
-                    DeviceId::new(id.as_str()),
-                    sink,
+                    u.id.clone(),
+                    &Sink::from(&u.output),
                     IrqLine::disconnected(UART_IRQ),
                     &arbiter.handle,
                     Some(self.supervisor.clone().recipient()),
                 )
                 .map_err(|e| fail(error_chain(&e)))?
                 .device;
-                self.plug(plan, bus, *addr, SERIAL_REGION_SIZE, device, arbiter)
+                self.plug(spec, device, arbiter)
             }
-            Plan::TestDevice {
-                id,
-                bus,
-                addr,
-                read_delay,
-            } => {
+            DeviceSpec::TestDevice(t) => {
                 let arbiter =
                     OwnArbiter::start(&format!("dev-{id}")).map_err(|e| fail(e.to_string()))?;
-                let (slow, _probe) = SlowDevice::new(SlowDeviceConfig {
-                    read_delay: *read_delay,
-                    record: false,
-                });
+                let (slow, _probe) = SlowDevice::new(t.config());
                 let device = switchboard_runtime::spawn_device(
                     &self.runtime,
-                    DeviceId::new(id.as_str()),
+                    t.id.clone(),
                     slow,
                     &arbiter.handle,
                     Some(self.supervisor.clone().recipient()),
                 )
                 .device;
-                self.plug(plan, bus, *addr, SLOW_REGION_SIZE, device, arbiter)
+                self.plug(spec, device, arbiter)
             }
         }
+    }
+
+    fn start_blk(&self, spec: &BlkSpec, options: &BlkOptions) -> Result<Entry, Error> {
+        let (id, kind) = (spec.id().as_str(), BlkSpec::KIND.as_str());
+        let blk = Blk::open(&spec.path, options).map_err(|e| Error::Start {
+            id: id.to_string(),
+            kind,
+            reason: error_chain(&e),
+        })?;
+        let workers = default_workers(usize::from(options.queues));
+        self.start_vhost_user(id, kind, blk, workers, &spec.vhost_user.socket)
     }
 
     fn start_vhost_user<D: VirtioDevice>(
@@ -577,7 +501,7 @@ impl Fleet {
         kind: &'static str,
         device: D,
         workers: usize,
-        socket: &std::path::Path,
+        socket: &Path,
     ) -> Result<Entry, Error> {
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
@@ -623,14 +547,15 @@ impl Fleet {
 
     fn plug(
         &self,
-        plan: &Plan,
-        bus: &str,
-        addr: u64,
-        size: u64,
+        spec: &DeviceSpec,
         device: DeviceRef,
         arbiter: OwnArbiter,
     ) -> Result<Entry, Error> {
-        let (id, kind) = (plan.id(), plan.kind());
+        let (id, kind) = (spec.id().as_str(), spec.kind_name());
+        let place = spec
+            .placement()
+            .expect("only a device with a register region is plugged");
+        let (bus, addr, size) = (place.bus.as_str(), place.addr.0, place.size);
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
             kind,
@@ -643,7 +568,7 @@ impl Fleet {
         let info = ActorInfo {
             id: id.to_string(),
             kind: kind.to_string(),
-            rebuild: mmio_rebuild_info(plan),
+            rebuild: mmio_rebuild_info(spec),
             not_replayable: None,
         };
         self.note(

@@ -28,42 +28,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::host::control::{CommandError, Controller, Events};
-use crate::host::fleet::{self, Fleet, Plan};
+use crate::host::fleet::{self, Fleet};
 use crate::host::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
-
-/// What to start for a checked device.
-pub fn plan(spec: &DeviceSpec) -> Plan {
-    match spec {
-        DeviceSpec::VirtioBlk(b) => Plan::Blk {
-            id: b.id().to_string(),
-            path: b.path.clone(),
-            options: b.blk_options(),
-            socket: b.vhost_user.socket.clone(),
-        },
-        DeviceSpec::VirtioRng(r) => Plan::Rng {
-            id: r.id().to_string(),
-            rate_limit: r.rate_limit,
-            socket: r.vhost_user.socket.clone(),
-        },
-        DeviceSpec::Uart16550(u) => Plan::Uart {
-            id: u.id().to_string(),
-            bus: u.bus.to_string(),
-            addr: u.addr.0,
-            sink: (&u.output).into(),
-        },
-        DeviceSpec::TestDevice(t) => Plan::TestDevice {
-            id: t.id().to_string(),
-            bus: t.bus.to_string(),
-            addr: t.addr.0,
-            read_delay: t.config().read_delay,
-        },
-        DeviceSpec::VirtioFault(f) => Plan::Fault {
-            id: f.id().to_string(),
-            config: f.config(),
-            socket: f.vhost_user.socket.clone(),
-        },
-    }
-}
 
 /// The devices of `topology` as a log header lists them. A vhost-user
 /// device's rebuild data comes in its `added` record, written when it
@@ -85,15 +51,14 @@ pub fn log_actors(topology: &Topology) -> Vec<switchboard_runtime::recording::Ac
             ),
         });
     let devices = topology.devices.iter().map(|spec| {
-        let p = plan(spec);
-        let not_replayable = match p {
-            Plan::Fault { .. } => Some(crate::models::fault::NOT_REPLAYABLE.to_string()),
+        let not_replayable = match spec {
+            DeviceSpec::VirtioFault(_) => Some(crate::models::fault::NOT_REPLAYABLE.to_string()),
             _ => None,
         };
         switchboard_runtime::recording::ActorInfo {
             id: spec.id().to_string(),
-            kind: p.kind().to_string(),
-            rebuild: fleet::mmio_rebuild_info(&p),
+            kind: spec.kind_name().to_string(),
+            rebuild: fleet::mmio_rebuild_info(spec),
             not_replayable,
         }
     });
@@ -124,11 +89,12 @@ pub fn qemu_args(spec: &DeviceSpec) -> Option<String> {
 /// One line about a device: where it is and, for vhost-user devices, the
 /// QEMU arguments that connect to it.
 pub fn describe(spec: &DeviceSpec) -> String {
+    let kind = spec.kind();
     let what = match spec {
         DeviceSpec::VirtioBlk(b) => {
             let size = std::fs::metadata(&b.path).map_or(0, |m| m.len());
             format!(
-                "virtio-blk on {} ({} MiB, {}, {} queue{}), socket {}",
+                "{kind} on {} ({} MiB, {}, {} queue{}), socket {}",
                 b.path.display(),
                 size >> 20,
                 if b.read_only {
@@ -142,7 +108,7 @@ pub fn describe(spec: &DeviceSpec) -> String {
             )
         }
         DeviceSpec::VirtioRng(r) => format!(
-            "virtio-rng{}, socket {}",
+            "{kind}{}, socket {}",
             r.rate_limit
                 .map(|l| format!(" limited to {l} bytes/s"))
                 .unwrap_or_default(),
@@ -150,16 +116,16 @@ pub fn describe(spec: &DeviceSpec) -> String {
         ),
         DeviceSpec::Uart16550(u) => {
             format!(
-                "uart-16550 on bus {} at {:#x}, output {}",
+                "{kind} on bus {} at {:#x}, output {}",
                 u.bus, u.addr.0, u.output
             )
         }
         DeviceSpec::TestDevice(t) => format!(
-            "test-device on bus {} at {:#x}, reads take {} us",
+            "{kind} on bus {} at {:#x}, reads take {} us",
             t.bus, t.addr.0, t.read_delay_us
         ),
         DeviceSpec::VirtioFault(f) => format!(
-            "virtio-fault (fault-injection test device): panics in {} on request {}, \
+            "{kind} (fault-injection test device): panics in {} on request {}, \
              holding {}, socket {}",
             f.panic_in.name(),
             f.panic_after.saturating_add(1),
@@ -225,7 +191,7 @@ impl Runner {
         let mut report = Vec::new();
         for spec in topology.devices {
             let id = spec.id().to_string();
-            match fleet.add(&plan(&spec)) {
+            match fleet.add(&spec) {
                 Ok(()) => {
                     report.push(Started {
                         id,
@@ -320,7 +286,7 @@ impl Runner {
             ));
         }
         self.fleet
-            .add(&plan(&spec))
+            .add(&spec)
             .map_err(|e| CommandError::generic(e.to_string()))?;
         let id = spec.id().to_string();
         let description = describe(&spec);

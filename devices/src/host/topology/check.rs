@@ -272,83 +272,23 @@ impl<'a> Checker<'a> {
     }
 
     pub(super) fn check_device(&mut self, at: &JsonPath, device: &DeviceSpec) {
-        let kind = device.kind_name();
-        match device {
-            DeviceSpec::VirtioBlk(d) => {
-                self.check_image(&at.key("path"), &d.path, d.read_only);
-                if let Some(serial) = &d.serial {
-                    if serial.len() > ID_LEN {
-                        self.push(
-                            at.key("serial"),
-                            format!(
-                                "expected a serial of at most {ID_LEN} bytes, found {} bytes",
-                                serial.len()
-                            ),
-                        );
-                    }
-                }
-                let q = d.vhost_user.queues;
-                if !(1..=MAX_QUEUES).contains(&q) {
-                    self.push(
-                        at.key("vhost_user").key("queues"),
-                        format!("expected 1 to {MAX_QUEUES} queues for a {kind}, found {q}"),
-                    );
-                }
-                self.check_socket(&at.key("vhost_user").key("socket"), &d.vhost_user.socket);
-            }
-            DeviceSpec::VirtioRng(d) => {
-                if d.rate_limit == Some(0) {
-                    self.push(
-                        at.key("rate_limit"),
-                        "expected a rate limit of at least 1 byte per second (leave \
-                         `rate_limit` out for no limit), found 0"
-                            .into(),
-                    );
-                }
-                let q = d.vhost_user.queues;
-                if q != 1 {
-                    self.push(
-                        at.key("vhost_user").key("queues"),
-                        format!("expected 1 queue (a {kind} has one request queue), found {q}"),
-                    );
-                }
-                self.check_socket(&at.key("vhost_user").key("socket"), &d.vhost_user.socket);
-            }
-            DeviceSpec::VirtioFault(d) => {
-                if d.hold > MAX_HOLD {
-                    self.push(
-                        at.key("hold"),
-                        format!(
-                            "expected at most {MAX_HOLD} requests held (the queue must still \
-                             have room for the one that panics), found {}",
-                            d.hold
-                        ),
-                    );
-                } else if u64::from(d.hold) > d.panic_after {
-                    self.push(
-                        at.key("hold"),
-                        format!(
-                            "expected at most `panic_after` ({}) requests held: the requests \
-                             held are among those before the panic, found {}",
-                            d.panic_after, d.hold
-                        ),
-                    );
-                }
-                let q = d.vhost_user.queues;
-                if q != 1 {
-                    self.push(
-                        at.key("vhost_user").key("queues"),
-                        format!("expected 1 queue (a {kind} has one request queue), found {q}"),
-                    );
-                }
-                self.check_socket(&at.key("vhost_user").key("socket"), &d.vhost_user.socket);
-            }
-            DeviceSpec::Uart16550(d) => match &d.output {
+        // The file-system checks around the kind's own ones, in the order
+        // of the fields.
+        if let DeviceSpec::VirtioBlk(d) = device {
+            self.check_image(&at.key("path"), &d.path, d.read_only);
+        }
+        for invalid in device.validate() {
+            self.push(at.join(&JsonPath::parse(invalid.field)), invalid.message);
+        }
+        if let Some(vhost_user) = device.vhost_user() {
+            self.check_socket(&at.key("vhost_user").key("socket"), &vhost_user.socket);
+        }
+        if let DeviceSpec::Uart16550(d) = device {
+            match &d.output {
                 Output::File(p) => self.check_output_file(&at.key("output"), p),
                 Output::Unix(p) => self.check_socket(&at.key("output"), p),
                 Output::Null | Output::Stdout | Output::Stdio => {}
-            },
-            DeviceSpec::TestDevice(_) => {}
+            }
         }
         if let Some(place) = device.placement() {
             self.check_placement(at, device, &place);

@@ -28,7 +28,8 @@
 //!   `kind` is `"pio"` (port I/O, 64 KiB) or `"mmio"` (the whole 64-bit
 //!   space). `size`, optional, makes the bus smaller; a PIO bus is at most
 //!   64 KiB.
-//! - `devices`: objects told apart by `kind`:
+//! - `devices`: objects told apart by `kind`, one of the
+//!   [`DeviceKind`]s (each named by its model's `KIND`):
 //!
 //! | `kind` | fields (`?`: optional, with its default) |
 //! |---|---|
@@ -92,6 +93,11 @@
 //!    over 20 bytes, a rate limit of 0 and a fault device holding more
 //!    requests than come before its panic.
 //!
+//! The checks of one device's values (queue counts, serials, rate limits,
+//! fault schedules) are its spec's [`KindSpec::validate`], with a
+//! `check_*` function per value ([`BlkSpec::check_queues`], ...), so that a
+//! command line that builds a spec checks it the same way.
+//!
 //! The file-system checks inspect and open files but never create, write or
 //! remove anything.
 
@@ -112,28 +118,20 @@ use serde_json::Value;
 use switchboard_runtime::{BusAddr, DeviceId};
 
 use crate::error_chain;
+pub use crate::models::blk::MAX_QUEUES;
 use crate::models::blk::{BlkOptions, ID_LEN, SECTOR_SIZE};
 use crate::models::fault::{FaultConfig, PanicIn, MAX_HOLD};
 use crate::models::serial::SERIAL_REGION_SIZE;
 use crate::models::slow::{SlowDeviceConfig, SLOW_REGION_SIZE};
 use crate::models::uart_sink::Sink;
+use crate::models::DeviceKind;
 use crate::vhost_user::{self, check_socket_path};
-
-/// Most virtqueues a virtio-blk device may have (as `switchboard serve blk
-/// --queues`).
-pub const MAX_QUEUES: u16 = 64;
 
 /// Size of the x86 port I/O space, and so of a PIO bus.
 pub const PIO_SPACE_SIZE: u64 = 0x1_0000;
 
-/// The device kinds, as written in `kind`.
-pub const KINDS: [&str; 5] = [
-    "virtio-blk",
-    "virtio-rng",
-    "uart-16550",
-    "test-device",
-    "virtio-fault",
-];
+/// The device kinds, as written in `kind` ([`DeviceKind::NAMES`]).
+pub const KINDS: [&str; 5] = DeviceKind::NAMES;
 
 /// Longest id.
 const MAX_ID_LEN: usize = 64;

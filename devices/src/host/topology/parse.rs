@@ -240,21 +240,16 @@ pub(super) fn parse_device_at(
     let mut rest = obj.clone();
     rest.remove("kind");
     let rest = Value::Object(rest);
+    let Ok(kind) = kind.parse::<DeviceKind>() else {
+        out.push(Finding::at(
+            at.key("kind"),
+            format!("unknown kind `{kind}`, expected one of {}", kinds_list()),
+        ));
+        return None;
+    };
     let k = Some(kind);
-    let mut device = match kind {
-        "virtio-blk" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::VirtioBlk),
-        "virtio-rng" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::VirtioRng),
-        "uart-16550" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::Uart16550),
-        "test-device" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::TestDevice),
-        "virtio-fault" => deserialize_collecting(rest, at, k, out).map(DeviceSpec::VirtioFault),
-        other => {
-            out.push(Finding::at(
-                at.key("kind"),
-                format!("unknown kind `{other}`, expected one of {}", kinds_list()),
-            ));
-            None
-        }
-    }?;
+    let mut device =
+        each_kind!(kind, T => deserialize_collecting::<T>(rest, at, k, out).map(DeviceSpec::from))?;
     device.resolve_paths(base_dir);
     Some(device)
 }
@@ -277,7 +272,7 @@ pub(super) const MAX_ERRORS_PER_OBJECT: usize = 16;
 pub(super) fn deserialize_collecting<T: DeserializeOwned>(
     mut value: Value,
     at: &JsonPath,
-    kind: Option<&str>,
+    kind: Option<DeviceKind>,
     out: &mut Vec<Finding>,
 ) -> Option<T> {
     let mut removed: Vec<JsonPath> = Vec::new();
@@ -338,13 +333,13 @@ pub(super) fn remove(value: &mut Value, path: &JsonPath) -> bool {
 }
 
 /// Adds what serde cannot know to its message.
-pub(super) fn explain(kind: Option<&str>, rel: &JsonPath, message: String) -> String {
+pub(super) fn explain(kind: Option<DeviceKind>, rel: &JsonPath, message: String) -> String {
     let Some(kind) = kind else { return message };
     let field = match rel.0.as_slice() {
         [Seg::Key(k)] => Some(k.as_str()),
         _ => None,
     };
-    let vhost_user = matches!(kind, "virtio-blk" | "virtio-rng" | "virtio-fault");
+    let vhost_user = kind.is_vhost_user();
     match field {
         Some(f @ ("bus" | "addr")) if vhost_user && message.starts_with("unknown field") => {
             format!(

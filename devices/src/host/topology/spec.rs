@@ -128,6 +128,42 @@ impl BlkSpec {
         &self.id
     }
 
+    /// Checks a number of virtqueues: 1 to [`MAX_QUEUES`].
+    ///
+    /// ```
+    /// use switchboard_devices::host::topology::BlkSpec;
+    ///
+    /// assert!(BlkSpec::check_queues(2).is_ok());
+    /// let e = BlkSpec::check_queues(65).expect_err("too many");
+    /// assert_eq!(e.to_string(), "vhost_user.queues: expected 1 to 64 queues for a virtio-blk, found 65");
+    /// ```
+    pub fn check_queues(queues: u16) -> std::result::Result<(), Invalid> {
+        if (1..=MAX_QUEUES).contains(&queues) {
+            return Ok(());
+        }
+        Err(Invalid::new(
+            "vhost_user.queues",
+            format!(
+                "expected 1 to {MAX_QUEUES} queues for a {}, found {queues}",
+                DeviceKind::VirtioBlk
+            ),
+        ))
+    }
+
+    /// Checks a serial number (GET_ID): at most [`ID_LEN`] bytes.
+    pub fn check_serial(serial: &str) -> std::result::Result<(), Invalid> {
+        if serial.len() <= ID_LEN {
+            return Ok(());
+        }
+        Err(Invalid::new(
+            "serial",
+            format!(
+                "expected a serial of at most {ID_LEN} bytes, found {} bytes",
+                serial.len()
+            ),
+        ))
+    }
+
     /// The options to open the image with ([`crate::models::blk::Blk::open`]).
     pub fn blk_options(&self) -> BlkOptions {
         BlkOptions {
@@ -164,11 +200,23 @@ impl RngSpec {
     pub fn id(&self) -> &DeviceId {
         &self.id
     }
+
+    /// Checks a rate limit: at least 1 byte per second (`None` is no limit).
+    pub fn check_rate_limit(rate_limit: Option<u64>) -> std::result::Result<(), Invalid> {
+        if rate_limit != Some(0) {
+            return Ok(());
+        }
+        Err(Invalid::new(
+            "rate_limit",
+            "expected a rate limit of at least 1 byte per second (leave `rate_limit` out for \
+             no limit), found 0"
+                .into(),
+        ))
+    }
 }
 
-/// The fault-injection test device ([`crate::models::fault::FaultDevice`]): an
-/// entropy device that panics on a chosen request, served over vhost-user.
-/// For testing panic containment only.
+/// The fault-injection test device (an entropy device that panics on a
+/// chosen request), served over vhost-user. For testing only.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FaultSpec {
@@ -210,7 +258,30 @@ impl FaultSpec {
         &self.id
     }
 
-    /// The device's configuration.
+    /// Checks `hold` against [`MAX_HOLD`] and `panic_after`.
+    pub fn check_hold(hold: u16, panic_after: u64) -> std::result::Result<(), Invalid> {
+        if hold > MAX_HOLD {
+            return Err(Invalid::new(
+                "hold",
+                format!(
+                    "expected at most {MAX_HOLD} requests held (the queue must still have room \
+                     for the one that panics), found {hold}"
+                ),
+            ));
+        }
+        if u64::from(hold) > panic_after {
+            return Err(Invalid::new(
+                "hold",
+                format!(
+                    "expected at most `panic_after` ({panic_after}) requests held: the requests \
+                     held are among those before the panic, found {hold}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The device's configuration for [`crate::models::fault::FaultDevice`].
     pub fn config(&self) -> FaultConfig {
         FaultConfig {
             panic_after: self.panic_after,
@@ -353,8 +424,7 @@ impl UartSpec {
     }
 }
 
-/// The slow test device ([`crate::SlowDevice`]) with a 32-byte register
-/// region on a bus.
+/// The slow test device, with a 32-byte register region on a bus.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TestDeviceSpec {
@@ -380,7 +450,7 @@ impl TestDeviceSpec {
         &self.id
     }
 
-    /// The device's configuration.
+    /// The device's configuration for [`crate::SlowDevice`].
     pub fn config(&self) -> SlowDeviceConfig {
         SlowDeviceConfig {
             read_delay: Duration::from_micros(self.read_delay_us),
@@ -389,26 +459,232 @@ impl TestDeviceSpec {
     }
 }
 
-/// One device of a topology, told apart by `kind`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "kind")]
+/// One device of a topology, told apart by `kind` ([`DeviceKind`]).
+///
+/// As JSON, the fields of its spec plus `kind`. Its serde and schema
+/// implementations take the tag from [`DeviceKind`], so a kind's name is
+/// written only in its model.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// A virtio-blk disk on a raw image, served over vhost-user.
-    #[serde(rename = "virtio-blk")]
     VirtioBlk(BlkSpec),
     /// A virtio-rng entropy source, served over vhost-user.
-    #[serde(rename = "virtio-rng")]
     VirtioRng(RngSpec),
     /// A 16550A UART with an 8-byte register region on a bus.
-    #[serde(rename = "uart-16550")]
     Uart16550(UartSpec),
     /// The slow test device, with a 32-byte register region on a bus.
-    #[serde(rename = "test-device")]
     TestDevice(TestDeviceSpec),
     /// The fault-injection test device (an entropy device that panics on a
     /// chosen request), served over vhost-user. For testing only.
-    #[serde(rename = "virtio-fault")]
     VirtioFault(FaultSpec),
+}
+
+/// The spec of one device kind: one of the structs a [`DeviceSpec`] holds.
+pub trait KindSpec: Serialize + DeserializeOwned + JsonSchema + Into<DeviceSpec> {
+    /// The kind.
+    const KIND: DeviceKind;
+
+    /// The device's id.
+    fn id(&self) -> &DeviceId;
+
+    /// Checks the values the types cannot restrict (queue counts, lengths,
+    /// limits), without looking at the file system: what the topology
+    /// checker, the control socket's `device-add` and the command line all
+    /// use.
+    fn validate(&self) -> Vec<Invalid>;
+}
+
+/// `match` on a [`DeviceSpec`] with the same code for every kind: `$d` is
+/// the kind's spec.
+macro_rules! each_spec {
+    ($spec:expr, $d:ident => $body:expr) => {
+        match $spec {
+            DeviceSpec::VirtioBlk($d) => $body,
+            DeviceSpec::VirtioRng($d) => $body,
+            DeviceSpec::Uart16550($d) => $body,
+            DeviceSpec::TestDevice($d) => $body,
+            DeviceSpec::VirtioFault($d) => $body,
+        }
+    };
+}
+
+/// `match` on a [`DeviceKind`] with the same code for every kind: `$t` is
+/// the kind's spec type. This and the enum above are where a new kind is
+/// registered in the topology.
+macro_rules! each_kind {
+    ($kind:expr, $t:ident => $body:expr) => {
+        match $kind {
+            DeviceKind::VirtioBlk => {
+                type $t = BlkSpec;
+                $body
+            }
+            DeviceKind::VirtioRng => {
+                type $t = RngSpec;
+                $body
+            }
+            DeviceKind::Uart16550 => {
+                type $t = UartSpec;
+                $body
+            }
+            DeviceKind::TestDevice => {
+                type $t = TestDeviceSpec;
+                $body
+            }
+            DeviceKind::VirtioFault => {
+                type $t = FaultSpec;
+                $body
+            }
+        }
+    };
+}
+pub(super) use each_kind;
+
+macro_rules! kind_spec {
+    ($t:ty, $variant:ident, $kind:ident, |$d:ident| $validate:expr) => {
+        impl From<$t> for DeviceSpec {
+            fn from(d: $t) -> DeviceSpec {
+                DeviceSpec::$variant(d)
+            }
+        }
+
+        impl KindSpec for $t {
+            const KIND: DeviceKind = DeviceKind::$kind;
+
+            fn id(&self) -> &DeviceId {
+                &self.id
+            }
+
+            fn validate(&self) -> Vec<Invalid> {
+                let $d = self;
+                $validate
+            }
+        }
+    };
+}
+
+kind_spec!(BlkSpec, VirtioBlk, VirtioBlk, |d| {
+    let serial = d.serial.as_deref().map(BlkSpec::check_serial);
+    let queues = BlkSpec::check_queues(d.vhost_user.queues);
+    [serial.unwrap_or(Ok(())), queues]
+        .into_iter()
+        .filter_map(std::result::Result::err)
+        .collect()
+});
+kind_spec!(RngSpec, VirtioRng, VirtioRng, |d| {
+    let limit = RngSpec::check_rate_limit(d.rate_limit);
+    let queues = VhostUserSpec::check_one_queue(DeviceKind::VirtioRng, d.vhost_user.queues);
+    [limit, queues]
+        .into_iter()
+        .filter_map(std::result::Result::err)
+        .collect()
+});
+kind_spec!(FaultSpec, VirtioFault, VirtioFault, |d| {
+    let hold = FaultSpec::check_hold(d.hold, d.panic_after);
+    let queues = VhostUserSpec::check_one_queue(DeviceKind::VirtioFault, d.vhost_user.queues);
+    [hold, queues]
+        .into_iter()
+        .filter_map(std::result::Result::err)
+        .collect()
+});
+kind_spec!(UartSpec, Uart16550, Uart16550, |_d| Vec::new());
+kind_spec!(TestDeviceSpec, TestDevice, TestDevice, |_d| Vec::new());
+
+impl VhostUserSpec {
+    /// Checks the number of virtqueues of a kind that has one request
+    /// queue (virtio-rng, virtio-fault).
+    pub fn check_one_queue(kind: DeviceKind, queues: u16) -> std::result::Result<(), Invalid> {
+        if queues == 1 {
+            return Ok(());
+        }
+        Err(Invalid::new(
+            "vhost_user.queues",
+            format!("expected 1 queue (a {kind} has one request queue), found {queues}"),
+        ))
+    }
+}
+
+/// A value of a device spec out of its range, found by
+/// [`KindSpec::validate`] or one of the `check_*` functions of the specs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The field, as a path in the device object (`vhost_user.queues`).
+    pub field: &'static str,
+    /// What was expected, and what was found.
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(field: &'static str, message: String) -> Self {
+        Invalid { field, message }
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let value = each_spec!(self, d => serde_json::to_value(d)).map_err(S::Error::custom)?;
+        let Value::Object(mut fields) = value else {
+            return Err(S::Error::custom("a device spec is an object"));
+        };
+        fields.insert("kind".into(), Value::String(self.kind_name().into()));
+        fields.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut fields = serde_json::Map::deserialize(d)?;
+        let kind = match fields.remove("kind") {
+            Some(Value::String(k)) => k,
+            Some(other) => {
+                return Err(de::Error::custom(format!(
+                    "invalid type: {}, expected a device kind",
+                    describe(&other)
+                )))
+            }
+            None => return Err(de::Error::missing_field("kind")),
+        };
+        let kind: DeviceKind = kind
+            .parse()
+            .map_err(|_| de::Error::unknown_variant(&kind, &DeviceKind::NAMES))?;
+        let rest = Value::Object(fields);
+        each_kind!(kind, T => serde_json::from_value::<T>(rest).map(DeviceSpec::from))
+            .map_err(de::Error::custom)
+    }
+}
+
+impl JsonSchema for DeviceSpec {
+    fn schema_name() -> Cow<'static, str> {
+        "DeviceSpec".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        // As schemars derives it for a tag on newtype variants: each spec's
+        // schema inline (each denies unknown fields), with the tag first.
+        let variants: Vec<Value> = DeviceKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let mut schema = each_kind!(kind, T => T::json_schema(generator));
+                let obj = schema.ensure_object();
+                obj.insert("type".into(), "object".into());
+                if let Some(Value::Object(properties)) = obj.get_mut("properties") {
+                    properties.insert(
+                        "kind".into(),
+                        serde_json::json!({ "type": "string", "const": kind.as_str() }),
+                    );
+                }
+                if let Some(Value::Array(required)) = obj.get_mut("required") {
+                    required.insert(0, "kind".into());
+                }
+                schema.to_value()
+            })
+            .collect();
+        json_schema!({
+            "description": "One device of a topology, told apart by `kind`.",
+            "oneOf": variants
+        })
+    }
 }
 
 /// Where a device with a register region sits.
@@ -431,24 +707,39 @@ impl Placement<'_> {
 impl DeviceSpec {
     /// The device's id.
     pub fn id(&self) -> &DeviceId {
-        match self {
-            DeviceSpec::VirtioBlk(d) => &d.id,
-            DeviceSpec::VirtioRng(d) => &d.id,
-            DeviceSpec::Uart16550(d) => &d.id,
-            DeviceSpec::TestDevice(d) => &d.id,
-            DeviceSpec::VirtioFault(d) => &d.id,
+        each_spec!(self, d => KindSpec::id(d))
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> DeviceKind {
+        fn kind_of<T: KindSpec>(_: &T) -> DeviceKind {
+            T::KIND
         }
+        each_spec!(self, d => kind_of(d))
     }
 
     /// The kind, as written in `kind` (`virtio-blk`).
     pub fn kind_name(&self) -> &'static str {
-        match self {
-            DeviceSpec::VirtioBlk(_) => KINDS[0],
-            DeviceSpec::VirtioRng(_) => KINDS[1],
-            DeviceSpec::Uart16550(_) => KINDS[2],
-            DeviceSpec::TestDevice(_) => KINDS[3],
-            DeviceSpec::VirtioFault(_) => KINDS[4],
-        }
+        self.kind().as_str()
+    }
+
+    /// Checks the values the types cannot restrict ([`KindSpec::validate`]).
+    ///
+    /// ```
+    /// use std::path::PathBuf;
+    /// use switchboard_devices::host::topology::{DeviceSpec, RngSpec, VhostUserSpec};
+    /// use switchboard_runtime::DeviceId;
+    ///
+    /// let rng = DeviceSpec::VirtioRng(RngSpec {
+    ///     id: DeviceId::new("rng0"),
+    ///     rate_limit: Some(0),
+    ///     vhost_user: VhostUserSpec { socket: PathBuf::from("rng0.sock"), queues: 2 },
+    /// });
+    /// let fields: Vec<&str> = rng.validate().iter().map(|e| e.field).collect();
+    /// assert_eq!(fields, ["rate_limit", "vhost_user.queues"]);
+    /// ```
+    pub fn validate(&self) -> Vec<Invalid> {
+        each_spec!(self, d => d.validate())
     }
 
     /// The vhost-user endpoint of a virtio device; `None` for a bus device.
