@@ -397,10 +397,24 @@ impl Runner {
             .fleet
             .bus(&request.bus)
             .ok_or_else(|| CommandError::generic(format!("{request}: the bus is not running")))?;
+        // The device whose region holds the address, to name it if it
+        // refuses: looked up before the access, since a device that refuses
+        // is being removed and may be gone from the list by the answer.
+        let device = {
+            let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            let a = u128::from(request.addr.0);
+            specs.iter().find_map(|s| {
+                let p = s.placement()?;
+                (p.bus.as_str() == request.bus
+                    && a >= u128::from(p.addr.0)
+                    && a < u128::from(p.addr.0) + u128::from(p.size))
+                .then(|| s.id().to_string())
+            })
+        };
         let from = ActorId::new(CONTROL_ACTOR);
         // Blocks this connection's thread only, until the device answers
-        // (or refuses: a device stopped with the access in its mailbox
-        // answers it `Gone`).
+        // (or refuses: a device stopped with the access in its mailbox or
+        // pending answers it `Gone`).
         let answer = match request.op {
             AccessOp::Read => bus.read(&from, request.addr, request.size).wait(),
             AccessOp::Write { value } => bus.write(&from, request.addr, request.size, value).wait(),
@@ -408,20 +422,7 @@ impl Runner {
         match answer {
             Ok(AccessReply::Read { value }) => Ok(json!({ "value": value })),
             Ok(AccessReply::Written) => Ok(json!({})),
-            Err(refused) => {
-                // The device whose region holds the address (listed until its
-                // removal is done), for the error.
-                let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
-                let device = specs.iter().find_map(|s| {
-                    let p = s.placement()?;
-                    let a = u128::from(request.addr.0);
-                    (p.bus.as_str() == request.bus
-                        && a >= u128::from(p.addr.0)
-                        && a < u128::from(p.addr.0) + u128::from(p.size))
-                    .then(|| s.id().to_string())
-                });
-                Err(request.refused(device.as_deref(), refused))
-            }
+            Err(refused) => Err(request.refused(device.as_deref(), refused)),
         }
     }
 
