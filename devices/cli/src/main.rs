@@ -167,7 +167,7 @@ enum Command {
         /// The command (QMP-style name).
         command: String,
         /// The command's arguments: a JSON object, or for bus-read and
-        /// bus-write their words (BUS ADDR SIZE [VALUE]).
+        /// bus-write their words (BUS ADDR SIZE, and VALUE for bus-write).
         arguments: Vec<String>,
         /// Print the reply line as JSON, unformatted.
         #[arg(long)]
