@@ -467,6 +467,12 @@ fn accept_loop(
                 continue;
             }
         };
+        // The greeting goes first, before the client is listed for events:
+        // an event emitted meanwhile would otherwise come before it. (A few
+        // bytes on a fresh socket: the write does not block.)
+        if send_line(&writer, &greeting()).is_err() {
+            continue;
+        }
         clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -494,10 +500,8 @@ fn greeting() -> Value {
     }})
 }
 
+/// Serves one client, greeted already.
 fn serve_client(stream: UnixStream, writer: &Mutex<UnixStream>, controller: &dyn Controller) {
-    if send_line(writer, &greeting()).is_err() {
-        return;
-    }
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -885,6 +889,29 @@ mod tests {
             .expect_err("a word short");
         assert!(e.contains("BUS ADDR SIZE VALUE"), "{e}");
         assert_eq!(BusAccessRequest::shorthand("device-del", &[]), None);
+    }
+
+    #[test]
+    fn test_the_greeting_comes_before_any_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, Arc::new(Echo)).expect("start");
+        let events = server.events();
+        let stop = Arc::new(AtomicBool::new(false));
+        let emitter = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    events.emit("TEST", json!({}));
+                }
+            })
+        };
+        for _ in 0..200 {
+            // `connect` fails on any first line that is not the greeting.
+            Client::connect(&path).expect("greeted first");
+        }
+        stop.store(true, Ordering::Release);
+        emitter.join().expect("emitter");
     }
 
     #[test]
