@@ -172,7 +172,7 @@ fn ctl_err(control: &Path, args: &[&str], parts: &[&str]) {
 /// One 4-byte read of the test device's ID register on a connection of its
 /// own; the whole reply.
 fn read_id(control: &Path) -> Value {
-    let mut c = Client::connect(control).expect("connect");
+    let mut c = Client::connect(control).unwrap_or_else(|e| panic!("connect: {e:?}"));
     c.execute(
         "bus-read",
         Some(json!({"bus": "mmio0", "addr": SLOW_BASE + REG_ID, "size": 4})),
