@@ -151,19 +151,24 @@ enum Command {
     },
     /// Send one command to the control socket of a `switchboard run`.
     ///
-    /// Commands: query-devices, query-stats, device-add ARGS (a device
-    /// object as in a topology file), device-del '{"id": "disk0"}',
-    /// query-commands. The reply is printed readably (a table for
-    /// query-devices); an error reply is printed on stderr and exits 1.
+    /// Commands: query-devices, query-stats, query-failures, device-add ARGS
+    /// (a device object as in a topology file), device-del '{"id": "disk0"}',
+    /// bus-read BUS ADDR SIZE, bus-write BUS ADDR SIZE VALUE (one access
+    /// to a bus, as a guest makes it; numbers decimal or 0x hex, SIZE 1, 2,
+    /// 4 or 8; bus-read prints the value in hex; unassigned space reads
+    /// all-ones), query-commands. The reply is printed readably (a table
+    /// for query-devices); an error reply is printed on stderr and exits 1.
     ///
-    /// Example: switchboard ctl /run/sb.sock device-del '{"id": "disk0"}'
+    /// Examples: switchboard ctl /run/sb.sock device-del '{"id": "disk0"}';
+    /// switchboard ctl /run/sb.sock bus-write pio0 0x3f8 1 65
     Ctl {
         /// The control socket.
         socket: PathBuf,
         /// The command (QMP-style name).
         command: String,
-        /// The command's arguments: a JSON object.
-        arguments: Option<String>,
+        /// The command's arguments: a JSON object, or for bus-read and
+        /// bus-write their words (BUS ADDR SIZE, and VALUE for bus-write).
+        arguments: Vec<String>,
         /// Print the reply line as JSON, unformatted.
         #[arg(long)]
         json: bool,
@@ -637,7 +642,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command,
             arguments,
             json,
-        } => ctl(&socket, &command, arguments.as_deref(), json),
+        } => ctl(&socket, &command, &arguments, json),
         Command::Serve(Device::Rng {
             socket,
             rate_limit,
@@ -998,25 +1003,34 @@ fn show_log(
 fn ctl(
     socket: &std::path::Path,
     command: &str,
-    arguments: Option<&str>,
+    words: &[String],
     json: bool,
 ) -> anyhow::Result<()> {
-    use switchboard_devices::host::control::Client;
+    use switchboard_devices::host::control::{BusAccessRequest, Client};
 
-    let arguments = arguments
-        .map(|a| {
+    let arguments = match (words, BusAccessRequest::shorthand(command, words)) {
+        ([a], _) if a.trim_start().starts_with('{') => {
             let v: serde_json::Value =
                 serde_json::from_str(a).with_context(|| format!("ARGUMENTS {a:?} is not JSON"))?;
             if !v.is_object() {
                 bail!("ARGUMENTS must be a JSON object, like '{{\"id\": \"disk0\"}}'");
             }
-            Ok(v)
-        })
-        .transpose()?;
+            Some(v)
+        }
+        (_, Some(shorthand)) => Some(shorthand.map_err(anyhow::Error::msg)?),
+        ([], None) => None,
+        ([a], None) => {
+            bail!("ARGUMENTS {a:?} is not a JSON object, like '{{\"id\": \"disk0\"}}'")
+        }
+        (_, None) => bail!(
+            "{command} takes one ARGUMENTS JSON object, not {} words",
+            words.len()
+        ),
+    };
     let mut client = Client::connect(socket)
         .with_context(|| format!("connect to the control socket {}", socket.display()))?;
     let reply = client
-        .execute(command, arguments)
+        .execute(command, arguments.clone())
         .with_context(|| format!("{command} on {}", socket.display()))?;
     if json {
         println!("{reply}");
@@ -1032,6 +1046,18 @@ fn ctl(
         return Ok(());
     }
     let ret = &reply["return"];
+    let bus_read = (command == "bus-read")
+        .then(|| ret["value"].as_u64())
+        .flatten();
+    if let Some(value) = bus_read {
+        // As wide as the access: two hex digits a byte.
+        let size = arguments
+            .as_ref()
+            .and_then(|a| BusAccessRequest::parse(command, a.as_object()?).ok())
+            .map_or(8, |r| r.size.bytes() as usize);
+        println!("{value:#0width$x}", width = 2 + 2 * size);
+        return Ok(());
+    }
     match (command, ret.as_array()) {
         ("query-devices", Some(devices)) => {
             println!(

@@ -18,8 +18,12 @@
 //! error and skipped.
 //!
 //! Commands run on the connection's own thread, so a long one
-//! (`device-del` waits for the device to drain) holds up only that
-//! connection: other clients are served meanwhile.
+//! (`device-del` waits for the device to drain, a `bus-read` waits for the
+//! device's answer) holds up only that connection: other clients are
+//! served meanwhile.
+//!
+//! [`BusAccessRequest`] is the decoded form of the `bus-read` and
+//! `bus-write` commands, which reach into a bus as a guest access would.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -30,7 +34,9 @@ use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+use switchboard_runtime::{AccessOp, AccessSize, BusAddr, Refused};
 
+use crate::host::topology::parse_unsigned;
 use crate::vhost_user::check_socket_path;
 use crate::vhost_user::listen::SocketFile;
 
@@ -40,7 +46,9 @@ pub const MAX_LINE: usize = 1 << 20;
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {
-    /// QMP error class: `GenericError`, `CommandNotFound`, `DeviceNotFound`.
+    /// QMP error class: `GenericError`, `CommandNotFound`, `DeviceNotFound`,
+    /// `DeviceNotActive` (an access the device refused: it drains, stopped
+    /// or failed).
     pub class: &'static str,
     /// What went wrong, for a person.
     pub desc: String,
@@ -69,6 +77,209 @@ impl CommandError {
             class: "DeviceNotFound",
             desc: format!("Device '{id}' not found"),
         }
+    }
+}
+
+/// The actor a control client's bus accesses come from, as journals and
+/// message logs name it.
+pub const CONTROL_ACTOR: &str = "ctl";
+
+/// A `bus-read` or `bus-write` request, decoded once from its arguments:
+/// `{"bus": ID, "addr": N, "size": 1|2|4|8}` and, for a write, `"value": N`,
+/// each number a JSON number or a string of decimal digits or of `0x` and
+/// hex digits, as in a topology file.
+///
+/// ```
+/// # use serde_json::json;
+/// # use switchboard_devices::host::control::BusAccessRequest;
+/// # use switchboard_runtime::{AccessOp, AccessSize, BusAddr};
+/// let args = json!({"bus": "pio0", "addr": "0x3f8", "size": 1, "value": 65});
+/// let req = BusAccessRequest::parse("bus-write", args.as_object().unwrap()).unwrap();
+/// assert_eq!(req.addr, BusAddr(0x3f8));
+/// assert_eq!(req.size, AccessSize::B1);
+/// assert_eq!(req.op, AccessOp::Write { value: 65 });
+/// assert_eq!(req.to_string(), "bus-write of 1 byte at 0x3f8 on bus 'pio0'");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BusAccessRequest {
+    /// The bus's id.
+    pub bus: String,
+    /// The first address.
+    pub addr: BusAddr,
+    /// The width.
+    pub size: AccessSize,
+    /// Read, or write of a value that fits in `size`.
+    pub op: AccessOp,
+}
+
+impl std::fmt::Display for BusAccessRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.size.bytes();
+        write!(
+            f,
+            "{} of {n} byte{} at {:#x} on bus '{}'",
+            match self.op {
+                AccessOp::Read => "bus-read",
+                AccessOp::Write { .. } => "bus-write",
+            },
+            if n == 1 { "" } else { "s" },
+            self.addr.0,
+            self.bus
+        )
+    }
+}
+
+/// An argument that must be an unsigned number: a JSON number, or a
+/// decimal or `0x` string.
+fn unsigned_argument(
+    arguments: &Map<String, Value>,
+    command: &str,
+    name: &str,
+) -> Result<u64, CommandError> {
+    let value = arguments
+        .get(name)
+        .ok_or_else(|| CommandError::generic(format!("{command} needs '{name}'")))?;
+    match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => parse_unsigned(s),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        CommandError::generic(format!(
+            "{command}: '{name}' must be an integer from 0 to 2^64-1 (a JSON number, or a \
+             string of decimal digits or of 0x and hex digits), not {value}"
+        ))
+    })
+}
+
+impl BusAccessRequest {
+    /// The command names.
+    pub const COMMANDS: [&'static str; 2] = ["bus-read", "bus-write"];
+
+    /// Decodes the arguments of `command` (`bus-read` or `bus-write`).
+    /// Every error names what it can of the bus, address and size.
+    pub fn parse(command: &str, arguments: &Map<String, Value>) -> Result<Self, CommandError> {
+        let write = match command {
+            "bus-read" => false,
+            "bus-write" => true,
+            other => return Err(CommandError::command_not_found(other)),
+        };
+        let allowed: &[&str] = if write {
+            &["bus", "addr", "size", "value"]
+        } else {
+            &["bus", "addr", "size"]
+        };
+        if let Some(extra) = arguments.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(CommandError::generic(format!(
+                "{command} takes only {}, not '{extra}'",
+                allowed
+                    .iter()
+                    .map(|a| format!("'{a}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let bus = match arguments.get("bus") {
+            Some(Value::String(b)) => b.clone(),
+            Some(other) => {
+                return Err(CommandError::generic(format!(
+                    "{command}: 'bus' must be a string, not {other}"
+                )))
+            }
+            None => return Err(CommandError::generic(format!("{command} needs 'bus'"))),
+        };
+        let addr = unsigned_argument(arguments, command, "addr")?;
+        let bytes = unsigned_argument(arguments, command, "size")?;
+        let size = AccessSize::try_from(bytes).map_err(|e| {
+            CommandError::generic(format!("{command} at {addr:#x} on bus '{bus}': {e}"))
+        })?;
+        let op = if write {
+            AccessOp::Write {
+                value: unsigned_argument(arguments, command, "value")?,
+            }
+        } else {
+            AccessOp::Read
+        };
+        let request = BusAccessRequest {
+            bus,
+            addr: BusAddr(addr),
+            size,
+            op,
+        };
+        if let AccessOp::Write { value } = op {
+            if value & !size.mask() != 0 {
+                return Err(CommandError::generic(format!(
+                    "{request}: value {value:#x} does not fit in {} byte{}",
+                    size.bytes(),
+                    if size.bytes() == 1 { "" } else { "s" }
+                )));
+            }
+        }
+        Ok(request)
+    }
+
+    /// Refuses an access that does not fit in a bus of `bus_size` bytes
+    /// (which may be 2^64, hence `u128`), or that runs past 2^64.
+    pub fn check_within(&self, bus_size: u128) -> Result<(), CommandError> {
+        let end = u128::from(self.addr.0) + u128::from(self.size.bytes());
+        if end > bus_size {
+            return Err(CommandError::generic(format!(
+                "{self}: the access ends at {end:#x}, past the end of the bus (size {bus_size:#x})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The error for an access the device refused (it is draining, gone or
+    /// failed): class `DeviceNotActive`, naming the device when known.
+    pub fn refused(&self, device: Option<&str>, refused: Refused) -> CommandError {
+        CommandError {
+            class: "DeviceNotActive",
+            desc: match device {
+                Some(d) => format!("{self}: refused by device '{d}': {refused}"),
+                None => format!("{self}: refused: {refused}"),
+            },
+        }
+    }
+
+    /// The command-line shorthand `bus-read BUS ADDR SIZE` and `bus-write
+    /// BUS ADDR SIZE VALUE` (the words after the command) as the request's
+    /// arguments, each number as written (the server reads it). `None` for
+    /// another command.
+    ///
+    /// ```
+    /// # use serde_json::json;
+    /// # use switchboard_devices::host::control::BusAccessRequest;
+    /// let words = ["pio0", "0x3f8", "1", "65"].map(String::from);
+    /// assert_eq!(
+    ///     BusAccessRequest::shorthand("bus-write", &words),
+    ///     Some(Ok(json!({"bus": "pio0", "addr": "0x3f8", "size": "1", "value": "65"})))
+    /// );
+    /// ```
+    pub fn shorthand(command: &str, words: &[String]) -> Option<Result<Value, String>> {
+        let names: &[&str] = match command {
+            "bus-read" => &["bus", "addr", "size"],
+            "bus-write" => &["bus", "addr", "size", "value"],
+            _ => return None,
+        };
+        if words.len() != names.len() {
+            let usage = names
+                .iter()
+                .map(|n| n.to_uppercase())
+                .collect::<Vec<_>>()
+                .join(" ");
+            return Some(Err(format!(
+                "{command} takes {usage} (or one JSON object), not {} word{}",
+                words.len(),
+                if words.len() == 1 { "" } else { "s" }
+            )));
+        }
+        let arguments: Map<String, Value> = names
+            .iter()
+            .zip(words)
+            .map(|(n, w)| ((*n).to_string(), Value::String(w.clone())))
+            .collect();
+        Some(Ok(Value::Object(arguments)))
     }
 }
 
@@ -256,6 +467,12 @@ fn accept_loop(
                 continue;
             }
         };
+        // The greeting goes first, before the client is listed for events:
+        // an event emitted meanwhile would otherwise come before it. (A few
+        // bytes on a fresh socket: the write does not block.)
+        if send_line(&writer, &greeting()).is_err() {
+            continue;
+        }
         clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -283,10 +500,8 @@ fn greeting() -> Value {
     }})
 }
 
+/// Serves one client, greeted already.
 fn serve_client(stream: UnixStream, writer: &Mutex<UnixStream>, controller: &dyn Controller) {
-    if send_line(writer, &greeting()).is_err() {
-        return;
-    }
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
     loop {
@@ -531,6 +746,172 @@ mod tests {
             handle_line(r#"{"execute":"qmp_capabilities"}"#, &e),
             json!({"return": {}})
         );
+    }
+
+    fn bus_request(command: &str, arguments: Value) -> Result<BusAccessRequest, CommandError> {
+        BusAccessRequest::parse(command, arguments.as_object().expect("an object"))
+    }
+
+    #[test]
+    fn test_bus_access_arguments_take_numbers_or_hex_and_decimal_strings() {
+        let read = bus_request(
+            "bus-read",
+            json!({"bus": "mmio0", "addr": 3_489_660_928u64, "size": "4"}),
+        )
+        .expect("read");
+        assert_eq!(
+            read,
+            BusAccessRequest {
+                bus: "mmio0".into(),
+                addr: BusAddr(0xd000_0000),
+                size: AccessSize::B4,
+                op: AccessOp::Read,
+            }
+        );
+        assert_eq!(
+            read.to_string(),
+            "bus-read of 4 bytes at 0xd0000000 on bus 'mmio0'"
+        );
+        let write = bus_request(
+            "bus-write",
+            json!({"bus": "pio0", "addr": "0x3F8", "size": 8, "value": "0xffffffffffffffff"}),
+        )
+        .expect("write");
+        assert_eq!(write.op, AccessOp::Write { value: u64::MAX });
+    }
+
+    #[test]
+    fn test_bad_bus_access_arguments_are_refused_naming_bus_address_and_size() {
+        for (command, args, part) in [
+            ("bus-read", json!({"addr": 1, "size": 1}), "needs 'bus'"),
+            (
+                "bus-read",
+                json!({"bus": 1, "addr": 1, "size": 1}),
+                "'bus' must be a string",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "size": 1}),
+                "needs 'addr'",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": -1, "size": 1}),
+                "'addr' must be",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": "0x", "size": 1}),
+                "'addr' must be",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": 1.5, "size": 1}),
+                "'addr' must be",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": 1}),
+                "needs 'size'",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": "0x3f8", "size": 3}),
+                "bus-read at 0x3f8 on bus 'pio0': Access size 3 is not 1, 2, 4 or 8",
+            ),
+            (
+                "bus-read",
+                json!({"bus": "pio0", "addr": 1, "size": 1, "value": 1}),
+                "not 'value'",
+            ),
+            (
+                "bus-write",
+                json!({"bus": "pio0", "addr": 1, "size": 1}),
+                "needs 'value'",
+            ),
+            (
+                "bus-write",
+                json!({"bus": "pio0", "addr": "0x3f8", "size": 1, "value": 256}),
+                "bus-write of 1 byte at 0x3f8 on bus 'pio0': value 0x100 does not fit in 1 byte",
+            ),
+            (
+                "bus-write",
+                json!({"bus": "pio0", "addr": 0, "size": 4, "value": "0x100000000"}),
+                "does not fit in 4 bytes",
+            ),
+        ] {
+            let e = bus_request(command, args.clone()).expect_err("refused");
+            assert_eq!(e.class, "GenericError", "{args}");
+            assert!(e.desc.contains(part), "{args}: {}", e.desc);
+        }
+    }
+
+    #[test]
+    fn test_bus_access_past_the_end_of_the_bus_or_of_the_space_is_refused() {
+        let at = |addr: u64, size: u64| {
+            bus_request("bus-read", json!({"bus": "b", "addr": addr, "size": size})).expect("parse")
+        };
+        assert!(at(0xfffc, 4).check_within(0x10000).is_ok());
+        let e = at(0xfffe, 4)
+            .check_within(0x10000)
+            .expect_err("past the end");
+        assert_eq!(
+            e.desc,
+            "bus-read of 4 bytes at 0xfffe on bus 'b': the access ends at 0x10002, past the \
+             end of the bus (size 0x10000)"
+        );
+        assert!(at(u64::MAX - 7, 8).check_within(1 << 64).is_ok());
+        assert!(at(u64::MAX, 2).check_within(1 << 64).is_err());
+    }
+
+    #[test]
+    fn test_a_refused_bus_access_is_device_not_active_naming_the_device() {
+        let req =
+            bus_request("bus-read", json!({"bus": "mmio0", "addr": 16, "size": 4})).expect("parse");
+        let e = req.refused(Some("slow0"), Refused::Draining);
+        assert_eq!(e.class, "DeviceNotActive");
+        assert_eq!(
+            e.desc,
+            "bus-read of 4 bytes at 0x10 on bus 'mmio0': refused by device 'slow0': \
+             Receiver is draining"
+        );
+    }
+
+    #[test]
+    fn test_bus_access_shorthand_takes_exactly_its_words() {
+        let words = |w: &[&str]| w.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            BusAccessRequest::shorthand("bus-read", &words(&["pio0", "0x3f8", "1"])),
+            Some(Ok(json!({"bus": "pio0", "addr": "0x3f8", "size": "1"})))
+        );
+        let e = BusAccessRequest::shorthand("bus-write", &words(&["pio0", "0x3f8", "1"]))
+            .expect("a bus command")
+            .expect_err("a word short");
+        assert!(e.contains("BUS ADDR SIZE VALUE"), "{e}");
+        assert_eq!(BusAccessRequest::shorthand("device-del", &[]), None);
+    }
+
+    #[test]
+    fn test_the_greeting_comes_before_any_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ctl.sock");
+        let server = ControlServer::start(&path, Arc::new(Echo)).expect("start");
+        let events = server.events();
+        let stop = Arc::new(AtomicBool::new(false));
+        let emitter = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    events.emit("TEST", json!({}));
+                }
+            })
+        };
+        for _ in 0..200 {
+            // `connect` fails on any first line that is not the greeting.
+            Client::connect(&path).expect("greeted first");
+        }
+        stop.store(true, Ordering::Release);
+        emitter.join().expect("emitter");
     }
 
     #[test]

@@ -18,6 +18,14 @@
 //!   and bus counters.
 //! - `query-failures`: every device failure (a contained panic) the
 //!   supervisor was told of: the device id and the reason.
+//! - `bus-read {"bus", "addr", "size"}` and `bus-write {"bus", "addr",
+//!   "size", "value"}` ([`BusAccessRequest`]): one access sent to the bus
+//!   actor from [`CONTROL_ACTOR`], exactly as a guest access is, so the
+//!   owning device's gate admits it (or refuses it while the device drains
+//!   or after it stopped or failed: a `DeviceNotActive` error), a drain
+//!   waits for it, and a recording logs it. `bus-read` returns `{"value"}`;
+//!   unassigned space reads all-ones and takes writes without effect, as
+//!   the bus answers. The reply waits for the device's answer.
 //!
 //! Events: `DEVICE_ADDED {"id"}`, `DEVICE_DELETED {"id", "drain_ms"}`.
 
@@ -27,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::host::control::{CommandError, Controller, Events};
+use switchboard_runtime::{AccessOp, AccessReply, ActorId};
+
+use crate::host::control::{BusAccessRequest, CommandError, Controller, Events, CONTROL_ACTOR};
 use crate::host::fleet::{self, Fleet};
 use crate::host::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
 
@@ -337,6 +347,51 @@ impl Runner {
         }
     }
 
+    fn bus_access(
+        &self,
+        command: &str,
+        arguments: &Map<String, Value>,
+    ) -> Result<Value, CommandError> {
+        let request = BusAccessRequest::parse(command, arguments)?;
+        let spec = self
+            .buses
+            .iter()
+            .find(|b| b.id().as_str() == request.bus)
+            .ok_or_else(|| CommandError::generic(format!("{request}: no such bus")))?;
+        request.check_within(spec.size())?;
+        let bus = self
+            .fleet
+            .bus(&request.bus)
+            .ok_or_else(|| CommandError::generic(format!("{request}: the bus is not running")))?;
+        // The device whose region holds the address, to name it if it
+        // refuses: looked up before the access, since a device that refuses
+        // is being removed and may be gone from the list by the answer.
+        let device = {
+            let specs = self.specs.lock().unwrap_or_else(|e| e.into_inner());
+            let a = u128::from(request.addr.0);
+            specs.iter().find_map(|s| {
+                let p = s.placement()?;
+                (p.bus.as_str() == request.bus
+                    && a >= u128::from(p.addr.0)
+                    && a < u128::from(p.addr.0) + u128::from(p.size))
+                .then(|| s.id().to_string())
+            })
+        };
+        let from = ActorId::new(CONTROL_ACTOR);
+        // Blocks this connection's thread only, until the device answers
+        // (or refuses: a device stopped with the access in its mailbox or
+        // pending answers it `Gone`).
+        let answer = match request.op {
+            AccessOp::Read => bus.read(&from, request.addr, request.size).wait(),
+            AccessOp::Write { value } => bus.write(&from, request.addr, request.size, value).wait(),
+        };
+        match answer {
+            Ok(AccessReply::Read { value }) => Ok(json!({ "value": value })),
+            Ok(AccessReply::Written) => Ok(json!({})),
+            Err(refused) => Err(request.refused(device.as_deref(), refused)),
+        }
+    }
+
     fn query_stats(&self) -> Value {
         let devices = self.fleet.query();
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -388,6 +443,7 @@ impl Controller for Runner {
             "query-stats" => Ok(self.query_stats()),
             "query-failures" => Ok(serde_json::to_value(self.fleet.failures())
                 .map_err(|e| CommandError::generic(e.to_string()))?),
+            "bus-read" | "bus-write" => self.bus_access(command, arguments),
             other => Err(CommandError::command_not_found(other)),
         }
     }
@@ -399,6 +455,8 @@ impl Controller for Runner {
             "device-del",
             "query-stats",
             "query-failures",
+            "bus-read",
+            "bus-write",
         ]
     }
 }

@@ -135,7 +135,7 @@ pub(super) struct Num<T>(pub(super) T);
 pub(super) struct NumVisitor<T>(pub(super) PhantomData<T>);
 
 /// Reads `1016` or `0x3f8`; nothing else (no sign, no spaces, no `_`).
-pub(super) fn parse_unsigned(s: &str) -> Option<u64> {
+pub(crate) fn parse_unsigned(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
             u64::from_str_radix(hex, 16).ok()
