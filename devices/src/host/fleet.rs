@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread;
@@ -55,8 +55,8 @@ use crate::models::slow::{SlowDevice, SlowDeviceConfig, SlowDeviceRebuild, SLOW_
 use crate::models::uart_sink::Sink;
 use crate::models::virtio::VirtioDevice;
 use crate::vhost_user::{
-    bind, default_workers, serve_bound, StopHandle, VhostUserServer, DRAIN_DEADLINE_PASSED,
-    STOP_DEADLINE,
+    bind, default_workers, serve_bound, BoundSocket, StopHandle, VhostUserServer,
+    DRAIN_DEADLINE_PASSED, STOP_DEADLINE,
 };
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
@@ -146,6 +146,19 @@ impl Plan {
             Plan::TestDevice { .. } => "test-device",
         }
     }
+}
+
+/// How a vhost-user device is served beyond what its [`Plan`] says: what
+/// `switchboard serve` takes on its command line that a topology file does
+/// not. The default is what a topology's devices get.
+#[derive(Debug, Default)]
+pub struct Serving {
+    /// A socket already listening (`--socket-fd`), served instead of
+    /// binding the plan's socket path. Its file is not removed at the end.
+    pub socket: Option<BoundSocket>,
+    /// Threads walking the virtqueues (default: for virtio-blk one per
+    /// queue, at most one per CPU; otherwise one).
+    pub workers: Option<usize>,
 }
 
 /// Errors of the fleet.
@@ -380,6 +393,9 @@ pub struct Fleet {
     buses: Mutex<HashMap<String, Bus>>,
     devices: Mutex<BTreeMap<String, Slot>>,
     next_region: AtomicU64,
+    /// Whether a removal is recorded (a `removed` record); see
+    /// [`Fleet::record_removals`].
+    record_removals: AtomicBool,
     /// Told of every device failure (a contained panic), vhost-user and
     /// MMIO/PIO devices alike.
     supervisor: Addr<Supervisor>,
@@ -421,6 +437,7 @@ impl Fleet {
             buses: Mutex::default(),
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
+            record_removals: AtomicBool::new(true),
             supervisor,
         })
     }
@@ -478,15 +495,29 @@ impl Fleet {
             .map(|b| b.handle.clone())
     }
 
+    /// Whether removals are recorded from now on, each as a `removed`
+    /// record with its drain time (the default). `switchboard serve` turns
+    /// it off: its log holds its devices' own records, and ends where the
+    /// process does.
+    pub fn record_removals(&self, record: bool) {
+        self.record_removals.store(record, Ordering::Relaxed);
+    }
+
     /// Starts a device. Its id must be new. A failure leaves nothing behind.
     pub fn add(&self, plan: &Plan) -> Result<(), Error> {
+        self.add_serving(plan, Serving::default())
+    }
+
+    /// As [`Fleet::add`], serving a vhost-user device as `serving` says
+    /// (ignored for a device on a bus).
+    pub fn add_serving(&self, plan: &Plan, serving: Serving) -> Result<(), Error> {
         let id = plan.id().to_string();
         // Reserve the id first: two concurrent adds of one id cannot both
         // start.
         if self.lock_devices().contains_key(&id) {
             return Err(Error::Duplicate(id));
         }
-        let entry = self.start(plan)?;
+        let entry = self.start(plan, serving)?;
         let mut devices = self.lock_devices();
         if devices.contains_key(&id) {
             drop(devices);
@@ -497,7 +528,7 @@ impl Fleet {
         Ok(())
     }
 
-    fn start(&self, plan: &Plan) -> Result<Entry, Error> {
+    fn start(&self, plan: &Plan, serving: Serving) -> Result<Entry, Error> {
         let fail = |reason: String| Error::Start {
             id: plan.id().to_string(),
             kind: plan.kind(),
@@ -511,8 +542,10 @@ impl Fleet {
                 socket,
             } => {
                 let blk = Blk::open(path, options).map_err(|e| fail(error_chain(&e)))?;
-                let workers = default_workers(usize::from(options.queues));
-                self.start_vhost_user(id, plan.kind(), blk, workers, socket)
+                let workers = serving
+                    .workers
+                    .unwrap_or_else(|| default_workers(usize::from(options.queues)));
+                self.start_vhost_user(id, plan.kind(), blk, workers, socket, serving.socket)
             }
             Plan::Rng {
                 id,
@@ -520,11 +553,13 @@ impl Fleet {
                 socket,
             } => {
                 let rng = Rng::new(*rate_limit).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, plan.kind(), rng, 1, socket)
+                let workers = serving.workers.unwrap_or(1);
+                self.start_vhost_user(id, plan.kind(), rng, workers, socket, serving.socket)
             }
             Plan::Fault { id, config, socket } => {
                 let fault = FaultDevice::new(*config).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, plan.kind(), fault, 1, socket)
+                let workers = serving.workers.unwrap_or(1);
+                self.start_vhost_user(id, plan.kind(), fault, workers, socket, serving.socket)
             }
             Plan::Uart {
                 id,
@@ -578,6 +613,7 @@ impl Fleet {
         device: D,
         workers: usize,
         socket: &std::path::Path,
+        inherited: Option<BoundSocket>,
     ) -> Result<Entry, Error> {
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
@@ -598,7 +634,10 @@ impl Fleet {
         if let Some(j) = self.journal() {
             server.record_to(Arc::clone(j), id);
         }
-        let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
+        let bound = match inherited {
+            Some(bound) => bound,
+            None => bind(socket).map_err(|e| fail(error_chain(&e)))?,
+        };
         // Bound: the device accepts frontends from now on.
         server.start();
         let stop = StopHandle::default();
@@ -729,7 +768,10 @@ impl Fleet {
             }
         };
         let stopped = if first {
-            let start = self.journal().map(|j| j.now());
+            let start = self
+                .journal()
+                .filter(|_| self.record_removals.load(Ordering::Relaxed))
+                .map(|j| j.now());
             let stopped = self.unplug_and_stop(&entry);
             if let Err(reason) = &stopped {
                 // Whatever failed, later removals must not wait for ever.
