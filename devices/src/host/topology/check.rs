@@ -5,7 +5,7 @@
 use super::*;
 
 /// Checks what the types cannot express in a list of buses and devices, as
-/// described in the [module documentation](self): duplicate ids, unknown
+/// described in the [module documentation](super): duplicate ids, unknown
 /// buses, region overlaps, images, sockets and output files, queue counts,
 /// serials and rate limits. Paths in the diagnostics are `buses[i]...` and
 /// `devices[i]...`; they carry no line or column.
