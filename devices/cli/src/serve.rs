@@ -392,3 +392,102 @@ pub(crate) fn serve(mut config: ServeConfig) -> anyhow::Result<()> {
         mode: Mode::Serve { names },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn config(args: &[&str]) -> anyhow::Result<ServeConfig> {
+        let cli = crate::Cli::try_parse_from(["switchboard", "serve"].iter().chain(args))
+            .expect("the arguments parse");
+        match cli.command {
+            crate::Command::Serve(device) => device.try_into(),
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_socket_count_on_a_writable_image_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("b.sock");
+        let err = config(&[
+            "blk",
+            "--path",
+            "disk.img",
+            "--socket-count",
+            "2",
+            "--socket-path",
+            sock.to_str().expect("utf-8"),
+        ])
+        .expect_err("refused");
+        assert!(err.to_string().contains("--read-only"), "{err}");
+    }
+
+    #[test]
+    fn test_blk_arguments_become_a_spec_and_its_tuning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("b.sock");
+        let c = config(&[
+            "blk",
+            "--path",
+            "disk.img",
+            "--queues",
+            "2",
+            "--queue-size",
+            "1024",
+            "--io-threads",
+            "3",
+            "--workers",
+            "2",
+            "--serial",
+            "sn",
+            "--socket-path",
+            sock.to_str().expect("utf-8"),
+        ])
+        .expect("valid");
+        assert_eq!(c.endpoints.len(), 1);
+        let socket = c.endpoints[0].socket_path();
+        assert_eq!(socket, sock);
+        match c.spec("blk0", socket) {
+            DeviceSpec::VirtioBlk(b) => {
+                assert_eq!(b.id.as_str(), "blk0");
+                assert_eq!(b.vhost_user.queues, 2);
+                assert_eq!(b.serial.as_deref(), Some("sn"));
+                assert!(!b.read_only);
+            }
+            other => panic!("not blk: {other:?}"),
+        }
+        let t = c.tuning(None);
+        assert_eq!(
+            (t.queue_size, t.io_threads, t.serving.workers),
+            (Some(1024), Some(3), Some(2))
+        );
+    }
+
+    #[test]
+    fn test_rng_socket_count_names_numbered_sockets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("r.sock");
+        let c = config(&[
+            "rng",
+            "--socket-count",
+            "3",
+            "--socket-path",
+            base.to_str().expect("utf-8"),
+        ])
+        .expect("valid");
+        let names: Vec<String> = c.endpoints.iter().map(Endpoint::name).collect();
+        let want: Vec<String> = (0..3).map(|i| format!("{}{i}", base.display())).collect();
+        assert_eq!(names, want);
+        assert!(c.tuning(None).queue_size.is_none());
+    }
+
+    #[test]
+    fn test_queue_size_must_be_a_power_of_two() {
+        assert_eq!(queue_size("1024"), Ok(1024));
+        assert!(queue_size("100").is_err());
+        assert!(queue_size("1").is_err());
+        assert!(queue_size("x").is_err());
+    }
+}
