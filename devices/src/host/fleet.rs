@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread;
@@ -56,8 +56,8 @@ use crate::models::slow::{SlowDevice, SlowDeviceRebuild};
 use crate::models::uart_sink::Sink;
 use crate::models::virtio::VirtioDevice;
 use crate::vhost_user::{
-    bind, default_workers, serve_bound, StopHandle, VhostUserServer, DRAIN_DEADLINE_PASSED,
-    STOP_DEADLINE,
+    bind, default_workers, serve_bound, BoundSocket, StopHandle, VhostUserServer,
+    DRAIN_DEADLINE_PASSED, STOP_DEADLINE,
 };
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
@@ -66,6 +66,19 @@ const MEMORY_ARBITERS: usize = 2;
 /// How long a status query waits for a device actor before reporting it
 /// unresponsive.
 const STATUS_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How a vhost-user device is served beyond what its [`DeviceSpec`] says:
+/// what `switchboard serve` takes on its command line that a topology file
+/// does not. The default is what a topology's devices get.
+#[derive(Debug, Default)]
+pub struct Serving {
+    /// A socket already listening (`--socket-fd`), served instead of
+    /// binding the spec's socket path. Its file is not removed at the end.
+    pub socket: Option<BoundSocket>,
+    /// Threads walking the virtqueues (default: for virtio-blk one per
+    /// queue, at most one per CPU; otherwise one).
+    pub workers: Option<usize>,
+}
 
 /// Errors of the fleet.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +314,9 @@ pub struct Fleet {
     buses: Mutex<HashMap<String, Bus>>,
     devices: Mutex<BTreeMap<String, Slot>>,
     next_region: AtomicU64,
+    /// Whether a removal is recorded (a `removed` record); see
+    /// [`Fleet::record_removals`].
+    record_removals: AtomicBool,
     /// Told of every device failure (a contained panic), vhost-user and
     /// MMIO/PIO devices alike.
     supervisor: Addr<Supervisor>,
@@ -342,6 +358,7 @@ impl Fleet {
             buses: Mutex::default(),
             devices: Mutex::default(),
             next_region: AtomicU64::new(1),
+            record_removals: AtomicBool::new(true),
             supervisor,
         })
     }
@@ -402,14 +419,40 @@ impl Fleet {
     /// Starts a device, checked (see [`crate::host::topology`]). Its id
     /// must be new. A failure leaves nothing behind.
     pub fn add(&self, spec: &DeviceSpec) -> Result<(), Error> {
-        self.add_entry(spec.id().as_str(), || self.start(spec))
+        self.add_serving(spec, Serving::default())
+    }
+
+    /// As [`Fleet::add`], serving a vhost-user device as `serving` says
+    /// (ignored for a device on a bus).
+    pub fn add_serving(&self, spec: &DeviceSpec, serving: Serving) -> Result<(), Error> {
+        self.add_entry(spec.id().as_str(), || self.start(spec, serving))
+    }
+
+    /// Whether removals are recorded from now on, each as a `removed`
+    /// record with its drain time (the default). `switchboard serve` turns
+    /// it off: its log holds its devices' own records, and ends where the
+    /// process does.
+    pub fn record_removals(&self, record: bool) {
+        self.record_removals.store(record, Ordering::Relaxed);
     }
 
     /// As [`Fleet::add`] for a disk, opened with `options` in place of the
     /// spec's ([`BlkSpec::blk_options`]): for tests and benchmarks that need
     /// what a topology does not offer (added latency, I/O threads).
     pub fn add_blk(&self, spec: &BlkSpec, options: &BlkOptions) -> Result<(), Error> {
-        self.add_entry(spec.id().as_str(), || self.start_blk(spec, options))
+        self.add_blk_serving(spec, options, Serving::default())
+    }
+
+    /// As [`Fleet::add_blk`], served as `serving` says.
+    pub fn add_blk_serving(
+        &self,
+        spec: &BlkSpec,
+        options: &BlkOptions,
+        serving: Serving,
+    ) -> Result<(), Error> {
+        self.add_entry(spec.id().as_str(), || {
+            self.start_blk(spec, options, serving)
+        })
     }
 
     fn add_entry(
@@ -435,7 +478,7 @@ impl Fleet {
     }
 
     /// The resolver: a checked spec to a running device.
-    fn start(&self, spec: &DeviceSpec) -> Result<Entry, Error> {
+    fn start(&self, spec: &DeviceSpec, serving: Serving) -> Result<Entry, Error> {
         let (id, kind) = (spec.id().as_str(), spec.kind_name());
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
@@ -443,14 +486,23 @@ impl Fleet {
             reason,
         };
         match spec {
-            DeviceSpec::VirtioBlk(b) => self.start_blk(b, &b.blk_options()),
+            DeviceSpec::VirtioBlk(b) => self.start_blk(b, &b.blk_options(), serving),
             DeviceSpec::VirtioRng(r) => {
                 let rng = Rng::new(r.rate_limit).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, kind, rng, 1, &r.vhost_user.socket)
+                let workers = serving.workers.unwrap_or(1);
+                self.start_vhost_user(id, kind, rng, workers, &r.vhost_user.socket, serving.socket)
             }
             DeviceSpec::VirtioFault(f) => {
                 let fault = FaultDevice::new(f.config()).map_err(|e| fail(e.to_string()))?;
-                self.start_vhost_user(id, kind, fault, 1, &f.vhost_user.socket)
+                let workers = serving.workers.unwrap_or(1);
+                self.start_vhost_user(
+                    id,
+                    kind,
+                    fault,
+                    workers,
+                    &f.vhost_user.socket,
+                    serving.socket,
+                )
             }
             DeviceSpec::Uart16550(u) => {
                 let arbiter =
@@ -484,15 +536,29 @@ impl Fleet {
         }
     }
 
-    fn start_blk(&self, spec: &BlkSpec, options: &BlkOptions) -> Result<Entry, Error> {
+    fn start_blk(
+        &self,
+        spec: &BlkSpec,
+        options: &BlkOptions,
+        serving: Serving,
+    ) -> Result<Entry, Error> {
         let (id, kind) = (spec.id().as_str(), BlkSpec::KIND.as_str());
         let blk = Blk::open(&spec.path, options).map_err(|e| Error::Start {
             id: id.to_string(),
             kind,
             reason: error_chain(&e),
         })?;
-        let workers = default_workers(usize::from(options.queues));
-        self.start_vhost_user(id, kind, blk, workers, &spec.vhost_user.socket)
+        let workers = serving
+            .workers
+            .unwrap_or_else(|| default_workers(usize::from(options.queues)));
+        self.start_vhost_user(
+            id,
+            kind,
+            blk,
+            workers,
+            &spec.vhost_user.socket,
+            serving.socket,
+        )
     }
 
     fn start_vhost_user<D: VirtioDevice>(
@@ -502,6 +568,7 @@ impl Fleet {
         device: D,
         workers: usize,
         socket: &Path,
+        inherited: Option<BoundSocket>,
     ) -> Result<Entry, Error> {
         let fail = |reason: String| Error::Start {
             id: id.to_string(),
@@ -522,7 +589,10 @@ impl Fleet {
         if let Some(j) = self.journal() {
             server.record_to(Arc::clone(j), id);
         }
-        let bound = bind(socket).map_err(|e| fail(error_chain(&e)))?;
+        let bound = match inherited {
+            Some(bound) => bound,
+            None => bind(socket).map_err(|e| fail(error_chain(&e)))?,
+        };
         // Bound: the device accepts frontends from now on.
         server.start();
         let stop = StopHandle::default();
@@ -654,7 +724,10 @@ impl Fleet {
             }
         };
         let stopped = if first {
-            let start = self.journal().map(|j| j.now());
+            let start = self
+                .journal()
+                .filter(|_| self.record_removals.load(Ordering::Relaxed))
+                .map(|j| j.now());
             let stopped = self.unplug_and_stop(&entry);
             if let Err(reason) = &stopped {
                 // Whatever failed, later removals must not wait for ever.

@@ -5,8 +5,9 @@
 //! - [`topology`]: the JSON topology format, its schema and its checker;
 //! - [`fleet`]: the running devices, added and removed at run time;
 //! - [`control`]: the control socket's line protocol;
-//! - [`runner`]: a checked topology run to completion, with signals,
-//!   recording, stop and diagnostics.
+//! - [`runner`]: a checked topology's devices started in one fleet (what
+//!   `switchboard run` and `switchboard serve` both start), and the
+//!   control commands on them.
 //!
 //! The host depends on the models ([`crate::models`]) and the serving layer
 //! ([`crate::vhost_user`]).

@@ -1,7 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `switchboard run`: a topology's devices in one [`Fleet`], driven over the
-//! control socket ([`crate::host::control`]).
+//! `switchboard run` and `switchboard serve`: a topology's devices in one
+//! [`Fleet`], driven over the control socket ([`crate::host::control`]).
+//! `serve` builds a topology of one device (or one per socket) from its
+//! command line and starts it here too, with [`StartOptions`] for what a
+//! topology file cannot say (an inherited socket, queue workers, queue
+//! size, I/O threads).
 //!
 //! Control commands:
 //! - `query-devices`: every device with its id, kind, state, requests in
@@ -29,6 +33,7 @@
 //!
 //! Events: `DEVICE_ADDED {"id"}`, `DEVICE_DELETED {"id", "drain_ms"}`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,8 +43,11 @@ use serde_json::{json, Map, Value};
 use switchboard_runtime::{AccessOp, AccessReply, ActorId};
 
 use crate::host::control::{BusAccessRequest, CommandError, Controller, Events, CONTROL_ACTOR};
-use crate::host::fleet::{self, Fleet};
-use crate::host::topology::{check_device_against, parse_device, BusSpec, DeviceSpec, Topology};
+use crate::host::fleet::{self, Fleet, Serving};
+use crate::host::topology::{
+    check_device_against, parse_device, BlkSpec, BusSpec, DeviceSpec, Topology,
+};
+use crate::models::blk::BlkOptions;
 
 /// The devices of `topology` as a log header lists them. A vhost-user
 /// device's rebuild data comes in its `added` record, written when it
@@ -149,6 +157,54 @@ pub fn describe(spec: &DeviceSpec) -> String {
     }
 }
 
+/// What `switchboard serve` says about a device that a topology file
+/// cannot.
+#[derive(Debug, Default)]
+pub struct Tuning {
+    /// An inherited socket and the number of queue workers.
+    pub serving: Serving,
+    /// virtio-blk: the largest virtqueue size accepted (default 256).
+    pub queue_size: Option<u16>,
+    /// virtio-blk: threads doing file I/O (default 4).
+    pub io_threads: Option<usize>,
+}
+
+impl Tuning {
+    /// `blk`'s device options with this tuning's.
+    fn blk_options(&self, blk: &BlkSpec) -> BlkOptions {
+        let mut options = blk.blk_options();
+        if let Some(n) = self.queue_size {
+            options.queue_size = n;
+        }
+        if let Some(n) = self.io_threads {
+            options.io_threads = n;
+        }
+        options
+    }
+}
+
+/// How to start a topology, beyond the topology itself.
+#[derive(Debug)]
+pub struct StartOptions {
+    /// Record every device's messages to this log from its start on.
+    pub recorder: Option<switchboard_runtime::recording::Recorder>,
+    /// Tuning of some devices, by id.
+    pub tuning: BTreeMap<String, Tuning>,
+    /// Whether removals are recorded ([`Fleet::record_removals`]; default
+    /// yes).
+    pub record_removals: bool,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            recorder: None,
+            tuning: BTreeMap::new(),
+            record_removals: true,
+        }
+    }
+}
+
 /// How one device's start went.
 #[derive(Debug)]
 pub struct Started {
@@ -193,7 +249,21 @@ impl Runner {
         base_dir: &Path,
         recorder: Option<switchboard_runtime::recording::Recorder>,
     ) -> std::io::Result<(Self, Vec<Started>)> {
-        let fleet = Arc::new(Fleet::new_recording(recorder)?);
+        let options = StartOptions {
+            recorder,
+            ..StartOptions::default()
+        };
+        Self::start_with(topology, base_dir, options)
+    }
+
+    /// As [`Runner::start`], as `options` say.
+    pub fn start_with(
+        topology: Topology,
+        base_dir: &Path,
+        mut options: StartOptions,
+    ) -> std::io::Result<(Self, Vec<Started>)> {
+        let fleet = Arc::new(Fleet::new_recording(options.recorder)?);
+        fleet.record_removals(options.record_removals);
         for bus in &topology.buses {
             fleet.add_bus(bus.id().as_str())?;
         }
@@ -201,7 +271,14 @@ impl Runner {
         let mut report = Vec::new();
         for spec in topology.devices {
             let id = spec.id().to_string();
-            match fleet.add(&spec) {
+            let added = match (options.tuning.remove(&id), &spec) {
+                (Some(tuning), DeviceSpec::VirtioBlk(blk)) => {
+                    fleet.add_blk_serving(blk, &tuning.blk_options(blk), tuning.serving)
+                }
+                (Some(tuning), _) => fleet.add_serving(&spec, tuning.serving),
+                (None, _) => fleet.add(&spec),
+            };
+            match added {
                 Ok(()) => {
                     report.push(Started {
                         id,
@@ -242,6 +319,17 @@ impl Runner {
             "qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G -smp 2 \\\n    -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    {} \\\n    -kernel vmlinuz -append console=ttyS0 -nographic",
             args.join(" \\\n    ")
         ))
+    }
+
+    /// Whether every device has stopped by itself: each is a vhost-user
+    /// device whose serving ended (it failed, or its socket did). `false`
+    /// while one still serves, and with no device at all.
+    pub fn all_stopped(&self) -> bool {
+        let devices = self.fleet.query();
+        !devices.is_empty()
+            && devices
+                .iter()
+                .all(|d| d.state == switchboard_runtime::State::Stopped.to_string())
     }
 
     /// The fleet.

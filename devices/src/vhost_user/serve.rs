@@ -123,15 +123,39 @@ pub struct BoundSocket {
     /// Made from a plain `UnixListener`, so that the crate's listener does
     /// not remove the path on drop whatever it names by then.
     listener: Listener,
-    /// Removes the socket file on drop, if the path still names it.
-    file: SocketFile,
+    /// Removes the socket file on drop, if the path still names it; `None`
+    /// for an inherited socket, whose file is its owner's. Held only for
+    /// its drop.
+    _file: Option<SocketFile>,
+    /// What logs call it: the path, or `socket fd N`.
+    name: String,
 }
 
 impl std::fmt::Debug for BoundSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BoundSocket")
-            .field("path", &self.file.path())
+            .field("name", &self.name)
             .finish()
+    }
+}
+
+impl BoundSocket {
+    /// A socket that is already listening (`--socket-fd`: inherited from a
+    /// service manager), named `name` in logs. Its file is not removed
+    /// when it is dropped: its owner made it.
+    pub fn inherited(listener: UnixListener, name: impl Into<String>) -> Self {
+        BoundSocket {
+            // Made with `From`, the crate's listener knows no path to remove.
+            listener: Listener::from(listener),
+            _file: None,
+            name: name.into(),
+        }
+    }
+
+    /// What logs call it: the socket's path, or the name it was inherited
+    /// under.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -147,19 +171,19 @@ pub fn bind(path: &Path) -> Result<BoundSocket> {
     })?;
     Ok(BoundSocket {
         listener: Listener::from(listener),
-        file,
+        _file: Some(file),
+        name: path.display().to_string(),
     })
 }
 
-/// [`serve`] on a socket [`bind`] made.
+/// [`serve`] on a socket [`bind`] made, or one [`BoundSocket::inherited`].
 pub fn serve_bound<D: VirtioDevice>(
     server: VhostUserServer<D>,
     mut socket: BoundSocket,
     stop: &StopHandle,
 ) -> Result<()> {
-    let name = socket.file.path().display().to_string();
     // Dropping `socket` afterwards removes the socket file if it is ours.
-    serve_listener(server, &mut socket.listener, &name, stop)
+    serve_listener(server, &mut socket.listener, &socket.name, stop)
 }
 
 /// Like [`serve`], on a socket that is already listening (`--socket-fd`),
@@ -171,9 +195,7 @@ pub fn serve_unix_listener<D: VirtioDevice>(
     name: &str,
     stop: &StopHandle,
 ) -> Result<()> {
-    // Made with `From`, the crate's listener knows no path to remove.
-    let mut listener = Listener::from(listener);
-    serve_listener(server, &mut listener, name, stop)
+    serve_bound(server, BoundSocket::inherited(listener, name), stop)
 }
 
 /// Like [`serve`], on a listener the caller already has; nothing is
