@@ -21,6 +21,14 @@
 //!   crate reads the ring position and replies; `reset_device` and [`serve`]
 //!   after a disconnect wait for every queue.
 //!
+//! - **A frontend's memory table is not trusted.** `update_memory` checks
+//!   every new region against its file and the table against the slot
+//!   limits before anything reads it, and refuses a bad one (see
+//!   `memory.rs`); the mappings of files that can shrink are registered
+//!   with a process-wide SIGBUS handler that turns a fault in one into the
+//!   failure of this device alone (see `sigbus.rs`). The ring walker reads
+//!   only the table the server accepted.
+//!
 //! A panic in the device, on any of its threads, fails that device alone:
 //! see [`VhostUserServer::fail`] and `runtime/DESIGN.md`, which documents
 //! the whole request path and the drain path.
@@ -1032,10 +1040,15 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
                 error = %e,
                 "memory table refused; the frontend is sent an error and disconnected"
             );
-            // The crate's memory as it was before this message: the
-            // refused mappings go (once the crate returns), and nothing
-            // reads them meanwhile.
+            // The crate's memory, and the ring walker's, as they were
+            // before this message: the refused mappings go (once the crate
+            // returns), and nothing reads them meanwhile.
             mem.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace((*accepted).clone());
+            self.shared
+                .mem
+                .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .replace((*accepted).clone());
         }

@@ -263,16 +263,22 @@ fn watch(wake: EventFd) {
         let _ = wake.read();
         let mut found = Vec::new();
         for slot in &REGISTRY {
+            if slot.state.load(Ordering::SeqCst) != POISONED {
+                continue;
+            }
+            // Read before the exchange: a slot is refilled only after it
+            // was retired, which the exchange below would then see.
+            let poisoned = Poisoned {
+                gpa: slot.gpa.load(Ordering::Relaxed),
+                len: slot.len.load(Ordering::Relaxed) as u64,
+            };
+            let owner = slot.owner.load(Ordering::Relaxed);
             if slot
                 .state
                 .compare_exchange(POISONED, REPORTED, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
-                let poisoned = Poisoned {
-                    gpa: slot.gpa.load(Ordering::Relaxed),
-                    len: slot.len.load(Ordering::Relaxed) as u64,
-                };
-                found.push((slot.owner.load(Ordering::Relaxed), poisoned));
+                found.push((owner, poisoned));
             }
         }
         for (owner, poisoned) in found {
