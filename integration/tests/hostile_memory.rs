@@ -5,7 +5,8 @@
 //! `mmap_offset` past the end of the file, more regions than the slots
 //! advertised (ADD_MEM_REG) or than one SET_MEM_TABLE may carry is sent an
 //! error and disconnected; the process stays up, logs the region, and
-//! serves a fresh frontend. Under `switchboard run` with two virtio-rng
+//! serves a fresh frontend; so does one whose ADD_MEM_REG user address
+//! overflows. Under `switchboard run` with two virtio-rng
 //! devices, a frontend that shrinks its memfd under a buffer, or under the
 //! rings, then kicks, fails its device alone (`query-devices` shows it
 //! stopped with the reason) while the other device answers requests
@@ -445,4 +446,36 @@ fn test_under_run_a_memfd_shrunk_under_a_buffer_fails_that_device_alone() {
 #[test]
 fn test_under_run_a_memfd_shrunk_under_the_rings_fails_that_device_alone() {
     shrink_fails_that_device_alone(Lost::Rings);
+}
+
+/// The one overflow no hook of the backend sees: ADD_MEM_REG's user
+/// address (the vhost crate checks it only in SET_MEM_TABLE). The
+/// vhost-user-backend crate's translation of a ring address in the region
+/// overflows: in a debug build it panics on the connection's thread (the
+/// connection ends), in a release build it wraps. Either way the process
+/// stays up and serves the next frontend.
+#[test]
+fn test_add_mem_reg_whose_user_address_overflows_does_not_take_the_process_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut proc, socket) = serve_rng(dir.path());
+    let mut fe = frontend::connect(&socket, 1, 64).expect("connect");
+    let page = frontend::memfd(0x1000).expect("memfd");
+    let user = u64::MAX - 0xfff;
+    let _ = fe
+        .frontend
+        .add_mem_region(&raw_region(0x1_0000_0000, 0x1000, user, 0, &page));
+    let config = vhost::VringConfigData {
+        queue_max_size: 64,
+        queue_size: 64,
+        flags: 0,
+        desc_table_addr: user,
+        used_ring_addr: user + 0x800,
+        avail_ring_addr: user + 0x400,
+        log_addr: None,
+    };
+    let _ = fe.frontend.set_vring_addr(0, &config);
+    drop(fe);
+    proc.assert_alive("after the overflowing user address");
+    one_request(&socket);
+    assert!(proc.terminate().success());
 }
