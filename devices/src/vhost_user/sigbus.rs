@@ -22,7 +22,9 @@
 //!   access runs again and reads zeros (writes go to memory nobody reads).
 //!   Anywhere else, it puts back the disposition it replaced (Rust's own
 //!   stack-overflow handler, or the default) and lets the fault happen
-//!   again: a real bug still crashes, with the same report as before.
+//!   again: a real bug still crashes, with the same report as before. A
+//!   SIGBUS sent by `kill` or `raise` gets the default disposition and is
+//!   raised again: it kills the process, as it would have.
 //! - **The watcher**, a thread of its own, wakes on the eventfd and tells
 //!   the owner of each newly poisoned slot (a vhost-user server), which
 //!   fails its device through its gate, with a reason naming the region.
@@ -30,13 +32,14 @@
 //!
 //! Why the handler is async-signal-safe: it takes no lock and allocates
 //! nothing. It reads the registry with atomic loads and changes it with
-//! atomic compare-and-swaps, and makes three system calls, each a thin
-//! wrapper in libc around one syscall that touches no user-space state
-//! but `errno` (which the handler saves and restores): `mmap`, `write`
-//! (async-signal-safe in POSIX) and `sigaction` (likewise). `mmap` is not
-//! on POSIX's list, but on Linux it is the bare syscall: the locks it takes
-//! are the kernel's, and the page fault that raised the signal released
-//! them before the signal was delivered.
+//! atomic compare-and-swaps, and its only calls are thin libc wrappers
+//! around one syscall each, touching no user-space state but `errno`
+//! (which the handler saves and restores): `mmap` and `write` for a fault
+//! it contains; `sigaction`, `signal` and `raise` for one it passes on.
+//! All but `mmap` are async-signal-safe in POSIX. `mmap` is not on POSIX's
+//! list, but on Linux it is the bare syscall: the locks it takes are the
+//! kernel's, and the page fault that raised the signal released them
+//! before the signal was delivered.
 //!
 //! A slot is filled before a mapping is first touched and retired before
 //! it is unmapped, and retiring waits until no handler is running
@@ -237,17 +240,22 @@ fn zero_registered(addr: usize) -> bool {
     false
 }
 
-/// Puts back the disposition ours replaced, so that the fault (which runs
-/// again when the handler returns) or a sent signal (raised again here,
-/// delivered once the handler returns) is handled as without us.
+/// A fault outside the registry: puts back the disposition ours replaced
+/// (Rust's own handler, or the default), and the fault, which runs again
+/// when the handler returns, is handled as without us. A sent signal: the
+/// default disposition (Rust's handler ignores a SIGBUS that is not a
+/// fault), and the signal raised again, delivered once the handler returns.
 fn chain(sig: libc::c_int, code: libc::c_int) {
-    let previous = PREVIOUS.get().map_or(std::ptr::null(), |p| p as *const _);
-    // SAFETY: `previous` is null (nothing stored: then this only fails)
-    // or the action read at installation, a valid `sigaction`.
-    unsafe { libc::sigaction(sig, previous, std::ptr::null_mut()) };
-    if previous.is_null() {
-        // SAFETY: `signal` with SIG_DFL only sets the disposition.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    match PREVIOUS.get() {
+        Some(previous) if code > 0 => {
+            // SAFETY: `previous` is the action read at installation, a
+            // valid `sigaction`.
+            unsafe { libc::sigaction(sig, previous, std::ptr::null_mut()) };
+        }
+        _ => {
+            // SAFETY: `signal` with SIG_DFL only sets the disposition.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
     }
     if code <= 0 {
         // SAFETY: `raise` only sends the signal to this thread; it is
@@ -435,5 +443,46 @@ mod tests {
         assert_eq!(region.get_ref::<u64>(0).expect("in range").load(), 0);
         drop(reg);
         drop(region);
+    }
+
+    const CHILD: &str = "SWITCHBOARD_SIGBUS_TEST_CHILD";
+
+    /// Runs the test `name` of this binary in a child process with
+    /// `CHILD=mode`; returns the signal that ended it.
+    fn child(name: &str, mode: &str) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--test-threads=1"])
+            .env(CHILD, mode)
+            .output()
+            .expect("run the child");
+        out.status.signal()
+    }
+
+    #[test]
+    fn test_a_fault_outside_the_registry_or_a_sent_sigbus_still_kills_the_process() {
+        const NAME: &str = "vhost_user::sigbus::tests::\
+                            test_a_fault_outside_the_registry_or_a_sent_sigbus_still_kills_the_process";
+        match std::env::var(CHILD).as_deref() {
+            Ok("fault") => {
+                install().expect("install the handler");
+                let file = memfd(4096);
+                // Two pages of a one-page file, never registered.
+                let region =
+                    MmapRegion::<()>::from_file(FileOffset::new(file, 0), 8192).expect("map");
+                let _ = region.get_ref::<u64>(4096).expect("in range").load();
+                std::process::exit(0);
+            }
+            Ok("sent") => {
+                install().expect("install the handler");
+                // SAFETY: sends SIGBUS to this (child) process's thread.
+                unsafe { libc::raise(libc::SIGBUS) };
+                std::process::exit(0);
+            }
+            _ => {
+                assert_eq!(child(NAME, "fault"), Some(libc::SIGBUS), "a fault");
+                assert_eq!(child(NAME, "sent"), Some(libc::SIGBUS), "a sent SIGBUS");
+            }
+        }
     }
 }
