@@ -199,6 +199,14 @@ impl RamRegion {
         self.mem.size() as u64
     }
 
+    /// The address of the region's first byte in this process's address
+    /// space. A fault handler uses it to recognise the mapping: a frontend
+    /// can shrink the file behind a region it gave, and an access past the
+    /// file's new end then raises SIGBUS (see the vhost-user serving layer).
+    pub fn host_addr(&self) -> usize {
+        self.mem.as_ptr() as usize
+    }
+
     /// Takes a lease, unless the region is draining.
     pub fn try_lease(self: &Arc<Self>) -> Result<Lease> {
         match self.gate.enter(0) {

@@ -69,7 +69,47 @@ pub const MEM_SIZE: u64 = 16 << 20;
 
 /// Connects to `path` (retrying while the backend starts), negotiates
 /// features, sends the memory table and sets up `queues` queues of `size`.
+/// Guest memory is a temporary file of [`MEM_SIZE`] bytes.
 pub fn connect(path: &Path, queues: usize, size: u16) -> anyhow::Result<TestFrontend> {
+    let file = tempfile::tempfile().context("guest memory file")?;
+    file.set_len(MEM_SIZE).context("size guest memory")?;
+    connect_with(path, queues, size, file)
+}
+
+/// A memfd of `len` bytes, not sealed (so it can be shrunk), as QEMU's
+/// `memory-backend-memfd` makes with `seal=off`.
+pub fn memfd(len: u64) -> anyhow::Result<File> {
+    let fd = rustix::fs::memfd_create("switchboard-test-guest", rustix::fs::MemfdFlags::CLOEXEC)
+        .context("memfd_create")?;
+    let file = File::from(fd);
+    file.set_len(len).context("size the memfd")?;
+    Ok(file)
+}
+
+/// A memory-table entry as a frontend could send it, whatever it says:
+/// `size` bytes at guest address `gpa`, at `user_addr` in the frontend's
+/// address space, mapped from `file` at `offset`.
+pub fn raw_region(
+    gpa: u64,
+    size: u64,
+    user_addr: u64,
+    offset: u64,
+    file: &File,
+) -> VhostUserMemoryRegionInfo {
+    use std::os::fd::AsRawFd;
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: user_addr,
+        mmap_offset: offset,
+        mmap_handle: file.as_raw_fd(),
+    }
+}
+
+/// Connects to `path` (retrying while the backend starts) and negotiates
+/// features and protocol features as [`connect`] does, sending no memory
+/// table: for tests that send their own.
+pub fn handshake(path: &Path, queues: usize) -> anyhow::Result<Frontend> {
     let start = Instant::now();
     let mut frontend = loop {
         match Frontend::connect(path, queues as u64) {
@@ -81,15 +121,6 @@ pub fn connect(path: &Path, queues: usize, size: u16) -> anyhow::Result<TestFron
             Err(e) => return Err(e).context("connect to the backend"),
         }
     };
-    let file = tempfile::tempfile().context("guest memory file")?;
-    file.set_len(MEM_SIZE).context("size guest memory")?;
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM_SIZE as usize,
-        Some(FileOffset::new(file.try_clone()?, 0)),
-    )])
-    .context("map guest memory")?;
-
     frontend.set_owner().context("SET_OWNER")?;
     let features = frontend.get_features().context("GET_FEATURES")?;
     if features & VIRTIO_F_VERSION_1 == 0 {
@@ -116,6 +147,25 @@ pub fn connect(path: &Path, queues: usize, size: u16) -> anyhow::Result<TestFron
     // As QEMU does once REPLY_ACK is negotiated: every request waits for
     // the backend's answer, so "acked" means "done".
     frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    Ok(frontend)
+}
+
+/// As [`connect`], with guest memory in `file` (its size is guest memory's,
+/// at guest address 0).
+pub fn connect_with(
+    path: &Path,
+    queues: usize,
+    size: u16,
+    file: File,
+) -> anyhow::Result<TestFrontend> {
+    let len = file.metadata().context("guest memory file")?.len();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        len as usize,
+        Some(FileOffset::new(file.try_clone()?, 0)),
+    )])
+    .context("map guest memory")?;
+    let frontend = handshake(path, queues)?;
     let regions = region_infos(&mem)?;
     frontend.set_mem_table(&regions).context("SET_MEM_TABLE")?;
 

@@ -483,8 +483,13 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
         assert_eq!(used[n].1, 1, "{what}: only the status byte is written");
     }
 
-    // Chains that cannot carry a status, or reach outside guest memory.
+    // Chains that cannot carry a status, or reach outside guest memory. The
+    // malformed ones with a status byte each get a status byte of their own.
     let s = blk_slot(12);
+    let (outside_status, long_status) = (s.status + 1, s.status + 2);
+    for at in [outside_status, long_status] {
+        fe.mem.write_obj(0xffu8, GuestAddress(at)).expect("preset");
+    }
     fe.mem
         .write_slice(&blk_header(T_IN, 0), GuestAddress(s.hdr))
         .expect("header");
@@ -507,7 +512,7 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
             &[
                 (s.hdr, 16, 0),
                 (0x7_0000_0000, 512, VIRTQ_DESC_F_WRITE),
-                (s.status, 1, VIRTQ_DESC_F_WRITE),
+                (outside_status, 1, VIRTQ_DESC_F_WRITE),
             ],
         )
         .expect("chain");
@@ -521,8 +526,19 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
             ],
         )
         .expect("chain");
+    // Longer than a request may be (64 MiB), within 2^32 bytes.
+    let long = fe
+        .add_chain(
+            0,
+            &[
+                (s.hdr, 16, 0),
+                (s.data, 65 << 20, VIRTQ_DESC_F_WRITE),
+                (long_status, 1, VIRTQ_DESC_F_WRITE),
+            ],
+        )
+        .expect("chain");
     fe.kick(0).expect("kick");
-    let used = fe.wait_used(0, 4, WAIT).expect("answered");
+    let used = fe.wait_used(0, 5, WAIT).expect("answered");
     assert_eq!(used[0], (short, 1), "short header");
     assert_eq!(
         fe.mem
@@ -532,8 +548,25 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
         "short header"
     );
     assert_eq!(used[1], (no_status, 0), "no status byte: nothing written");
-    assert_eq!(used[2], (outside, 0), "buffer outside guest memory");
+    // virtio-queue ends a chain where its length passes 2^32 bytes (virtio
+    // 1.2, 2.7.5.2), so this one is cut before its status byte.
     assert_eq!(used[3], (absurd, 0), "absurd length");
+    // Malformed chains (the vhost-user layer refuses them before the
+    // device sees them) whose last byte is writable: IOERR there.
+    for ((what, head, at), got) in [
+        ("buffer outside guest memory", outside, outside_status),
+        ("longer than a request may be", long, long_status),
+    ]
+    .into_iter()
+    .zip([&used[2], &used[4]])
+    {
+        assert_eq!(*got, (head, 1), "{what}: only the status byte is written");
+        assert_eq!(
+            fe.mem.read_obj::<u8>(GuestAddress(at)).expect("status"),
+            VIRTIO_BLK_S_IOERR,
+            "{what}"
+        );
+    }
 
     // A descriptor loop: descriptor 100 points at itself. virtio-queue stops
     // following it after the queue size; the answer comes and nothing hangs.

@@ -21,6 +21,14 @@
 //!   crate reads the ring position and replies; `reset_device` and [`serve`]
 //!   after a disconnect wait for every queue.
 //!
+//! - **A frontend's memory table is not trusted.** `update_memory` checks
+//!   every new region against its file and the table against the slot
+//!   limits before anything reads it, and refuses a bad one (see
+//!   `memory.rs`); the mappings of files that can shrink are registered
+//!   with a process-wide SIGBUS handler that turns a fault in one into the
+//!   failure of this device alone (see `sigbus.rs`). The ring walker reads
+//!   only the table the server accepted.
+//!
 //! A panic in the device, on any of its threads, fails that device alone:
 //! see [`VhostUserServer::fail`] and `runtime/DESIGN.md`, which documents
 //! the whole request path and the drain path.
@@ -45,7 +53,7 @@ use std::fs::File;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use switchboard_bus::{
@@ -53,7 +61,7 @@ use switchboard_bus::{
 };
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -74,7 +82,13 @@ use crate::models::virtio::{
 };
 
 pub(crate) mod listen;
+mod memory;
 mod serve;
+// The SIGBUS handler and its registry: the only unsafe code of the
+// serving layer (libc's sigaction and mmap), kept to this one module.
+#[allow(unsafe_code)]
+mod sigbus;
+pub use memory::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 pub use serve::{
     bind, check_socket_path, default_workers, serve, serve_bound, serve_listener,
     serve_unix_listener, BoundSocket, StopHandle,
@@ -95,6 +109,10 @@ pub enum Error {
     /// Creating an eventfd failed.
     #[error("Create the completion eventfd")]
     CreateEventFd(#[source] io::Error),
+    /// Installing the process's SIGBUS handler (which contains a frontend
+    /// shrinking its memory's file) failed.
+    #[error("Install the SIGBUS handler for guest memory")]
+    InstallSigbus(#[source] io::Error),
     /// Creating the daemon failed. (The crate's error type does not
     /// implement `std::error::Error`, so its text is kept instead.)
     #[error("Create the vhost-user daemon for {kind}: {reason}")]
@@ -203,9 +221,15 @@ struct Shared<D: VirtioDevice> {
     workers: usize,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    /// The crate's memory, used by virtio-queue for the rings.
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    /// The memory table this server accepted (see `memory.rs`), which the
+    /// ring walker reads rings through: not the crate's, which holds a
+    /// new table before `update_memory` has checked it. Emptied when a
+    /// connection ends.
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mirror: Mutex<Mirror>,
+    /// The mappings of frontend files that can shrink, entered in the
+    /// SIGBUS registry; poisoning one fails the device.
+    guard: memory::Guard,
     queues: usize,
     /// Requests answered (used entries written) since the server started.
     handled: AtomicU64,
@@ -367,6 +391,18 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let gate = Gate::new(&name, queues + 1, slots);
         gate.transition(State::Realized)
             .expect("a new gate can be realized");
+        sigbus::install().map_err(Error::InstallSigbus)?;
+        let guard = {
+            let gate = gate.clone();
+            // Runs on the SIGBUS watcher's thread.
+            memory::Guard::new(move |p| {
+                gate.fail(format!(
+                    "guest memory region at {:#x} ({:#x} bytes) lost pages its file had when \
+                     mapped (the frontend shrank the file); the mapping reads zeros now",
+                    p.gpa, p.len
+                ));
+            })
+        };
         let connection: Arc<Mutex<Option<vhost_user_backend::ShutdownHandle>>> = Arc::default();
         let supervisor: Arc<OnceLock<Recipient<DeviceFailed>>> = Arc::default();
         {
@@ -402,8 +438,9 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 workers,
                 event_idx: AtomicBool::new(false),
                 acked_features: AtomicU64::new(0),
-                mem: RwLock::new(None),
+                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
                 mirror: Mutex::new(Mirror::default()),
+                guard,
                 handled: AtomicU64::new(0),
                 completions,
                 record: OnceLock::new(),
@@ -576,7 +613,12 @@ impl<D: VirtioDevice> VhostUserServer<D> {
 
     fn signal(&self, vring: &VringRwLock) {
         let needed = if self.shared.event_idx.load(Ordering::Acquire) {
-            vring.needs_notification().unwrap_or(true)
+            let mem = self.shared.mem.memory();
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .unwrap_or(true)
         } else {
             true
         };
@@ -587,13 +629,24 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         }
     }
 
+    /// Writes a used entry through the accepted memory (see `Shared::mem`).
+    fn add_used(
+        &self,
+        vring: &VringRwLock,
+        head: u16,
+        len: u32,
+    ) -> std::result::Result<(), virtio_queue::Error> {
+        let mem = self.shared.mem.memory();
+        vring.get_mut().get_queue_mut().add_used(&*mem, head, len)
+    }
+
     /// Writes the used entry, then drops the request (and its leases), then
     /// its ticket: the queue's count goes down only once the answer is in
     /// the ring.
     fn finish(&self, vring: &VringRwLock, mut request: Request, len: u32) {
         let ticket = request.answered();
         let queue = usize::from(request.queue());
-        if let Err(e) = vring.add_used(request.head(), len) {
+        if let Err(e) = self.add_used(vring, request.head(), len) {
             tracing::error!(queue, head = request.head(), error = %e, "write used entry");
         }
         let recorded = self.shared.record.get().and_then(|r| {
@@ -633,7 +686,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             }
             _ => 0,
         };
-        if let Err(e) = vring.add_used(request.head(), len) {
+        if let Err(e) = self.add_used(vring, request.head(), len) {
             tracing::error!(queue = request.queue(), head = request.head(), error = %e, "write used entry");
         }
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
@@ -645,22 +698,21 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             // being disconnected.
             return Ok(());
         }
-        let Some(mem) = self
-            .shared
-            .mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        let mem = &self.shared.mem;
+        if mem.memory().num_regions() == 0 {
             return Ok(());
-        };
+        }
         let event_idx = self.shared.event_idx.load(Ordering::Acquire);
         let completer = self.completer(queue);
         let fail_status = self.shared.device.fail_status();
         let gate = &self.shared.gate;
         loop {
             if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
+                vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .disable_notification(&*mem.memory())
+                    .map_err(io::Error::other)?;
             }
             let chains: Vec<_> = {
                 let mut state = vring.get_mut();
@@ -716,6 +768,18 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                             || "reject a malformed request".into(),
                             |d| d.reject(queue as u16, head, &e),
                         );
+                        // The device type's failure status, in the chain's
+                        // last byte if that is device-writable guest RAM
+                        // (virtio-blk's status byte): the driver sees the
+                        // request failed rather than an answer of nothing.
+                        let len = match (fail_status, chain.clone().last()) {
+                            (Some(status), Some(d)) if d.is_write_only() && d.len() > 0 => {
+                                let at = GuestAddr(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
+                                let mut memreq = self.shared.bus.guest_memory().request();
+                                u32::from(memreq.write(at, &[status]).is_ok())
+                            }
+                            _ => 0,
+                        };
                         if let Some(r) = record {
                             r.journal.record(Entry::json(
                                 time,
@@ -726,10 +790,10 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                                 serde_json::json!({
                                     "queue": queue, "head": head, "error": e.to_string()
                                 }),
-                                serde_json::json!({ "len": 0 }),
+                                serde_json::json!({ "len": len }),
                             ));
                         }
-                        if let Err(e) = vring.add_used(head, 0) {
+                        if let Err(e) = self.add_used(vring, head, len) {
                             tracing::error!(queue, head, error = %e, "write used entry");
                         }
                         self.shared.handled.fetch_add(1, Ordering::Relaxed);
@@ -745,7 +809,13 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             if used {
                 self.signal(vring);
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx
+                || !vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .enable_notification(&*mem.memory())
+                    .map_err(io::Error::other)?
+            {
                 break;
             }
         }
@@ -787,12 +857,44 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         }
     }
 
+    /// Checks the table the crate mapped (`memory::check_table`), guards
+    /// the mappings of files that can shrink, makes it the memory the ring
+    /// walker reads, and mirrors it on the guest-memory bus.
+    fn accept_memory(&self, table: &GuestMemoryMmap, accepted: &GuestMemoryMmap) -> io::Result<()> {
+        let unsealed = memory::check_table(table, accepted).map_err(io::Error::other)?;
+        for index in unsealed {
+            self.shared
+                .guard
+                .ring(table, index)
+                .map_err(io::Error::other)?;
+        }
+        self.shared
+            .mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(table.clone());
+        self.mirror_memory(table)
+    }
+
+    /// Forgets the memory of a connection that is over (called once its
+    /// workers have exited and the crate's handler is gone): the ring
+    /// walker's memory is emptied and the guarded mappings nobody holds any
+    /// more are unmapped.
+    pub(crate) fn forget_memory(&self) {
+        self.shared
+            .mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(GuestMemoryMmap::new());
+        self.shared.guard.sweep();
+    }
+
     /// Mirrors the crate's memory onto the guest-memory bus; removed regions
     /// are drained before this returns.
     fn mirror_memory(&self, mem: &GuestMemoryMmap) -> io::Result<()> {
         let mut mirror = self.shared.mirror.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = HashMap::new();
-        for region in mem.iter() {
+        for (index, region) in mem.iter().enumerate() {
             let key = (
                 region.start_addr().0,
                 region.len(),
@@ -808,6 +910,12 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             let file: File = fo.file().try_clone()?;
             let ram = RamRegion::from_file(format!("guest@{:#x}", key.0), file, fo.start(), key.1)
                 .map_err(io::Error::other)?;
+            if !memory::sealed(fo.file()) {
+                self.shared
+                    .guard
+                    .bus(index, key.0, Arc::clone(&ram))
+                    .map_err(io::Error::other)?;
+            }
             let id = RegionId(mirror.next_id);
             mirror.next_id += 1;
             // Added before the regions it replaces are removed: at equal
@@ -924,8 +1032,26 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
         let snapshot = mem.memory();
-        *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
-        let result = self.mirror_memory(&snapshot);
+        let accepted = self.shared.mem.memory();
+        let result = self.accept_memory(&snapshot, &accepted);
+        if let Err(e) = &result {
+            tracing::error!(
+                device = %self.shared.gate.name(),
+                error = %e,
+                "memory table refused; the frontend is sent an error and disconnected"
+            );
+            // The crate's memory, and the ring walker's, as they were
+            // before this message: the refused mappings go (once the crate
+            // returns), and nothing reads them meanwhile.
+            mem.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace((*accepted).clone());
+            self.shared
+                .mem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace((*accepted).clone());
+        }
         if self.shared.record.get().is_some() {
             let regions: Vec<serde_json::Value> = snapshot
                 .iter()
@@ -941,6 +1067,8 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
                 reply,
             );
         }
+        drop((snapshot, accepted));
+        self.shared.guard.sweep();
         result
     }
 

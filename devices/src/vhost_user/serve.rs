@@ -369,5 +369,9 @@ fn serve_connection<D: VirtioDevice>(
         )) => tracing::info!(socket = name, "frontend disconnected"),
         Err(e) => tracing::warn!(socket = name, error = %e, "frontend connection ended"),
     }
+    // Joins the workers (told to exit above) and drops the crate's handler
+    // with its memory: then the connection's guest memory can be unmapped.
+    drop(daemon);
+    server.forget_memory();
     Ok(())
 }
