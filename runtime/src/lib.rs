@@ -48,6 +48,7 @@
 
 pub mod addr;
 pub mod device;
+pub mod direct;
 pub mod gate;
 pub mod ids;
 pub mod irq;
@@ -63,6 +64,7 @@ pub use device::{
     DeviceRegion, DeviceStatus, Drain, DrainError, DrainReport, GuestAccess, LaterReply,
     LifecycleError, PendingAccess, QueryStatus, Realize, SpawnedDevice, Start,
 };
+pub use direct::{Events, Here, Via};
 pub use gate::{
     panic_message, DrainError as GateDrainError, DrainReport as GateDrainReport, Gate, Lanes,
     MessageKind, Pending, Ticket,
