@@ -47,6 +47,7 @@ use switchboard_runtime::{
 
 use crate::memory::{GuestAddr, GuestMemory, MemoryView, RamRange, RamRegion};
 use crate::region_map::{self, Placement, RegionId, RegionKind, RegionMap, RegionSpec};
+use crate::vcpu::{Published, VcpuPort};
 
 /// What a leaf of a bus's region map routes to.
 #[derive(Clone)]
@@ -236,6 +237,9 @@ pub struct AddressSpace {
     /// RAM regions announced `Mapped` and not yet `Unmapped`, each with the
     /// actor that owns its mapping.
     announced: HashMap<RegionId, Addr<MemoryRegionActor>>,
+    /// The device routes vCPU ports read, republished on every change of
+    /// `map` before the change is answered (see [`crate::vcpu`]).
+    routes: Arc<Published>,
 }
 
 impl fmt::Debug for AddressSpace {
@@ -446,6 +450,7 @@ impl Actor for AddressSpace {
         }
         self.announced.clear();
         self.memory.publish(MemoryView::default());
+        self.routes.clear();
     }
 }
 
@@ -495,6 +500,7 @@ impl Handler<AddRegion> for AddressSpace {
                 source,
             })?;
         self.stats.regions = self.map.len() as u64;
+        self.routes.publish(&self.map);
         if let Some(ram) = ram {
             self.publish_memory();
             let event = MemoryEvent::Mapped {
@@ -528,6 +534,9 @@ impl Handler<RemoveRegion> for AddressSpace {
             }
         };
         self.stats.regions = self.map.len() as u64;
+        // Before the answer: no vCPU port admits an access to a removed
+        // device once the removal is answered.
+        self.routes.publish(&self.map);
         let mut out = Removed::default();
         let mut drains = Vec::new();
         for (id, target) in removed {
@@ -638,6 +647,7 @@ pub struct BusHandle {
     access: Sender<BusAccess>,
     addr: Addr<AddressSpace>,
     memory: GuestMemory,
+    routes: Arc<Published>,
 }
 
 impl fmt::Debug for BusHandle {
@@ -660,6 +670,7 @@ impl BusHandle {
     pub fn start(runtime: &Runtime, name: &str, arbiter: &ArbiterHandle) -> BusHandle {
         let id = ActorId::new(format!("bus:{name}"));
         let memory = GuestMemory::default();
+        let routes = Arc::new(Published::default());
         let actor = AddressSpace {
             id: id.clone(),
             map: RegionMap::new(),
@@ -667,6 +678,7 @@ impl BusHandle {
             memory: memory.clone(),
             subscribers: Vec::new(),
             announced: HashMap::new(),
+            routes: Arc::clone(&routes),
         };
         let addr = AddressSpace::start_in_arbiter(arbiter, move |_| actor);
         BusHandle {
@@ -674,7 +686,15 @@ impl BusHandle {
             id,
             addr,
             memory,
+            routes,
         }
+    }
+
+    /// A synchronous entry point for the plain thread of vCPU `me` (see
+    /// [`crate::vcpu`]): its accesses run on that thread when the device
+    /// is idle, and take this bus's mailbox path otherwise.
+    pub fn vcpu(&self, me: ActorId) -> VcpuPort {
+        VcpuPort::new(me, self.clone(), Arc::clone(&self.routes))
     }
 
     /// The bus's actor id.

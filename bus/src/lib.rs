@@ -10,6 +10,9 @@
 //!   [`BusHandle::unplug`], the unplug order (remove from routing, then drain).
 //! - [`memory`]: RAM regions, [`Lease`]s and the [`GuestMemory`] API devices
 //!   use for DMA.
+//! - [`vcpu`]: [`VcpuPort`], a bus's synchronous entry point for vCPU
+//!   threads, which runs an access on the caller's thread when the device is
+//!   idle, through the same gate and journal.
 //!
 //! This crate builds on `switchboard-runtime` (actors, the send path, drain)
 //! and is used by the devices in `switchboard-devices`.
@@ -19,6 +22,7 @@
 pub mod address_space;
 pub mod memory;
 pub mod region_map;
+pub mod vcpu;
 
 /// The address types of the runtime, re-exported for the region map.
 pub use switchboard_runtime::addr;
@@ -36,3 +40,4 @@ pub use region_map::{
     Error as RegionMapError, FlatRange, Parent, Placement, RegionId, RegionKind, RegionMap,
     RegionSpec, Resolved,
 };
+pub use vcpu::{VcpuPort, VcpuStats};

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The cost of one MMIO read round trip, four ways, in one run:
+//! The cost of one MMIO read round trip, six ways, in one run:
 //!
 //! - `direct_call`: the device logic called as a function (the floor);
 //! - `crossbeam_two_threads`: a bare crossbeam-channel request/reply to a
@@ -13,7 +13,10 @@
 //!   same arbiter, as a vCPU actor would be;
 //! - `actor_bus_device_from_plain_thread`: the same read sent from a plain
 //!   thread that blocks on the answer while the actors run on another
-//!   arbiter: the slow path the design keeps off hot paths, shown for scale.
+//!   arbiter: the slow path the design keeps off hot paths, shown for scale;
+//! - `vcpu_port_from_plain_thread`: the same read from the same plain thread
+//!   through the bus's synchronous entry point (`BusHandle::vcpu`), which
+//!   runs it on the caller's thread through the device's gate.
 //!
 //! Run: `cargo bench -p switchboard-integration --bench mmio_round_trip`.
 
@@ -163,6 +166,16 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    let mut port = remote_bus.vcpu(me.clone());
+    group.bench_function("vcpu_port_from_plain_thread", |b| {
+        b.iter(|| black_box(port.read(addr, AccessSize::B4).expect("read")))
+    });
+    let stats = port.stats();
+    assert_eq!(
+        (stats.busy, stats.via_bus, stats.rerouted),
+        (0, 0, 0),
+        "every read answered on the caller's thread: {stats:?}"
+    );
     group.finish();
     arbiter.stop();
 }

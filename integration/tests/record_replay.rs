@@ -383,19 +383,36 @@ fn test_mmio_accesses_are_recorded_on_the_bus_and_the_device_and_the_device_repl
     assert!(t.contains("pio0: 3 messages not replayed: a bus"), "{t}");
 }
 
-/// Register accesses of one vCPU through a bus of the fleet.
+/// Register accesses of one vCPU through a bus of the fleet: sent to the
+/// bus actor, or through the bus's vCPU entry point (`port`).
 struct Vcpu {
     bus: switchboard_bus::BusHandle,
     me: switchboard_runtime::ActorId,
+    port: Option<std::cell::RefCell<switchboard_bus::VcpuPort>>,
 }
 
 impl Vcpu {
+    fn new(bus: switchboard_bus::BusHandle, me: switchboard_runtime::ActorId, port: bool) -> Self {
+        let port = port.then(|| std::cell::RefCell::new(bus.vcpu(me.clone())));
+        Vcpu { bus, me, port }
+    }
+
+    fn access(
+        &self,
+        access: switchboard_bus::BusAccess,
+    ) -> switchboard_runtime::Answer<switchboard_runtime::AccessReply> {
+        match &self.port {
+            Some(port) => port.borrow_mut().access(access),
+            None => self.bus.access(&self.me, access).wait(),
+        }
+    }
+
     fn read(&self, addr: u64, size: switchboard_runtime::AccessSize) -> u64 {
-        let r = futures::executor::block_on(self.bus.read(
-            &self.me,
-            switchboard_runtime::BusAddr(addr),
+        let r = self.access(switchboard_bus::BusAccess {
+            addr: switchboard_runtime::BusAddr(addr),
             size,
-        ));
+            op: switchboard_runtime::AccessOp::Read,
+        });
         match r {
             Ok(switchboard_runtime::AccessReply::Read { value }) => value,
             other => panic!("read {addr:#x}: {other:?}"),
@@ -403,12 +420,11 @@ impl Vcpu {
     }
 
     fn write(&self, addr: u64, size: switchboard_runtime::AccessSize, value: u64) {
-        let r = futures::executor::block_on(self.bus.write(
-            &self.me,
-            switchboard_runtime::BusAddr(addr),
+        let r = self.access(switchboard_bus::BusAccess {
+            addr: switchboard_runtime::BusAddr(addr),
             size,
-            value,
-        ));
+            op: switchboard_runtime::AccessOp::Write { value },
+        });
         assert_eq!(
             r,
             Ok(switchboard_runtime::AccessReply::Written),
@@ -436,8 +452,10 @@ const SLOW0: u64 = 0xd000_0000;
 /// UART `com1` (set up as Linux's 8250 driver does, output read on its
 /// socket, input typed into it, with interrupts) and the test device
 /// `slow0` (writes, reads of every register, reads answered 500 us late,
-/// one of them overtaken by a write).
-fn record_mmio_session(dir: &Path, log: &Path) {
+/// one of them overtaken by a write). With `ports`, every access but the
+/// overtaken read goes through the buses' vCPU entry points; returns how
+/// many ran on the test's thread.
+fn record_mmio_session(dir: &Path, log: &Path, ports: bool) -> u64 {
     use switchboard_devices::models::uart::regs::*;
     use switchboard_runtime::AccessSize;
 
@@ -481,14 +499,8 @@ fn record_mmio_session(dir: &Path, log: &Path) {
     }
     let fleet = runner.fleet();
     let me = switchboard_runtime::ActorId::new("vcpu0");
-    let pio = Vcpu {
-        bus: fleet.bus("pio0").expect("pio0"),
-        me: me.clone(),
-    };
-    let mmio = Vcpu {
-        bus: fleet.bus("mmio0").expect("mmio0"),
-        me,
-    };
+    let pio = Vcpu::new(fleet.bus("pio0").expect("pio0"), me.clone(), ports);
+    let mmio = Vcpu::new(fleet.bus("mmio0").expect("mmio0"), me, ports);
     let mut client =
         std::os::unix::net::UnixStream::connect(dir.join("com1.sock")).expect("connect com1");
     client
@@ -557,11 +569,16 @@ fn record_mmio_session(dir: &Path, log: &Path) {
         "{late:?}"
     );
 
+    let here = [&pio, &mmio]
+        .iter()
+        .filter_map(|v| v.port.as_ref().map(|p| p.borrow().stats().here))
+        .sum();
     for (id, r) in runner.shutdown() {
         r.unwrap_or_else(|e| panic!("remove {id}: {e}"));
     }
     drop(runner);
     rec.finish().expect("finish the log");
+    here
 }
 
 /// The records of `log` (header left out), parsed.
@@ -583,9 +600,21 @@ fn find(log: &Path, f: impl Fn(&serde_json::Value) -> bool) -> usize {
 
 #[test]
 fn test_an_mmio_pio_session_replays_with_no_divergence() {
+    check_mmio_session(false);
+}
+
+#[test]
+fn test_an_mmio_pio_session_through_vcpu_ports_replays_with_no_divergence() {
+    check_mmio_session(true);
+}
+
+fn check_mmio_session(ports: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("mmio.log");
-    record_mmio_session(dir.path(), &log);
+    let here = record_mmio_session(dir.path(), &log, ports);
+    if ports {
+        assert!(here > 20, "only {here} accesses ran on the vCPU thread");
+    }
     let recs = records(&log);
     let count = |f: &dyn Fn(&serde_json::Value) -> bool| recs.iter().filter(|r| f(r)).count();
     let input: String = recs
@@ -653,7 +682,7 @@ fn test_an_mmio_pio_session_replays_with_no_divergence() {
 fn test_an_altered_mmio_reply_or_interrupt_is_caught_at_its_sequence_number() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("mmio.log");
-    record_mmio_session(dir.path(), &log);
+    record_mmio_session(dir.path(), &log, false);
     let caught = |edited: &Path| {
         let out = replay(edited, &[]);
         let t = text(&out);

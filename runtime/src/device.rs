@@ -33,6 +33,8 @@ use std::fmt;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -42,6 +44,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::addr::{AccessSize, RegionOffset};
+use crate::direct::{Counted, Direct, DirectT, Events, Here, Shared, Via};
 use crate::gate::{panic_message, Gate};
 use crate::ids::{ActorId, DeviceId, Seq};
 use crate::lifecycle::{InvalidTransition, State};
@@ -104,8 +107,9 @@ pub enum AccessReply {
     Written,
 }
 
-/// A future completing a deferred access; runs on the device's arbiter.
-pub type LaterReply = Pin<Box<dyn Future<Output = AccessReply> + 'static>>;
+/// A future completing a deferred access; runs on the device's arbiter (a
+/// direct access hands it there: see [`crate::direct`]).
+pub type LaterReply = Pin<Box<dyn Future<Output = AccessReply> + Send + 'static>>;
 
 /// How a device answers an access.
 pub enum Completion {
@@ -133,7 +137,9 @@ impl fmt::Debug for Completion {
 ///   access. It acquires what the device needs; an error leaves the actor in
 ///   `Created`.
 /// - [`access`](Device::access) and [`event`](Device::event) are called only
-///   while the actor is `Running`, one at a time, on the actor's arbiter.
+///   while the actor is `Running`, one at a time: on the actor's arbiter, or,
+///   for an access entered through [`DeviceRef::access_here`], on the
+///   caller's thread while the actor waits (see [`crate::direct`]).
 /// - [`drain_started`](Device::drain_started) is called once when a drain
 ///   begins; no `access` follows it. Deferred completions already returned
 ///   still run.
@@ -329,8 +335,9 @@ struct DrainWaiter {
 pub struct DeviceActor<D: Device> {
     id: DeviceId,
     kind: &'static str,
-    /// `None` once stopped: the device state has been dropped.
-    device: Option<D>,
+    /// The device (`None` once dropped) behind the lock the direct entry
+    /// shares; the mailbox count; the accesses handled.
+    shared: Arc<Shared<D>>,
     /// Admission, in-flight count, lifecycle state and drain: shared with
     /// the [`Sender`] every access comes through, so an access to a device
     /// that is not running is refused before it is enqueued.
@@ -344,7 +351,6 @@ pub struct DeviceActor<D: Device> {
     next_drain_token: u64,
     drain_started: Option<Instant>,
     pending_at_drain: u64,
-    handled: u64,
     refused: u64,
     supervisor: Option<Recipient<DeviceFailed>>,
 }
@@ -362,14 +368,15 @@ impl<D: Device> fmt::Debug for DeviceActor<D> {
 impl<D: Device> DeviceActor<D> {
     fn new(
         id: DeviceId,
-        device: D,
+        kind: &'static str,
+        shared: Arc<Shared<D>>,
         gate: Gate,
         supervisor: Option<Recipient<DeviceFailed>>,
     ) -> Self {
         DeviceActor {
-            kind: device.kind(),
+            kind,
             id,
-            device: Some(device),
+            shared,
             gate,
             drain_spawned: false,
             pending: HashMap::new(),
@@ -377,24 +384,27 @@ impl<D: Device> DeviceActor<D> {
             next_drain_token: 0,
             drain_started: None,
             pending_at_drain: 0,
-            handled: 0,
             refused: 0,
             supervisor,
         }
     }
 
-    /// Runs `f` on the device, containing a panic. `None` means the device
-    /// failed (or was already gone) and the actor is stopping.
+    /// Runs `f` on the device, under its lock, containing a panic. `None`
+    /// means the device failed (or was already gone) and the actor is
+    /// stopping.
     fn with_device<T>(
         &mut self,
         ctx: &mut Context<Self>,
         what: &str,
         f: impl FnOnce(&mut D) -> T,
     ) -> Option<T> {
-        let device = self.device.as_mut()?;
+        let shared = Arc::clone(&self.shared);
+        let mut guard = shared.lock();
+        let device = guard.as_mut()?;
         match catch_unwind(AssertUnwindSafe(|| f(device))) {
             Ok(v) => Some(v),
             Err(payload) => {
+                drop(guard);
                 let reason = format!("{what}: {}", panic_message(payload.as_ref()));
                 self.fail(ctx, reason);
                 None
@@ -402,12 +412,18 @@ impl<D: Device> DeviceActor<D> {
         }
     }
 
+    fn has_device(&self) -> bool {
+        self.shared.lock().is_some()
+    }
     /// Contains a device failure: answers everything, stops the actor.
-    fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
-        tracing::error!(device = %self.id, %reason, "device failed; stopping it");
-        self.gate.fail(reason.clone());
+    pub(crate) fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
+        // A direct access's failure was logged where it was caught.
+        if self.gate.fail(reason.clone()) {
+            tracing::error!(device = %self.id, %reason, "device failed; stopping it");
+        }
         // Dropping a panicked device may panic again; that must not escape.
-        if let Some(device) = self.device.take() {
+        let device = self.shared.lock().take();
+        if let Some(device) = device {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(device)));
         }
         for (_, entry) in self.pending.drain() {
@@ -431,33 +447,56 @@ impl<D: Device> DeviceActor<D> {
         let Envelope {
             seq, msg, reply, ..
         } = env;
-        self.handled += 1;
-        let Some(completion) = self.with_device(ctx, "access", |d| d.access(&msg)) else {
+        self.shared.handled.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(&self.shared);
+        let mut guard = shared.lock();
+        let Some(device) = guard.as_mut() else {
+            drop(guard);
             reply.reply(Err(Refused::Failed));
             return;
         };
-        match completion {
-            Completion::Ready(r) => reply.reply(Ok(r)),
-            Completion::Later(fut) => {
-                self.pending.insert(
-                    seq,
-                    PendingEntry {
-                        access: msg,
-                        accepted: Instant::now(),
-                        responder: reply,
-                    },
-                );
-                let fut = AssertUnwindSafe(fut).catch_unwind();
-                ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
-                    Ok(r) => act.complete(ctx, seq, r),
-                    Err(payload) => {
-                        let reason =
-                            format!("deferred access: {}", panic_message(payload.as_ref()));
-                        act.fail(ctx, reason);
-                    }
-                }));
+        match catch_unwind(AssertUnwindSafe(|| device.access(&msg))) {
+            // Answered under the lock: a direct access that follows is
+            // journalled after this reply.
+            Ok(Completion::Ready(r)) => reply.reply(Ok(r)),
+            Ok(Completion::Later(fut)) => {
+                drop(guard);
+                self.defer(ctx, seq, msg, reply, fut);
+            }
+            Err(payload) => {
+                drop(guard);
+                let reason = format!("access: {}", panic_message(payload.as_ref()));
+                self.fail(ctx, reason);
+                reply.reply(Err(Refused::Failed));
             }
         }
+    }
+
+    /// Keeps a deferred access pending until its future answers it.
+    pub(crate) fn defer(
+        &mut self,
+        ctx: &mut Context<Self>,
+        seq: Seq,
+        access: GuestAccess,
+        reply: Responder<AccessReply>,
+        fut: LaterReply,
+    ) {
+        self.pending.insert(
+            seq,
+            PendingEntry {
+                access,
+                accepted: Instant::now(),
+                responder: reply,
+            },
+        );
+        let fut = AssertUnwindSafe(fut).catch_unwind();
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(r) => act.complete(ctx, seq, r),
+            Err(payload) => {
+                let reason = format!("deferred access: {}", panic_message(payload.as_ref()));
+                act.fail(ctx, reason);
+            }
+        }));
     }
 
     fn complete(&mut self, ctx: &mut Context<Self>, seq: Seq, r: AccessReply) {
@@ -472,11 +511,13 @@ impl<D: Device> DeviceActor<D> {
     fn finish_drain(&mut self, ctx: &mut Context<Self>) {
         let waited = self.drain_started.map(|t| t.elapsed()).unwrap_or_default();
         self.with_device(ctx, "stopped", |d| d.stopped());
-        if self.device.is_none() {
+        let device = self.shared.lock().take();
+        if device.is_none() {
             // `stopped` panicked and `fail` already answered everyone.
             return;
         }
-        self.device = None;
+        // Dropped outside the lock, as `fail` does.
+        let _ = catch_unwind(AssertUnwindSafe(move || drop(device)));
         // The gate's drain already went to Stopped; Created or Realized
         // go there now.
         let _ = self.gate.transition(State::Stopped);
@@ -591,10 +632,11 @@ impl<D: Device> Handler<Start> for DeviceActor<D> {
     }
 }
 
-impl<D: Device> Handler<Drain> for DeviceActor<D> {
+impl<D: Device> Handler<Counted<Drain>> for DeviceActor<D> {
     type Result = ResponseFuture<Result<DrainReport, DrainError>>;
 
-    fn handle(&mut self, msg: Drain, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Counted<Drain>, ctx: &mut Context<Self>) -> Self::Result {
+        let msg = &msg.msg;
         let id = self.id.clone();
         let (tx, rx) = oneshot::channel();
         let token = self.next_drain_token;
@@ -608,10 +650,10 @@ impl<D: Device> Handler<Drain> for DeviceActor<D> {
                 self.pending_at_drain = self.pending.len() as u64;
                 let drained = self.gate.drained();
                 self.with_device(ctx, "drain_started", |d| d.drain_started());
-                if !self.drain_spawned && self.device.is_some() {
+                if !self.drain_spawned && self.has_device() {
                     self.drain_spawned = true;
                     ctx.spawn(drained.into_actor(self).map(|res, act, ctx| {
-                        if res.is_ok() && act.device.is_some() {
+                        if res.is_ok() && act.has_device() {
                             act.finish_drain(ctx);
                         }
                     }));
@@ -641,19 +683,21 @@ impl<D: Device> Handler<QueryStatus> for DeviceActor<D> {
             kind: self.kind.to_string(),
             state: self.gate.state(),
             pending: self.pending.len() as u64,
-            handled: self.handled,
+            handled: self.shared.handled.load(Ordering::Relaxed),
             refused: self.refused + self.gate.refused(),
         })
     }
 }
 
-impl<D: Device> Handler<Deliver<D::Event>> for DeviceActor<D> {
+impl<D: Device> Handler<Counted<Deliver<D::Event>>> for DeviceActor<D> {
     type Result = Result<(), Refused>;
 
-    fn handle(&mut self, msg: Deliver<D::Event>, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Counted<Deliver<D::Event>>, ctx: &mut Context<Self>) -> Self::Result {
+        // Counted in the mailbox until the device has taken the event.
+        let (event, _counted) = msg.take();
         match self.gate.state() {
             State::Running => self
-                .with_device(ctx, "event", |d| d.event(msg.0))
+                .with_device(ctx, "event", |d| d.event(event.0))
                 .ok_or(Refused::Failed),
             State::Draining => Err(Refused::Draining),
             State::Stopped => Err(Refused::Gone),
@@ -669,9 +713,13 @@ pub struct DeviceRef {
     id: DeviceId,
     kind: &'static str,
     access: Sender<GuestAccess>,
+    /// The device's direct entry (see [`crate::direct`]).
+    direct: Arc<dyn DirectT>,
+    /// Counts the drain requests in the mailbox, for the direct entry.
+    mailbox: crate::direct::Mailbox,
     realize: Recipient<Realize>,
     start: Recipient<Start>,
-    drain: Recipient<Drain>,
+    drain: Recipient<Counted<Drain>>,
     status: Recipient<QueryStatus>,
 }
 
@@ -710,6 +758,24 @@ impl DeviceRef {
         self.access.send(from, access)
     }
 
+    /// Runs one access on the calling thread if the device has nothing
+    /// queued or in hand, through the same gate and journal as
+    /// [`DeviceRef::access`] (see [`crate::direct`]). For plain threads (a
+    /// vCPU): an answer the device defers blocks the caller until it comes.
+    ///
+    /// `via` names the actor that routed the access, for the journal;
+    /// `still_routed` is asked once the access is admitted, and `false`
+    /// undoes the admission ([`Here::Unrouted`]).
+    pub fn access_here(
+        &self,
+        from: &ActorId,
+        via: Option<Via<'_>>,
+        access: GuestAccess,
+        still_routed: &dyn Fn() -> bool,
+    ) -> Here {
+        self.direct.access(from, via, access, still_routed)
+    }
+
     /// Realizes the device. Like every control request here, the message is
     /// sent when this is called; the returned future only waits for the answer.
     pub fn realize(&self) -> impl Future<Output = Result<(), LifecycleError>> + 'static {
@@ -737,7 +803,7 @@ impl DeviceRef {
         &self,
         deadline: Option<Duration>,
     ) -> impl Future<Output = Result<DrainReport, DrainError>> + 'static {
-        let req = self.drain.send(Drain { deadline });
+        let req = self.drain.send(self.mailbox.count(Drain { deadline }));
         let id = self.id.clone();
         async move { req.await.unwrap_or(Err(DrainError::Gone { id })) }
     }
@@ -760,7 +826,7 @@ pub struct SpawnedDevice<E: Send + 'static> {
     /// The device handle.
     pub device: DeviceRef,
     /// Where the device's external inputs go.
-    pub events: Recipient<Deliver<E>>,
+    pub events: Events<E>,
 }
 
 impl<E: Send + 'static> fmt::Debug for SpawnedDevice<E> {
@@ -784,11 +850,29 @@ pub fn spawn_device<D: Device>(
     let kind = device.kind();
     let actor_id = id.actor_id();
     let gate = Gate::new(id.as_str(), 1, 256);
-    let actor_for_arbiter = DeviceActor::new(id.clone(), device, gate.clone(), supervisor);
+    let shared = Arc::new(Shared::new(device));
+    let mailbox = shared.mailbox.clone();
+    let actor_for_arbiter = DeviceActor::new(
+        id.clone(),
+        kind,
+        Arc::clone(&shared),
+        gate.clone(),
+        supervisor,
+    );
     let addr = DeviceActor::start_in_arbiter(arbiter, move |_| actor_for_arbiter);
+    let direct = Direct {
+        to: actor_id.clone(),
+        shared,
+        gate: gate.clone(),
+        runtime: runtime.clone(),
+        adopt: addr.clone().recipient(),
+        failed: addr.clone().recipient(),
+    };
     SpawnedDevice {
         device: DeviceRef {
             access: runtime.sender_through(actor_id, addr.clone().recipient(), gate),
+            direct: Arc::new(direct),
+            mailbox: mailbox.clone(),
             realize: addr.clone().recipient(),
             start: addr.clone().recipient(),
             drain: addr.clone().recipient(),
@@ -796,7 +880,10 @@ pub fn spawn_device<D: Device>(
             id,
             kind,
         },
-        events: addr.recipient(),
+        events: Events {
+            recipient: addr.recipient(),
+            mailbox,
+        },
     }
 }
 

@@ -477,6 +477,43 @@ impl Gate {
         })
     }
 
+    /// Admits on `lane`, untracked as [`Gate::admit_untracked`] does, only if
+    /// nothing else is in flight on it: one compare-and-swap from an open,
+    /// empty lane to a count of one. `Ok(None)` means the lane is busy (a
+    /// message is queued, being handled or answered later) and nothing was
+    /// counted; a closed lane refuses as [`Gate::enter`] does.
+    ///
+    /// This is how a caller that runs a message on its own thread (see
+    /// [`crate::direct`]) knows that it overtakes nothing admitted before it.
+    pub fn admit_if_idle(&self, lane: usize) -> Result<Option<Ticket>, Refused> {
+        let lane = lane.min(self.inner.lanes.len() - 1);
+        let l = &self.inner.lanes[lane];
+        let mut word = l.word.load(Ordering::Acquire);
+        loop {
+            if word & CLOSED != 0 {
+                self.inner.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(self.refusal());
+            }
+            if word & COUNT != 0 {
+                return Ok(None);
+            }
+            match l
+                .word
+                .compare_exchange_weak(word, word + 1, Ordering::Acquire, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Ok(Some(Ticket {
+                        gate: self.clone(),
+                        lane: lane as u32,
+                        slot: u32::MAX,
+                        seq: Seq(0),
+                    }))
+                }
+                Err(now) => word = now,
+            }
+        }
+    }
+
     /// Counts one holder in on `lane`, as [`Gate::admit_untracked`] does,
     /// without a ticket: for a holder that keeps the gate alive itself (a
     /// guest-memory lease holds its region, which owns the gate) and so
@@ -848,6 +885,40 @@ mod tests {
         drop(t);
         assert_eq!(g.in_flight(), 0);
         assert_eq!(g.refused(), 1);
+    }
+
+    #[test]
+    fn test_admit_if_idle_admits_only_an_empty_open_lane() {
+        let g = Gate::new("dev", 1, 16);
+        assert_eq!(
+            g.admit_if_idle(0).expect_err("created"),
+            Refused::NotRunning {
+                state: State::Created
+            }
+        );
+        g.transition(State::Realized).expect("realize");
+        g.transition(State::Running).expect("start");
+        let first = g.admit_if_idle(0).expect("running").expect("idle");
+        assert_eq!(g.in_flight(), 1);
+        assert!(
+            g.admit_if_idle(0).expect("running").is_none(),
+            "busy: one in flight"
+        );
+        assert_eq!(g.in_flight(), 1, "a busy lane counts nothing in");
+        drop(first);
+        let queued = g.admit_untracked(0).expect("running");
+        assert!(g.admit_if_idle(0).expect("running").is_none());
+        drop(queued);
+        let last = g.admit_if_idle(0).expect("running").expect("idle again");
+        let g2 = g.clone();
+        let drainer = std::thread::spawn(move || g2.drain(None));
+        while g.state() != State::Draining {
+            std::thread::yield_now();
+        }
+        assert_eq!(g.admit_if_idle(0).expect_err("draining"), Refused::Draining);
+        drop(last);
+        drainer.join().expect("thread").expect("drained");
+        assert_eq!(g.admit_if_idle(0).expect_err("stopped"), Refused::Gone);
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! answered, and a panic in a device stops that device alone and is reported
 //! to the [`Supervisor`].
 //!
+//! A plain thread (a vCPU in `KVM_RUN`) can run an access on its own thread
+//! instead, through the same gate and journal, when the device has nothing
+//! queued or in hand ([`DeviceRef::access_here`], see [`direct`]).
+//!
 //! Buses (address spaces) and guest memory build on this crate in
 //! `switchboard-bus`; the devices themselves live in `switchboard-devices`.
 //!
@@ -48,6 +52,7 @@
 
 pub mod addr;
 pub mod device;
+pub mod direct;
 pub mod gate;
 pub mod ids;
 pub mod irq;
@@ -63,6 +68,7 @@ pub use device::{
     DeviceRegion, DeviceStatus, Drain, DrainError, DrainReport, GuestAccess, LaterReply,
     LifecycleError, PendingAccess, QueryStatus, Realize, SpawnedDevice, Start,
 };
+pub use direct::{Events, Here, Via};
 pub use gate::{
     panic_message, DrainError as GateDrainError, DrainReport as GateDrainReport, Gate, Lanes,
     MessageKind, Pending, Ticket,

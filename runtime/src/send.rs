@@ -247,6 +247,25 @@ impl<R: Serialize + Send + 'static> fmt::Debug for Responder<R> {
 }
 
 impl<R: Serialize + Send + 'static> Responder<R> {
+    /// A responder for message `seq`, admitted with `ticket`, and the reply
+    /// its caller waits on: for a message that was admitted somewhere other
+    /// than [`Sender::send`] (an access run on its caller's thread, see
+    /// [`crate::direct`], whose answer comes later).
+    pub(crate) fn admitted(
+        seq: Seq,
+        ticket: Ticket,
+        journal: Option<Arc<dyn Journal>>,
+    ) -> (Self, Reply<R>) {
+        let (tx, rx) = oneshot::channel();
+        let responder = Responder {
+            seq,
+            tx: Some(tx),
+            ticket: Some(ticket),
+            journal,
+        };
+        (responder, Reply { rx })
+    }
+
     /// The sequence number of the message this answers.
     pub fn seq(&self) -> Seq {
         self.seq
