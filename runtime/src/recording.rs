@@ -50,6 +50,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub mod binary;
 mod kind;
 pub use kind::{ParsedKind, RecordKind};
 
