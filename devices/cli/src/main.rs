@@ -31,7 +31,7 @@ use switchboard_devices::vhost_user::{
     check_socket_path, default_workers, serve, serve_unix_listener, StopHandle, VhostUserServer,
 };
 use switchboard_runtime::recording::{
-    ActorInfo, DataMode, Header, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
+    ActorInfo, DataMode, Header, LogFormat, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
 };
 use switchboard_runtime::Runtime;
 
@@ -272,6 +272,15 @@ enum RecordFull {
     Gap,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordFormat {
+    /// JSON Lines (version 1).
+    Json,
+    /// Binary frames with a CRC32C each (version 2, runtime/LOG-FORMAT.md):
+    /// cheaper to write and to replay, and smaller.
+    Binary,
+}
+
 #[derive(Debug, Args)]
 struct RecordArgs {
     /// Record every message each device receives, with its reply and the
@@ -287,6 +296,9 @@ struct RecordArgs {
     /// Records the log's buffer holds.
     #[arg(long, default_value_t = DEFAULT_BUFFER as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     record_buffer: u64,
+    /// The log's form. `switchboard log --json` shows either as JSON Lines.
+    #[arg(long, value_enum, default_value_t = RecordFormat::Json, value_name = "FORM")]
+    record_format: RecordFormat,
 }
 
 impl RecordArgs {
@@ -317,6 +329,10 @@ impl RecordArgs {
             when_full: match self.record_full {
                 RecordFull::Wait => WhenFull::Wait,
                 RecordFull::Gap => WhenFull::Gap,
+            },
+            format: match self.record_format {
+                RecordFormat::Json => LogFormat::JsonLines,
+                RecordFormat::Binary => LogFormat::Binary,
             },
         };
         let recorder = Recorder::create(path, &header, options)
