@@ -20,7 +20,9 @@ use switchboard_devices::models::blk::{Blk, BlkOptions, VIRTIO_BLK_S_OK};
 use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTQ_DESC_F_WRITE};
 use switchboard_integration::{output_text as text, serve_in_process, switchboard_bin};
-use switchboard_runtime::recording::{ActorInfo, DataMode, Header, RecordOptions, Recorder};
+use switchboard_runtime::recording::{
+    ActorInfo, DataMode, Header, LogFormat, RecordOptions, Recorder,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,6 +48,12 @@ fn recorder(path: &Path, mode: DataMode) -> Recorder {
         &header,
         RecordOptions {
             data: mode,
+            // A log named `*.bin` is written in the binary form.
+            format: if path.extension().is_some_and(|e| e == "bin") {
+                LogFormat::Binary
+            } else {
+                LogFormat::JsonLines
+            },
             ..RecordOptions::default()
         },
     )
@@ -178,6 +186,34 @@ fn test_a_recorded_session_replays_with_no_divergence_in_both_modes() {
     }
 }
 
+#[test]
+fn test_a_binary_session_replays_with_no_divergence_and_lists_as_its_json_lines() {
+    for mode in [DataMode::Hash, DataMode::Value] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("session.bin");
+        record_session(dir.path(), &log, mode);
+        let out = replay(&log, &[]);
+        assert!(out.status.success(), "{mode:?}: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("0 divergences"), "{t}");
+        assert!(t.contains("disk0: ") && t.contains("rng0: "), "{t}");
+        let listed = Command::new(switchboard_bin())
+            .args(["log", "--json"])
+            .arg(&log)
+            .output()
+            .expect("run switchboard log");
+        assert!(listed.status.success(), "{}", text(&listed));
+        let json = String::from_utf8(listed.stdout).expect("utf8");
+        let requests = json
+            .lines()
+            .filter(|l| l.contains("\"from\":\"driver/q0\""))
+            .count();
+        assert_eq!(requests, 24 + 3 + 4, "{mode:?}");
+        let size = std::fs::metadata(&log).expect("meta").len();
+        assert!((size as usize) < json.len(), "{size} vs {}", json.len());
+    }
+}
+
 /// The log with `f` applied to line `index` (0 is the header).
 fn edit(log: &Path, index: usize, f: impl FnOnce(&str) -> String) -> PathBuf {
     let mut all = lines(log);
@@ -283,7 +319,8 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let (_dir, log) = setup(DataMode::Hash);
     let edited = edit(&log, 0, |l| {
         let mut v: serde_json::Value = serde_json::from_str(l).expect("header");
-        v["version"] = serde_json::json!(2);
+        // Version 2 is the binary form; 3 is newer than this build reads.
+        v["version"] = serde_json::json!(3);
         v["switchboard"] = serde_json::json!("7.1.0");
         v["compression"] = serde_json::json!("zstd");
         v.to_string()
@@ -291,7 +328,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let out = replay(&edited, &[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains(":1: log format version 2"), "{t}");
+    assert!(t.contains(":1: log format version 3"), "{t}");
     assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
     assert!(!t.contains("divergence"), "{t}");
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::ids::{ActorId, Seq};
-use crate::recording::{DataMode, Entry, RecordKind};
+use crate::recording::{Body, DataMode, Entry, RecordKind};
 
 /// A value a journal can turn into JSON. Implemented for every `Serialize` type.
 pub trait Recordable {
@@ -99,6 +99,19 @@ pub trait Journal: Send + Sync + 'static {
     /// protocol message, a device added or removed. The default drops it:
     /// only a journal that writes a log wants these.
     fn record(&self, _entry: Entry) {}
+    /// As [`Journal::record`], with the body borrowed: a binary log
+    /// encodes it at once, on this thread, so nothing is boxed. The
+    /// default drops it.
+    fn record_body(
+        &self,
+        _time: u64,
+        _latency: u64,
+        _from: &str,
+        _to: &str,
+        _kind: RecordKind,
+        _body: &dyn Body,
+    ) {
+    }
     /// The time for [`Entry::time`]: ns since the journal began.
     fn now(&self) -> u64 {
         0
@@ -298,6 +311,19 @@ impl Journal for RecordJournal {
 
     fn record(&self, entry: Entry) {
         self.recorder.record(entry);
+    }
+
+    fn record_body(
+        &self,
+        time: u64,
+        latency: u64,
+        from: &str,
+        to: &str,
+        kind: RecordKind,
+        body: &dyn Body,
+    ) {
+        self.recorder
+            .record_body(time, latency, from, to, kind, body);
     }
 
     fn now(&self) -> u64 {

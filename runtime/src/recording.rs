@@ -41,7 +41,7 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -50,13 +50,18 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+pub mod binary;
 mod kind;
+mod writer;
 pub use kind::{ParsedKind, RecordKind};
 
 /// The `format` field of a header.
 pub const FORMAT: &str = "switchboard-log";
-/// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this build reads, and the one of the
+/// binary logs it writes ([`LogFormat::Binary`], `LOG-FORMAT.md`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of the JSON Lines logs it writes ([`LogFormat::JsonLines`]).
+pub const JSON_LINES_VERSION: u32 = 1;
 /// Data of at most this many bytes is always recorded by value.
 pub const INLINE_MAX: usize = 64;
 /// The default number of records the buffer holds.
@@ -75,6 +80,17 @@ pub enum DataMode {
     /// cheap; a replay still checks every byte moved, through the hashes,
     /// but cannot show the bytes.
     Hash,
+}
+
+/// How a log is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Version 1: JSON Lines.
+    #[default]
+    JsonLines,
+    /// Version 2: binary frames with a CRC32C each (`LOG-FORMAT.md`).
+    Binary,
 }
 
 /// What the recorder does when its buffer is full.
@@ -97,6 +113,8 @@ pub struct RecordOptions {
     pub buffer: usize,
     /// What happens when it is full.
     pub when_full: WhenFull,
+    /// How the log is written.
+    pub format: LogFormat,
 }
 
 impl Default for RecordOptions {
@@ -105,6 +123,7 @@ impl Default for RecordOptions {
             data: DataMode::Value,
             buffer: DEFAULT_BUFFER,
             when_full: WhenFull::Wait,
+            format: LogFormat::JsonLines,
         }
     }
 }
@@ -300,6 +319,13 @@ pub trait Body: Send + 'static {
     fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
     /// Writes the reply as one JSON value.
     fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
+    /// Writes payload and reply in a binary codec of `LOG-FORMAT.md` and
+    /// returns the codec, or writes nothing and returns `None` to be
+    /// recorded as JSON ([`binary::CODEC_JSON`]). Called on the recording
+    /// thread for binary logs: it should not allocate.
+    fn encode_binary(&self, _out: &mut Vec<u8>) -> Option<u8> {
+        None
+    }
 }
 
 /// A body made of two JSON values.
@@ -370,12 +396,6 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-enum Msg {
-    Entry(Entry),
-    Gap(u64),
-    End,
-}
-
 /// What a finished recording wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -388,13 +408,10 @@ pub struct Summary {
 }
 
 struct Inner {
-    tx: crossbeam_channel::Sender<Msg>,
+    shared: Arc<writer::Shared>,
     mode: DataMode,
-    when_full: WhenFull,
+    format: LogFormat,
     start: Instant,
-    /// Entries dropped and not yet announced by a gap record.
-    dropped: AtomicU64,
-    ended: AtomicBool,
     writer: Mutex<Option<thread::JoinHandle<io::Result<Summary>>>>,
     path: PathBuf,
 }
@@ -430,23 +447,39 @@ impl Recorder {
         options: RecordOptions,
     ) -> io::Result<Recorder> {
         let mut out = BufWriter::with_capacity(1 << 18, out);
-        let mut line = serde_json::to_vec(header).map_err(io::Error::other)?;
-        line.push(b'\n');
-        out.write_all(&line)?;
+        let mut header = header.clone();
+        let mut first = Vec::new();
+        match options.format {
+            LogFormat::JsonLines => {
+                header.version = JSON_LINES_VERSION;
+                serde_json::to_writer(&mut first, &header).map_err(io::Error::other)?;
+                first.push(b'\n');
+            }
+            LogFormat::Binary => {
+                header.version = FORMAT_VERSION;
+                first.extend_from_slice(&binary::MAGIC);
+                binary::put_frame_with(&mut first, |o| {
+                    o.push(binary::TAG_HEADER);
+                    // A header is plain data: it always serializes.
+                    let _ = serde_json::to_writer(&mut *o, &header);
+                });
+            }
+        }
+        out.write_all(&first)?;
         out.flush()?;
-        let (tx, rx) = crossbeam_channel::bounded(options.buffer.max(1));
-        let bytes = line.len() as u64;
+        let shared = Arc::new(writer::Shared::new(options.buffer, options.when_full));
+        let bytes = first.len() as u64;
+        let format = options.format;
+        let for_writer = Arc::clone(&shared);
         let writer = thread::Builder::new()
             .name("record-writer".into())
-            .spawn(move || write_loop(rx, out, bytes))?;
+            .spawn(move || writer::write_loop(for_writer, out, format, bytes))?;
         Ok(Recorder {
             inner: Arc::new(Inner {
-                tx,
+                shared,
                 mode: options.data,
-                when_full: options.when_full,
+                format,
                 start: Instant::now(),
-                dropped: AtomicU64::new(0),
-                ended: AtomicBool::new(false),
                 writer: Mutex::new(Some(writer)),
                 path: path.to_path_buf(),
             }),
@@ -468,34 +501,44 @@ impl Recorder {
         &self.inner.path
     }
 
-    /// Hands a record to the writer. Waits if the buffer is full and the
-    /// mode is [`WhenFull::Wait`]; drops and counts it under
+    /// The format it writes.
+    pub fn format(&self) -> LogFormat {
+        self.inner.format
+    }
+
+    /// Hands a record to the writer. Waits if this thread's buffer is
+    /// full and the mode is [`WhenFull::Wait`]; drops and counts it under
     /// [`WhenFull::Gap`].
     pub fn record(&self, entry: Entry) {
+        self.record_body(
+            entry.time,
+            entry.latency,
+            &entry.from,
+            &entry.to,
+            entry.kind,
+            &*entry.body,
+        );
+    }
+
+    /// As [`Recorder::record`], with the body borrowed: encoded into this
+    /// thread's buffer at once, so nothing is boxed or allocated.
+    pub fn record_body(
+        &self,
+        time: u64,
+        latency: u64,
+        from: &str,
+        to: &str,
+        kind: RecordKind,
+        body: &dyn Body,
+    ) {
         let inner = &*self.inner;
-        if inner.ended.load(Ordering::Acquire) {
-            tracing::debug!(to = %entry.to, kind = %entry.kind, "record after the log was closed; not written");
+        if inner.shared.ended.load(Ordering::Acquire) {
+            tracing::debug!(%to, %kind, "record after the log was closed; not written");
             return;
         }
-        match inner.when_full {
-            WhenFull::Wait => {
-                // Fails only once the writer is gone (finished or failed).
-                let _ = inner.tx.send(Msg::Entry(entry));
-            }
-            WhenFull::Gap => {
-                let owed = inner.dropped.swap(0, Ordering::AcqRel);
-                if owed > 0 {
-                    if let Err(e) = inner.tx.try_send(Msg::Gap(owed)) {
-                        inner.dropped.fetch_add(owed + 1, Ordering::AcqRel);
-                        drop(e);
-                        return;
-                    }
-                }
-                if inner.tx.try_send(Msg::Entry(entry)).is_err() {
-                    inner.dropped.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-        }
+        inner
+            .shared
+            .record(inner.format, time, latency, [from, to, kind.as_str()], body);
     }
 
     /// Writes everything buffered and closes the log. Later records are
@@ -503,7 +546,7 @@ impl Recorder {
     /// default summary).
     pub fn finish(&self) -> io::Result<Summary> {
         let inner = &*self.inner;
-        inner.ended.store(true, Ordering::Release);
+        inner.shared.ended.store(true, Ordering::Release);
         let Some(writer) = inner
             .writer
             .lock()
@@ -512,111 +555,10 @@ impl Recorder {
         else {
             return Ok(Summary::default());
         };
-        let owed = inner.dropped.swap(0, Ordering::AcqRel);
-        if owed > 0 {
-            let _ = inner.tx.send(Msg::Gap(owed));
-        }
-        let _ = inner.tx.send(Msg::End);
         writer
             .join()
             .map_err(|_| io::Error::other("the log writer thread panicked"))?
     }
-}
-
-/// The body of a `gap` record.
-struct GapBody(u64);
-
-impl Body for GapBody {
-    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        serde_json::to_writer(out, &serde_json::json!({ "dropped": self.0 }))
-    }
-
-    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        out.extend_from_slice(b"null");
-        Ok(())
-    }
-}
-
-/// How long the idle writer sleeps between looks at the buffer.
-const POLL: std::time::Duration = std::time::Duration::from_millis(1);
-/// How often the idle writer flushes what it has written to the file.
-const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
-
-fn write_loop(
-    rx: crossbeam_channel::Receiver<Msg>,
-    mut out: BufWriter<Box<dyn Write + Send>>,
-    mut bytes: u64,
-) -> io::Result<Summary> {
-    let mut summary = Summary::default();
-    let mut seq = 0u64;
-    let mut line = Vec::with_capacity(4096);
-    let recorder: Arc<str> = Arc::from("recorder");
-    let mut flushed = Instant::now();
-    loop {
-        // The writer polls instead of blocking in `recv`: a device thread
-        // that hands over a record then never pays for waking this thread
-        // (a futex call and a context switch per record, which at a few
-        // thousand records a second cost more than the record itself).
-        let msg = match rx.try_recv() {
-            Ok(m) => m,
-            Err(crossbeam_channel::TryRecvError::Disconnected) => break,
-            Err(crossbeam_channel::TryRecvError::Empty) => {
-                // Idle: make what we have readable now and then, and wait.
-                if flushed.elapsed() >= FLUSH_EVERY {
-                    out.flush()?;
-                    flushed = Instant::now();
-                }
-                thread::sleep(POLL);
-                continue;
-            }
-        };
-        let entry = match msg {
-            Msg::Entry(e) => e,
-            Msg::Gap(n) => {
-                summary.dropped += n;
-                Entry {
-                    time: 0,
-                    latency: 0,
-                    from: Arc::clone(&recorder),
-                    to: Arc::clone(&recorder),
-                    kind: RecordKind::Gap,
-                    body: Box::new(GapBody(n)),
-                }
-            }
-            Msg::End => break,
-        };
-        seq += 1;
-        line.clear();
-        encode_line(&mut line, seq, &entry).map_err(io::Error::other)?;
-        out.write_all(&line)?;
-        bytes += line.len() as u64;
-        summary.records += 1;
-    }
-    out.flush()?;
-    summary.bytes = bytes;
-    Ok(summary)
-}
-
-/// Serializes one record line (with its newline).
-fn encode_line(line: &mut Vec<u8>, seq: u64, e: &Entry) -> serde_json::Result<()> {
-    use std::io::Write as _;
-    // The fields in a fixed order, so that logs diff well.
-    let _ = write!(
-        line,
-        "{{\"seq\":{seq},\"time\":{},\"latency\":{},\"from\":",
-        e.time, e.latency
-    );
-    serde_json::to_writer(&mut *line, &*e.from)?;
-    line.extend_from_slice(b",\"to\":");
-    serde_json::to_writer(&mut *line, &*e.to)?;
-    line.extend_from_slice(b",\"type\":");
-    serde_json::to_writer(&mut *line, e.kind.as_str())?;
-    line.extend_from_slice(b",\"payload\":");
-    e.body.payload(line)?;
-    line.extend_from_slice(b",\"reply\":");
-    e.body.reply(line)?;
-    line.extend_from_slice(b"}\n");
-    Ok(())
 }
 
 /// One record as read back, borrowing from its line.
@@ -702,6 +644,25 @@ pub enum LogError {
         /// Complete records before it.
         complete: u64,
     },
+    /// A record of a binary log whose checksum does not match, or that
+    /// does not decode.
+    #[error(
+        "{path}:{line}: record {line} (byte offset {offset}) is corrupt: {why}; \
+         the {complete} complete records before it are usable"
+    )]
+    Corrupt {
+        /// The log.
+        path: PathBuf,
+        /// The record's position, counting the header as 1 (its line in
+        /// the JSON Lines form).
+        line: u64,
+        /// Where its frame starts in the file.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+        /// Complete records before it.
+        complete: u64,
+    },
     /// A line that is not a record.
     #[error("{path}:{line}: not a record: {why}")]
     BadRecord {
@@ -714,7 +675,39 @@ pub enum LogError {
     },
 }
 
-/// Reads a log line by line.
+/// Renders a binary body of `codec` as version 1's JSON payload and
+/// reply. The reader knows [`binary::CODEC_JSON`]; the crate that owns
+/// another codec supplies this ([`LogReader::with_render`]).
+pub type Render =
+    fn(codec: u8, body: &[u8], payload: &mut Vec<u8>, reply: &mut Vec<u8>) -> Result<(), String>;
+
+fn render_none(codec: u8, _: &[u8], _: &mut Vec<u8>, _: &mut Vec<u8>) -> Result<(), String> {
+    Err(format!("body codec {codec} is not known to this reader"))
+}
+
+/// One record of a binary log, borrowed from the reader.
+#[derive(Clone, Copy, Debug)]
+pub struct BinRecord<'a> {
+    /// Sequence number.
+    pub seq: u64,
+    /// Delivery time (ns since the recording started).
+    pub time: u64,
+    /// Time until the reply (ns).
+    pub latency: u64,
+    /// Sender.
+    pub from: &'a str,
+    /// Receiver.
+    pub to: &'a str,
+    /// Message type.
+    pub kind: &'a str,
+    /// Body codec.
+    pub codec: u8,
+    /// Body.
+    pub body: &'a [u8],
+}
+
+/// Reads a log, JSON Lines (version 1) or binary (version 2), record by
+/// record.
 #[derive(Debug)]
 pub struct LogReader {
     path: PathBuf,
@@ -724,10 +717,34 @@ pub struct LogReader {
     records: u64,
     buf: String,
     len: u64,
+    /// The binary form's state; `None` for JSON Lines.
+    bin: Option<Box<BinState>>,
+}
+
+struct BinState {
+    /// Bytes read and not yet consumed: `data[pos..]`.
+    data: Vec<u8>,
+    pos: usize,
+    /// File offset of `data[0]`.
+    base: u64,
+    eof: bool,
+    names: Vec<String>,
+    render: Render,
+    payload: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+impl std::fmt::Debug for BinState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinState")
+            .field("base", &self.base)
+            .field("names", &self.names.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl LogReader {
-    /// Opens `path` and reads its header.
+    /// Opens `path` and reads its header, whichever form it has.
     pub fn open(path: &Path) -> Result<LogReader, LogError> {
         let io_err = |source| LogError::Io {
             path: path.to_path_buf(),
@@ -736,13 +753,17 @@ impl LogReader {
         let file = File::open(path).map_err(io_err)?;
         let len = file.metadata().map_err(io_err)?.len();
         let mut input = BufReader::with_capacity(1 << 20, file);
-        let mut first = String::new();
-        input.read_line(&mut first).map_err(io_err)?;
-        if first.is_empty() {
+        let peek = input.fill_buf().map_err(io_err)?;
+        if peek.is_empty() {
             return Err(LogError::Empty {
                 path: path.to_path_buf(),
             });
         }
+        if peek[0] == binary::MAGIC[0] {
+            return Self::open_binary(path, input, len);
+        }
+        let mut first = String::new();
+        input.read_line(&mut first).map_err(io_err)?;
         let header = parse_header(path, &first)?;
         Ok(LogReader {
             path: path.to_path_buf(),
@@ -752,7 +773,211 @@ impl LogReader {
             records: 0,
             buf: String::new(),
             len,
+            bin: None,
         })
+    }
+
+    /// Sets how binary bodies of codecs other than JSON are rendered for
+    /// [`LogReader::next_line`].
+    pub fn with_render(mut self, render: Render) -> Self {
+        if let Some(b) = &mut self.bin {
+            b.render = render;
+        }
+        self
+    }
+
+    fn open_binary(path: &Path, input: BufReader<File>, len: u64) -> Result<LogReader, LogError> {
+        let not_a_log = |why: String| LogError::NotALog {
+            path: path.to_path_buf(),
+            why,
+        };
+        let mut r = LogReader {
+            path: path.to_path_buf(),
+            input,
+            header: Header::new(
+                String::new(),
+                DataMode::Hash,
+                serde_json::Value::Null,
+                Vec::new(),
+            ),
+            line_no: 0,
+            records: 0,
+            buf: String::new(),
+            len,
+            bin: Some(Box::new(BinState {
+                data: Vec::with_capacity(1 << 20),
+                pos: 0,
+                base: 0,
+                eof: false,
+                names: Vec::new(),
+                render: render_none,
+                payload: Vec::new(),
+                reply: Vec::new(),
+            })),
+        };
+        r.fill(binary::MAGIC.len())?;
+        let b = r.bin.as_mut().expect("binary state was just set");
+        if b.data.len() < binary::MAGIC.len() || b.data[..binary::MAGIC.len()] != binary::MAGIC {
+            return Err(not_a_log("neither JSON nor the binary form's magic".into()));
+        }
+        b.pos = binary::MAGIC.len();
+        let payload = match r.frame() {
+            Ok(Some((p, _))) => p,
+            Ok(None) | Err(_) => return Err(not_a_log("no header frame after the magic".into())),
+        };
+        if payload.first() != Some(&binary::TAG_HEADER) {
+            return Err(not_a_log("the first frame is not the header".into()));
+        }
+        let text = String::from_utf8_lossy(&payload[1..]).into_owned();
+        r.header = parse_header(path, &text)?;
+        r.line_no = 1;
+        Ok(r)
+    }
+
+    /// Makes at least `want` bytes available past `pos` unless the file
+    /// ends first.
+    fn fill(&mut self, want: usize) -> Result<(), LogError> {
+        let Some(b) = self.bin.as_mut() else {
+            return Ok(());
+        };
+        while b.data.len() - b.pos < want && !b.eof {
+            if b.pos > 0 {
+                b.data.drain(..b.pos);
+                b.base += b.pos as u64;
+                b.pos = 0;
+            }
+            let chunk = self.input.fill_buf().map_err(|source| LogError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+            if chunk.is_empty() {
+                b.eof = true;
+                break;
+            }
+            let n = chunk.len();
+            b.data.extend_from_slice(chunk);
+            self.input.consume(n);
+        }
+        Ok(())
+    }
+
+    /// The next frame's payload (a copy of its bounds into `data`) and its
+    /// file offset; consumed.
+    fn frame(&mut self) -> Result<Option<(Vec<u8>, u64)>, LogError> {
+        let (start, end, offset) = match self.frame_bounds()? {
+            Some(x) => x,
+            None => return Ok(None),
+        };
+        let b = self.bin.as_ref().expect("binary");
+        Ok(Some((b.data[start..end].to_vec(), offset)))
+    }
+
+    /// Finds the next frame: payload bounds in `data`, file offset.
+    fn frame_bounds(&mut self) -> Result<Option<(usize, usize, u64)>, LogError> {
+        let mut want = 16;
+        loop {
+            self.fill(want)?;
+            let b = self.bin.as_mut().expect("binary");
+            let rest = &b.data[b.pos..];
+            let offset = b.base + b.pos as u64;
+            match binary::take_frame(rest) {
+                Ok(None) => return Ok(None),
+                Ok(Some((p, n))) => {
+                    let start = b.pos + (p.as_ptr() as usize - rest.as_ptr() as usize);
+                    let end = start + p.len();
+                    b.pos += n;
+                    return Ok(Some((start, end, offset)));
+                }
+                Err(binary::FrameError::Truncated { have }) => {
+                    if b.eof {
+                        return Err(LogError::Truncated {
+                            path: self.path.clone(),
+                            line: self.line_no + 1,
+                            len: have,
+                            complete: self.records,
+                        });
+                    }
+                    // Read on: the frame is longer than what is here.
+                    let mut p = rest;
+                    want = match binary::get_varint(&mut p) {
+                        Some(len) => (len as usize).saturating_add(20),
+                        None => want * 2,
+                    };
+                }
+                Err(binary::FrameError::Corrupt { why }) => {
+                    return Err(self.corrupt(offset, why));
+                }
+            }
+        }
+    }
+
+    fn corrupt(&self, offset: u64, why: String) -> LogError {
+        LogError::Corrupt {
+            path: self.path.clone(),
+            line: self.line_no + 1,
+            offset,
+            why,
+            complete: self.records,
+        }
+    }
+
+    /// Whether the log is the binary form.
+    pub fn is_binary(&self) -> bool {
+        self.bin.is_some()
+    }
+
+    /// The next record of a binary log, with its names resolved, without
+    /// rendering it: `Ok(None)` at the end (and always for JSON Lines).
+    /// Its line is [`LogReader::line`] after the call.
+    pub fn next_binary(&mut self) -> Result<Option<BinRecord<'_>>, LogError> {
+        let (start, end) = loop {
+            let Some((start, end, offset)) = self.frame_bounds()? else {
+                return Ok(None);
+            };
+            let b = self.bin.as_mut().expect("binary");
+            let payload = &b.data[start..end];
+            let bad = match payload[0] {
+                binary::TAG_NAME => {
+                    let mut p = &payload[1..];
+                    let index = binary::get_varint(&mut p);
+                    match (index, std::str::from_utf8(p)) {
+                        (Some(i), Ok(name)) if i == b.names.len() as u64 => {
+                            b.names.push(name.to_string());
+                            continue;
+                        }
+                        _ => "a name frame out of order or not UTF-8".to_string(),
+                    }
+                }
+                binary::TAG_RECORD => match binary::get_record(payload) {
+                    None => "a record that does not decode".to_string(),
+                    Some(h)
+                        if [h.from, h.to, h.kind]
+                            .iter()
+                            .all(|&i| (i as usize) < b.names.len()) =>
+                    {
+                        break (start, end);
+                    }
+                    Some(_) => "a record naming an undefined name".to_string(),
+                },
+                t => format!("unknown frame tag {t:#04x}"),
+            };
+            return Err(self.corrupt(offset, bad));
+        };
+        self.line_no += 1;
+        self.records += 1;
+        let b = self.bin.as_ref().expect("binary");
+        let h = binary::get_record(&b.data[start..end]).expect("checked above");
+        let name = |i: u64| b.names[i as usize].as_str();
+        Ok(Some(BinRecord {
+            seq: h.seq,
+            time: h.time,
+            latency: h.latency,
+            from: name(h.from),
+            to: name(h.to),
+            kind: name(h.kind),
+            codec: h.codec,
+            body: h.body,
+        }))
     }
 
     /// The header.
@@ -765,7 +990,8 @@ impl LogReader {
         self.len
     }
 
-    /// The line number of the last line read.
+    /// The line number of the last line read (for a binary log, the
+    /// position of the last record read, counting the header as 1).
     pub fn line(&self) -> u64 {
         self.line_no
     }
@@ -779,6 +1005,9 @@ impl LogReader {
     /// a cut-off or malformed record. The line is parsed with
     /// [`LogReader::parse`].
     pub fn next_line(&mut self) -> Result<Option<&str>, LogError> {
+        if self.bin.is_some() {
+            return self.next_rendered();
+        }
         self.buf.clear();
         let n = self
             .input
@@ -803,6 +1032,37 @@ impl LogReader {
         Ok(Some(self.buf.trim_end_matches('\n')))
     }
 
+    /// The next record of a binary log rendered as its JSON line.
+    fn next_rendered(&mut self) -> Result<Option<&str>, LogError> {
+        let path = self.path.clone();
+        let line = self.line_no + 1;
+        let mut text = std::mem::take(&mut self.buf);
+        text.clear();
+        let mut bin = self.bin.take().expect("binary");
+        let (mut payload, mut reply) = (
+            std::mem::take(&mut bin.payload),
+            std::mem::take(&mut bin.reply),
+        );
+        let render = bin.render;
+        self.bin = Some(bin);
+        let result = match self.next_binary() {
+            Ok(Some(r)) => render_line(&mut text, &r, render, &mut payload, &mut reply)
+                .map(|()| true)
+                .map_err(|why| LogError::BadRecord { path, line, why }),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        if let Some(b) = self.bin.as_mut() {
+            b.payload = payload;
+            b.reply = reply;
+        }
+        self.buf = text;
+        match result? {
+            true => Ok(Some(&self.buf)),
+            false => Ok(None),
+        }
+    }
+
     /// Parses a line [`LogReader::next_line`] returned, naming `line` in
     /// the error.
     pub fn parse<'a>(path: &Path, line: u64, text: &'a str) -> Result<Record<'a>, LogError> {
@@ -812,6 +1072,41 @@ impl LogReader {
             why: e.to_string(),
         })
     }
+}
+
+/// Writes `r` as its version 1 JSON line (without the newline) into
+/// `out`, rendering a body of another codec than JSON with `render`.
+pub fn render_line(
+    out: &mut String,
+    r: &BinRecord<'_>,
+    render: Render,
+    payload: &mut Vec<u8>,
+    reply: &mut Vec<u8>,
+) -> Result<(), String> {
+    use std::fmt::Write as _;
+    let (p, q): (&str, &str) = if r.codec == binary::CODEC_JSON {
+        binary::get_json_body(r.body).ok_or("a JSON body that does not decode")?
+    } else {
+        payload.clear();
+        reply.clear();
+        render(r.codec, r.body, payload, reply)?;
+        (
+            std::str::from_utf8(payload).map_err(|e| e.to_string())?,
+            std::str::from_utf8(reply).map_err(|e| e.to_string())?,
+        )
+    };
+    let js = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let _ = write!(
+        out,
+        "{{\"seq\":{},\"time\":{},\"latency\":{},\"from\":{},\"to\":{},\"type\":{},\"payload\":{p},\"reply\":{q}}}",
+        r.seq,
+        r.time,
+        r.latency,
+        js(r.from),
+        js(r.to),
+        js(r.kind)
+    );
+    Ok(())
 }
 
 /// Parses a header line, checking format and version before the rest so
@@ -970,6 +1265,7 @@ mod tests {
             data: DataMode::Hash,
             buffer: 4,
             when_full: WhenFull::Gap,
+            format: LogFormat::JsonLines,
         };
         let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
             .expect("recorder");
@@ -998,6 +1294,193 @@ mod tests {
         // Every record is either written or counted in a gap record.
         assert_eq!(pings + gaps, sent);
         assert_eq!(gaps, summary.dropped);
+    }
+
+    #[test]
+    fn test_a_binary_log_holds_the_header_names_and_records_in_seq_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let options = RecordOptions {
+            format: LogFormat::Binary,
+            ..RecordOptions::default()
+        };
+        let rec = Recorder::create(&path, &header(), options).expect("create");
+        // Four threads record at once: each has its own slot, and the
+        // writer merges them by seq.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for i in 0..500 {
+                        rec.record(entry(i));
+                    }
+                });
+            }
+        });
+        let summary = rec.finish().expect("finish");
+        assert_eq!(summary.records, 2000);
+        let buf = std::fs::read(&path).expect("read");
+        assert_eq!(summary.bytes, buf.len() as u64);
+        assert_eq!(buf[..8], binary::MAGIC);
+        let mut at = 8;
+        let mut names = Vec::new();
+        let mut seqs = Vec::new();
+        while let Some((p, n)) = binary::take_frame(&buf[at..]).expect("frame") {
+            at += n;
+            match p[0] {
+                binary::TAG_HEADER => {
+                    let h: Header = serde_json::from_slice(&p[1..]).expect("header");
+                    assert_eq!(h.version, FORMAT_VERSION);
+                }
+                binary::TAG_NAME => names.push(String::from_utf8(p[2..].to_vec()).expect("utf8")),
+                _ => {
+                    let r = binary::get_record(p).expect("record");
+                    assert_eq!(names[r.kind as usize], "ping");
+                    assert_eq!(names[r.to as usize], "a");
+                    let (payload, reply) = binary::get_json_body(r.body).expect("json");
+                    assert!(payload.starts_with("{\"i\":"), "{payload}");
+                    assert_eq!(reply, "\"pong\"");
+                    seqs.push(r.seq);
+                }
+            }
+        }
+        assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>());
+    }
+
+    fn write_both(dir: &Path, n: u64) -> (PathBuf, PathBuf) {
+        let mut paths = Vec::new();
+        for format in [LogFormat::JsonLines, LogFormat::Binary] {
+            let path = dir.join(format!("{format:?}"));
+            let options = RecordOptions {
+                format,
+                ..RecordOptions::default()
+            };
+            let rec = Recorder::create(&path, &header(), options).expect("create");
+            for i in 0..n {
+                rec.record(entry(i));
+            }
+            rec.finish().expect("finish");
+            paths.push(path);
+        }
+        (paths[0].clone(), paths[1].clone())
+    }
+
+    /// Every line a reader gives, then its error.
+    fn lines(path: &Path) -> (Vec<String>, Option<LogError>) {
+        let mut r = match LogReader::open(path) {
+            Ok(r) => r,
+            Err(e) => return (Vec::new(), Some(e)),
+        };
+        let mut out = Vec::new();
+        loop {
+            match r.next_line() {
+                Ok(Some(l)) => out.push(l.to_string()),
+                Ok(None) => return (out, None),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_binary_log_reads_back_as_the_json_lines_of_the_same_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (json, bin) = write_both(dir.path(), 50);
+        let (a, ea) = lines(&json);
+        let (b, eb) = lines(&bin);
+        assert!(ea.is_none() && eb.is_none(), "{ea:?} {eb:?}");
+        // Times differ from run to run; the rest is the same.
+        let strip = |l: &String| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            (
+                v["seq"].clone(),
+                v["type"].clone(),
+                v["payload"].clone(),
+                v["reply"].clone(),
+            )
+        };
+        assert_eq!(
+            a.iter().map(strip).collect::<Vec<_>>(),
+            b.iter().map(strip).collect::<Vec<_>>()
+        );
+        let r = LogReader::open(&bin).expect("open");
+        assert!(r.is_binary());
+        assert_eq!(r.header().version, FORMAT_VERSION);
+        assert_eq!(
+            LogReader::open(&json).expect("open").header().version,
+            JSON_LINES_VERSION
+        );
+    }
+
+    /// Frame offsets of a binary log's records (their first byte).
+    fn record_offsets(buf: &[u8]) -> Vec<(usize, u8)> {
+        let mut at = binary::MAGIC.len();
+        let mut out = Vec::new();
+        while let Some((p, n)) = binary::take_frame(&buf[at..]).expect("frame") {
+            out.push((at, p[0]));
+            at += n;
+        }
+        out.push((at, 0));
+        out
+    }
+
+    #[test]
+    fn test_a_flipped_bit_in_a_payload_is_corruption_at_that_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, bin) = write_both(dir.path(), 20);
+        let buf = std::fs::read(&bin).expect("read");
+        let frames = record_offsets(&buf);
+        let records: Vec<usize> = frames
+            .iter()
+            .filter(|(_, t)| *t == binary::TAG_RECORD)
+            .map(|(a, _)| *a)
+            .collect();
+        // The 10th record (line 11), a bit in the middle of its payload.
+        let at = records[9];
+        let mut bad = buf.clone();
+        bad[at + 12] ^= 0x10;
+        std::fs::write(&bin, &bad).expect("write");
+        let (got, err) = lines(&bin);
+        assert_eq!(got.len(), 9);
+        let msg = err.expect("an error").to_string();
+        assert!(msg.contains(":11: record 11"), "{msg}");
+        assert!(msg.contains(&format!("byte offset {at}")), "{msg}");
+        assert!(msg.contains("checksum mismatch"), "{msg}");
+        assert!(msg.contains("the 9 complete records"), "{msg}");
+    }
+
+    #[test]
+    fn test_a_binary_log_cut_anywhere_in_its_last_3_records_keeps_the_prefix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, bin) = write_both(dir.path(), 10);
+        let buf = std::fs::read(&bin).expect("read");
+        let frames = record_offsets(&buf);
+        let records: Vec<usize> = frames
+            .iter()
+            .filter(|(_, t)| *t == binary::TAG_RECORD)
+            .map(|(a, _)| *a)
+            .collect();
+        let (full, _) = lines(&bin);
+        let cut_path = dir.path().join("cut");
+        for cut in records[7]..buf.len() {
+            std::fs::write(&cut_path, &buf[..cut]).expect("write");
+            let (got, err) = lines(&cut_path);
+            let complete = records.iter().filter(|&&r| r < cut).count() - 1
+                + usize::from(records.contains(&cut));
+            assert_eq!(got[..], full[..complete], "cut at {cut}");
+            if records.contains(&cut) {
+                assert!(err.is_none(), "cut at {cut}: {err:?}");
+                continue;
+            }
+            let msg = err.expect("an error").to_string();
+            let line = complete + 2;
+            assert!(
+                msg.contains(&format!(":{line}: the log ends in the middle of a record")),
+                "cut at {cut}: {msg}"
+            );
+            assert!(
+                msg.contains(&format!("the {complete} complete records")),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

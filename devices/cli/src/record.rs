@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use switchboard_runtime::recording::{
-    ActorInfo, DataMode, Header, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
+    ActorInfo, DataMode, Header, LogFormat, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
 };
 
 /// How bulk data goes into a log.
@@ -33,6 +33,16 @@ enum RecordFull {
     Gap,
 }
 
+/// The form of a log.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordFormat {
+    /// JSON Lines (version 1).
+    Json,
+    /// Binary frames with a CRC32C each (version 2, runtime/LOG-FORMAT.md):
+    /// cheaper to write and to replay, and smaller.
+    Binary,
+}
+
 /// `--record LOG` and the options that say how.
 #[derive(Debug, Args)]
 pub(crate) struct RecordArgs {
@@ -49,6 +59,9 @@ pub(crate) struct RecordArgs {
     /// Records the log's buffer holds.
     #[arg(long, default_value_t = DEFAULT_BUFFER as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     record_buffer: u64,
+    /// The log's form. `switchboard log --json` shows either as JSON Lines.
+    #[arg(long, value_enum, default_value_t = RecordFormat::Json, value_name = "FORM")]
+    record_format: RecordFormat,
 }
 
 /// Where a log goes and how it is written; no log without `--record`.
@@ -73,6 +86,10 @@ impl From<RecordArgs> for Recording {
                 when_full: match args.record_full {
                     RecordFull::Wait => WhenFull::Wait,
                     RecordFull::Gap => WhenFull::Gap,
+                },
+                format: match args.record_format {
+                    RecordFormat::Json => LogFormat::JsonLines,
+                    RecordFormat::Binary => LogFormat::Binary,
                 },
             },
         }

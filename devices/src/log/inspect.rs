@@ -137,7 +137,7 @@ pub type Result<T> = std::result::Result<T, InspectError>;
 /// # }
 /// ```
 pub fn inspect(path: &Path, opts: &InspectOptions, out: &mut dyn Write) -> Result<InspectSummary> {
-    let mut reader = LogReader::open(path)?;
+    let mut reader = super::open(path)?;
     let mut out = io::BufWriter::new(out);
     let mut view = match (opts.stats, opts.json) {
         (false, false) => View::Listing(Listing::new(reader.header())),

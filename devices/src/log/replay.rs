@@ -747,7 +747,7 @@ impl Progress {
 
 /// Replays the log at `path`.
 pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
-    let reader = LogReader::open(path).map_err(|error| ReplayError::Log {
+    let reader = super::open(path).map_err(|error| ReplayError::Log {
         error,
         replayed: Box::default(),
     })?;
@@ -1040,7 +1040,7 @@ fn with_history(path: &Path, mut d: Divergence, seqs: &[u64]) -> Divergence {
     if seqs.is_empty() {
         return d;
     }
-    let Ok(mut reader) = LogReader::open(path) else {
+    let Ok(mut reader) = super::open(path) else {
         return d;
     };
     let last = seqs[seqs.len() - 1];

@@ -71,16 +71,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use actix::Recipient;
 use switchboard_runtime::journal::Journal;
-use switchboard_runtime::recording::{Body, DataMode, Entry, RecordKind};
+use switchboard_runtime::recording::{DataMode, Entry, RecordKind};
 use switchboard_runtime::{
     panic_message, DeviceFailed, DeviceId, Gate, GateDrainError, Lanes, MessageKind, Pending,
     Refused, Runtime, State, Ticket,
 };
 
-use crate::models::virtio::{
-    actor_info, config_window, Completer, Handled, Request, Trace, VirtioDevice,
-};
+use crate::models::virtio::{actor_info, config_window, Completer, Handled, Request, VirtioDevice};
 
+mod codec;
 pub(crate) mod listen;
 mod memory;
 mod serve;
@@ -88,6 +87,9 @@ mod serve;
 // serving layer (libc's sigaction and mmap), kept to this one module.
 #[allow(unsafe_code)]
 mod sigbus;
+pub use codec::render as render_body;
+use codec::RequestRecord;
+pub(crate) use codec::{RequestPayload, RequestReply};
 pub use memory::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 pub use serve::{
     bind, check_socket_path, default_workers, serve, serve_bound, serve_listener,
@@ -249,71 +251,6 @@ struct RecordTo {
     queues: Vec<Arc<str>>,
     /// The sender of protocol messages.
     frontend: Arc<str>,
-}
-
-/// The record of one request: what the driver put in the chain and what the
-/// device read, took in and did.
-pub(crate) struct RequestRecord {
-    pub(crate) queue: u16,
-    pub(crate) head: u16,
-    pub(crate) readable: Vec<u32>,
-    pub(crate) writable: Vec<u32>,
-    pub(crate) trace: Trace,
-    pub(crate) len: u32,
-}
-
-/// A request record's payload as written and read back.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RequestPayload<
-    R = Vec<crate::models::virtio::At>,
-    I = Vec<crate::models::virtio::External>,
-> {
-    pub(crate) queue: u16,
-    pub(crate) head: u16,
-    pub(crate) readable: Vec<u32>,
-    pub(crate) writable: Vec<u32>,
-    pub(crate) reads: R,
-    pub(crate) inputs: I,
-}
-
-/// A request record's reply as written and read back.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RequestReply<
-    W = Vec<crate::models::virtio::At>,
-    E = Vec<crate::models::virtio::External>,
-> {
-    pub(crate) len: u32,
-    pub(crate) writes: W,
-    pub(crate) effects: E,
-}
-
-impl Body for RequestRecord {
-    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        serde_json::to_writer(
-            out,
-            &RequestPayload {
-                queue: self.queue,
-                head: self.head,
-                readable: self.readable.clone(),
-                writable: self.writable.clone(),
-                reads: &self.trace.reads,
-                inputs: &self.trace.inputs,
-            },
-        )
-    }
-
-    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
-        serde_json::to_writer(
-            out,
-            &RequestReply {
-                len: self.len,
-                writes: &self.trace.writes,
-                effects: &self.trace.effects,
-            },
-        )
-    }
 }
 
 /// A virtio device served over vhost-user. Cheap to clone (the crate
@@ -663,14 +600,14 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         });
         drop(request);
         if let Some((r, time, kind, record)) = recorded {
-            r.journal.record(Entry {
+            r.journal.record_body(
                 time,
-                latency: r.journal.now().saturating_sub(time),
-                from: Arc::clone(&r.queues[queue]),
-                to: Arc::clone(&r.id),
-                kind: RecordKind::Message(kind),
-                body: Box::new(record),
-            });
+                r.journal.now().saturating_sub(time),
+                &r.queues[queue],
+                &r.id,
+                RecordKind::Message(kind),
+                &record,
+            );
         }
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
         drop(ticket);

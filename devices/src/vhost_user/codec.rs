@@ -1,0 +1,437 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The record of a virtqueue request, in the log's two forms: JSON
+//! (version 1's `payload` and `reply`) and the binary codec 1 of
+//! `runtime/LOG-FORMAT.md`, written on the queue worker without
+//! allocating and read back by replay without JSON.
+
+use switchboard_runtime::recording::binary::{
+    get_bytes, get_u8, get_varint, get_zigzag, put_bytes, put_varint, put_zigzag,
+    CODEC_VIRTIO_REQUEST,
+};
+use switchboard_runtime::recording::{Body, Data};
+
+use crate::models::virtio::{At, External, Trace};
+
+/// The record of one request: what the driver put in the chain and what the
+/// device read, took in and did.
+pub(crate) struct RequestRecord {
+    pub(crate) queue: u16,
+    pub(crate) head: u16,
+    pub(crate) readable: Vec<u32>,
+    pub(crate) writable: Vec<u32>,
+    pub(crate) trace: Trace,
+    pub(crate) len: u32,
+}
+
+/// A request record's payload as written and read back.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestPayload<R = Vec<At>, I = Vec<External>> {
+    pub(crate) queue: u16,
+    pub(crate) head: u16,
+    pub(crate) readable: Vec<u32>,
+    pub(crate) writable: Vec<u32>,
+    pub(crate) reads: R,
+    pub(crate) inputs: I,
+}
+
+/// A request record's reply as written and read back.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestReply<W = Vec<At>, E = Vec<External>> {
+    pub(crate) len: u32,
+    pub(crate) writes: W,
+    pub(crate) effects: E,
+}
+
+impl Body for RequestRecord {
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(
+            out,
+            &RequestPayload {
+                queue: self.queue,
+                head: self.head,
+                readable: self.readable.clone(),
+                writable: self.writable.clone(),
+                reads: &self.trace.reads,
+                inputs: &self.trace.inputs,
+            },
+        )
+    }
+
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(
+            out,
+            &RequestReply {
+                len: self.len,
+                writes: &self.trace.writes,
+                effects: &self.trace.effects,
+            },
+        )
+    }
+
+    fn encode_binary(&self, out: &mut Vec<u8>) -> Option<u8> {
+        let mut seen = Seen::default();
+        put_varint(out, u64::from(self.queue));
+        put_varint(out, u64::from(self.head));
+        for lens in [&self.readable, &self.writable] {
+            put_varint(out, lens.len() as u64);
+            for &l in lens {
+                put_varint(out, u64::from(l));
+            }
+        }
+        let t = &self.trace;
+        put_ats(out, &t.reads, &mut seen);
+        put_externals(out, &t.inputs, &mut seen);
+        put_varint(out, u64::from(self.len));
+        put_ats(out, &t.writes, &mut seen);
+        put_externals(out, &t.effects, &mut seen);
+        Some(CODEC_VIRTIO_REQUEST)
+    }
+}
+
+/// The `what`s with a code of their own (`LOG-FORMAT.md`, codec 1).
+const WHATS: [&str; 5] = ["file-read", "file-write", "flush", "discard", "entropy"];
+
+const DATA_BYTES: u8 = 0;
+const DATA_HASH: u8 = 1;
+const DATA_SAME: u8 = 2;
+const FLAG_DATA: u8 = 1;
+const FLAG_ERRNO: u8 = 2;
+
+/// The hashed data of a record so far, to write a repeat as a reference.
+#[derive(Default)]
+struct Seen {
+    /// (index among the record's DATA, len, hash), the first few.
+    hashes: [(u64, u64, u128); 8],
+    n: usize,
+    count: u64,
+}
+
+fn put_data(out: &mut Vec<u8>, d: &Data, seen: &mut Seen) {
+    let index = seen.count;
+    seen.count += 1;
+    match d {
+        Data::Bytes(b) => {
+            out.push(DATA_BYTES);
+            put_bytes(out, b);
+        }
+        Data::Hash { len, hash } => {
+            if let Some(&(k, _, _)) = seen.hashes[..seen.n]
+                .iter()
+                .find(|(_, l, h)| l == len && h == hash)
+            {
+                out.push(DATA_SAME);
+                put_varint(out, k);
+                return;
+            }
+            out.push(DATA_HASH);
+            put_varint(out, *len);
+            out.extend_from_slice(&hash.to_le_bytes());
+            if seen.n < seen.hashes.len() {
+                seen.hashes[seen.n] = (index, *len, *hash);
+                seen.n += 1;
+            }
+        }
+    }
+}
+
+fn put_ats(out: &mut Vec<u8>, ats: &[At], seen: &mut Seen) {
+    put_varint(out, ats.len() as u64);
+    for a in ats {
+        put_varint(out, a.at);
+        put_data(out, &a.data, seen);
+    }
+}
+
+fn put_externals(out: &mut Vec<u8>, exts: &[External], seen: &mut Seen) {
+    put_varint(out, exts.len() as u64);
+    for e in exts {
+        match WHATS.iter().position(|w| *w == e.what) {
+            Some(i) => out.push(i as u8 + 1),
+            None => {
+                out.push(0);
+                put_bytes(out, e.what.as_bytes());
+            }
+        }
+        put_varint(out, e.at);
+        put_varint(out, e.len);
+        let flags =
+            u8::from(e.data.is_some()) * FLAG_DATA + u8::from(e.errno.is_some()) * FLAG_ERRNO;
+        out.push(flags);
+        if let Some(d) = &e.data {
+            put_data(out, d, seen);
+        }
+        if let Some(errno) = e.errno {
+            put_zigzag(out, i64::from(errno));
+        }
+    }
+}
+
+/// Reads codec 1 back. Every field is checked; anything left over, or a
+/// tag not in the format, is an error.
+pub(crate) fn decode_request(body: &[u8]) -> Result<(RequestPayload, RequestReply), String> {
+    let mut b = body;
+    let mut seen: Vec<Data> = Vec::new();
+    let short = || "the request record ends early".to_string();
+    let small = |v: u64, what: &str| -> Result<u32, String> {
+        u32::try_from(v).map_err(|_| format!("{what} {v} out of range"))
+    };
+    let queue = get_varint(&mut b).ok_or_else(short)?;
+    let head = get_varint(&mut b).ok_or_else(short)?;
+    let mut lens = [Vec::new(), Vec::new()];
+    for l in &mut lens {
+        let n = get_varint(&mut b).ok_or_else(short)?;
+        if n > b.len() as u64 {
+            return Err(short());
+        }
+        l.reserve(n as usize);
+        for _ in 0..n {
+            l.push(small(
+                get_varint(&mut b).ok_or_else(short)?,
+                "buffer length",
+            )?);
+        }
+    }
+    let reads = get_ats(&mut b, &mut seen)?;
+    let inputs = get_externals(&mut b, &mut seen)?;
+    let len = small(get_varint(&mut b).ok_or_else(short)?, "reply length")?;
+    let writes = get_ats(&mut b, &mut seen)?;
+    let effects = get_externals(&mut b, &mut seen)?;
+    if !b.is_empty() {
+        return Err(format!("{} bytes after the request record", b.len()));
+    }
+    let [readable, writable] = lens;
+    let payload = RequestPayload {
+        queue: u16::try_from(queue).map_err(|_| format!("queue {queue} out of range"))?,
+        head: u16::try_from(head).map_err(|_| format!("head {head} out of range"))?,
+        readable,
+        writable,
+        reads,
+        inputs,
+    };
+    Ok((
+        payload,
+        RequestReply {
+            len,
+            writes,
+            effects,
+        },
+    ))
+}
+
+fn get_data(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Data, String> {
+    let short = || "the request record ends early".to_string();
+    let d = match get_u8(b).ok_or_else(short)? {
+        DATA_BYTES => Data::Bytes(get_bytes(b).ok_or_else(short)?.to_vec()),
+        DATA_HASH => {
+            let len = get_varint(b).ok_or_else(short)?;
+            if b.len() < 16 {
+                return Err(short());
+            }
+            let (h, rest) = b.split_at(16);
+            *b = rest;
+            let mut a = [0u8; 16];
+            a.copy_from_slice(h);
+            Data::Hash {
+                len,
+                hash: u128::from_le_bytes(a),
+            }
+        }
+        DATA_SAME => {
+            let k = get_varint(b).ok_or_else(short)?;
+            seen.get(k as usize)
+                .cloned()
+                .ok_or_else(|| format!("data refers to data {k}, which is not before it"))?
+        }
+        t => return Err(format!("unknown data tag {t}")),
+    };
+    seen.push(d.clone());
+    Ok(d)
+}
+
+fn get_ats(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Vec<At>, String> {
+    let short = || "the request record ends early".to_string();
+    let n = get_varint(b).ok_or_else(short)?;
+    if n > b.len() as u64 {
+        return Err(short());
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let at = get_varint(b).ok_or_else(short)?;
+        out.push(At {
+            at,
+            data: get_data(b, seen)?,
+        });
+    }
+    Ok(out)
+}
+
+fn get_externals(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Vec<External>, String> {
+    let short = || "the request record ends early".to_string();
+    let n = get_varint(b).ok_or_else(short)?;
+    if n > b.len() as u64 {
+        return Err(short());
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let what = match get_u8(b).ok_or_else(short)? {
+            0 => String::from_utf8(get_bytes(b).ok_or_else(short)?.to_vec())
+                .map_err(|_| "a `what` that is not UTF-8".to_string())?,
+            i if usize::from(i) <= WHATS.len() => WHATS[usize::from(i) - 1].to_string(),
+            i => return Err(format!("unknown `what` code {i}")),
+        };
+        let at = get_varint(b).ok_or_else(short)?;
+        let len = get_varint(b).ok_or_else(short)?;
+        let flags = get_u8(b).ok_or_else(short)?;
+        if flags & !(FLAG_DATA | FLAG_ERRNO) != 0 {
+            return Err(format!("unknown flags {flags:#x}"));
+        }
+        let data = if flags & FLAG_DATA != 0 {
+            Some(get_data(b, seen)?)
+        } else {
+            None
+        };
+        let errno = if flags & FLAG_ERRNO != 0 {
+            let e = get_zigzag(b).ok_or_else(short)?;
+            Some(i32::try_from(e).map_err(|_| format!("errno {e} out of range"))?)
+        } else {
+            None
+        };
+        out.push(External {
+            what,
+            at,
+            len,
+            data,
+            errno,
+        });
+    }
+    Ok(out)
+}
+
+/// Renders a binary body as version 1's JSON payload and reply: the
+/// reader's hook for the codecs of this crate.
+pub fn render(
+    codec: u8,
+    body: &[u8],
+    payload: &mut Vec<u8>,
+    reply: &mut Vec<u8>,
+) -> Result<(), String> {
+    if codec != CODEC_VIRTIO_REQUEST {
+        return Err(format!("unknown body codec {codec}"));
+    }
+    let (p, r) = decode_request(body)?;
+    serde_json::to_writer(&mut *payload, &p).map_err(|e| e.to_string())?;
+    serde_json::to_writer(&mut *reply, &r).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_runtime::recording::DataMode;
+
+    fn record(mode: DataMode) -> RequestRecord {
+        let block = vec![0xabu8; 4096];
+        let header = [1u8, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0];
+        RequestRecord {
+            queue: 0,
+            head: 17,
+            readable: vec![16],
+            writable: vec![4096, 1],
+            trace: Trace {
+                reads: vec![At {
+                    at: 0,
+                    data: Data::capture(mode, &header),
+                }],
+                inputs: vec![External {
+                    what: "file-read".into(),
+                    at: 4096,
+                    len: 4096,
+                    data: Some(Data::capture(mode, &block)),
+                    errno: None,
+                }],
+                writes: vec![
+                    At {
+                        at: 0,
+                        data: Data::capture(mode, &block),
+                    },
+                    At {
+                        at: 4096,
+                        data: Data::capture(mode, &[0]),
+                    },
+                ],
+                effects: vec![External {
+                    what: "something-new".into(),
+                    at: 0,
+                    len: 0,
+                    data: None,
+                    errno: Some(-5),
+                }],
+            },
+            len: 4097,
+        }
+    }
+
+    fn json(r: &RequestRecord) -> (String, String) {
+        let (mut p, mut q) = (Vec::new(), Vec::new());
+        r.payload(&mut p).expect("payload");
+        r.reply(&mut q).expect("reply");
+        (
+            String::from_utf8(p).expect("utf8"),
+            String::from_utf8(q).expect("utf8"),
+        )
+    }
+
+    #[test]
+    fn test_binary_renders_as_the_json_form() {
+        for mode in [DataMode::Hash, DataMode::Value] {
+            let r = record(mode);
+            let mut bin = Vec::new();
+            assert_eq!(r.encode_binary(&mut bin), Some(CODEC_VIRTIO_REQUEST));
+            let (mut p, mut q) = (Vec::new(), Vec::new());
+            render(CODEC_VIRTIO_REQUEST, &bin, &mut p, &mut q).expect("render");
+            assert_eq!(
+                (
+                    String::from_utf8(p).expect("utf8"),
+                    String::from_utf8(q).expect("utf8")
+                ),
+                json(&r)
+            );
+        }
+    }
+
+    #[test]
+    fn test_a_hashed_4k_read_is_small_and_holds_its_block_once() {
+        let mut r = record(DataMode::Hash);
+        r.trace.effects.clear();
+        let mut bin = Vec::new();
+        r.encode_binary(&mut bin);
+        // The request header by value (16 bytes), the block's hash once
+        // (16: the guest-memory write refers to the file read's), and
+        // about 37 bytes of structure.
+        assert!(bin.len() <= 72, "{} bytes", bin.len());
+        let mut p = Vec::new();
+        r.payload(&mut p).expect("json");
+        r.reply(&mut p).expect("json");
+        assert!(
+            bin.len() * 4 < p.len(),
+            "{} vs {} bytes",
+            bin.len(),
+            p.len()
+        );
+    }
+
+    #[test]
+    fn test_every_cut_and_a_bad_tag_are_errors() {
+        let mut bin = Vec::new();
+        record(DataMode::Hash).encode_binary(&mut bin);
+        for cut in 0..bin.len() {
+            assert!(decode_request(&bin[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bin.clone();
+        longer.push(0);
+        assert!(decode_request(&longer).is_err());
+    }
+}

@@ -1,0 +1,394 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The binary log format (version 2): frames, varints and CRC32C.
+//!
+//! `runtime/LOG-FORMAT.md` is the specification; this module is its
+//! encoder and decoder. A log is [`MAGIC`] followed by frames, each
+//! `LEN PAYLOAD CRC`: `LEN` is the payload's length as a varint, `CRC` the
+//! CRC32C (Castagnoli) of `LEN` and `PAYLOAD`, little-endian. The payload's
+//! first byte says what the frame is ([`TAG_HEADER`], [`TAG_NAME`],
+//! [`TAG_RECORD`]). A frame whose checksum does not match is
+//! [`FrameError::Corrupt`]; one that the file ends inside is
+//! [`FrameError::Truncated`]: neither is ever parsed.
+
+/// The first 8 bytes of a binary log. (A JSON Lines log starts with `{`.)
+pub const MAGIC: [u8; 8] = *b"\x89SBLOG2\n";
+/// Frame tag: the header, as the JSON object version 1 puts on line 1.
+pub const TAG_HEADER: u8 = b'H';
+/// Frame tag: a name (an actor id or a message type) for the name table.
+pub const TAG_NAME: u8 = b'N';
+/// Frame tag: one record.
+pub const TAG_RECORD: u8 = b'R';
+/// Body codec: a JSON payload and a JSON reply.
+pub const CODEC_JSON: u8 = 0;
+/// Body codec: a virtio request, as `switchboard-devices` encodes it.
+pub const CODEC_VIRTIO_REQUEST: u8 = 1;
+/// No frame is longer than this (a longer `LEN` is corruption).
+pub const MAX_FRAME: u64 = 1 << 30;
+
+/// Appends `v` as an unsigned LEB128 varint.
+#[inline]
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 varint off the front of `buf`; `None` if
+/// `buf` ends inside it or it is longer than 10 bytes.
+#[inline]
+pub fn get_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(10) {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            *buf = &buf[i + 1..];
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Appends `v` zigzag-encoded (small magnitudes are short either sign).
+#[inline]
+pub fn put_zigzag(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// Reads a zigzag varint.
+#[inline]
+pub fn get_zigzag(buf: &mut &[u8]) -> Option<i64> {
+    get_varint(buf).map(|u| ((u >> 1) as i64) ^ -((u & 1) as i64))
+}
+
+/// Appends a length-prefixed byte string.
+#[inline]
+pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+/// Reads a length-prefixed byte string.
+#[inline]
+pub fn get_bytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = usize::try_from(get_varint(buf)?).ok()?;
+    if n > buf.len() {
+        return None;
+    }
+    let (b, rest) = buf.split_at(n);
+    *buf = rest;
+    Some(b)
+}
+
+/// Reads one byte.
+#[inline]
+pub fn get_u8(buf: &mut &[u8]) -> Option<u8> {
+    let (&b, rest) = buf.split_first()?;
+    *buf = rest;
+    Some(b)
+}
+
+/// Appends one frame holding `payload` (its first byte is the tag).
+pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    let start = out.len();
+    put_varint(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends one frame whose payload is written by `fill`, without a
+/// copy: the length is patched in after. `fill` must write at least the
+/// tag.
+pub fn put_frame_with(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    // Room for a 3-byte length (payloads under 2 MiB); longer ones move.
+    out.extend_from_slice(&[0, 0, 0]);
+    fill(out);
+    let len = (out.len() - start - 3) as u64;
+    if len < 1 << 21 {
+        // A padded varint (LEB128 allows redundant continuation groups),
+        // so the payload stays where it is.
+        let b = [
+            (len as u8 & 0x7f) | 0x80,
+            ((len >> 7) as u8 & 0x7f) | 0x80,
+            (len >> 14) as u8 & 0x7f,
+        ];
+        out[start..start + 3].copy_from_slice(&b);
+    } else {
+        let mut prefix = Vec::with_capacity(10);
+        put_varint(&mut prefix, len);
+        out.splice(start..start + 3, prefix);
+    }
+    let crc = crc32c::crc32c(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Why a frame cannot be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The input ends inside the frame: `have` bytes of it are present.
+    Truncated {
+        /// Bytes of the frame present.
+        have: usize,
+    },
+    /// The frame is damaged: its checksum does not match, or its length
+    /// cannot be.
+    Corrupt {
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Splits the first frame off `buf`: its payload and the bytes it takes.
+/// `Ok(None)` when `buf` is empty.
+pub fn take_frame(buf: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut rest = buf;
+    let len = match get_varint(&mut rest) {
+        Some(len) => len,
+        None if buf.len() < 10 => return Err(FrameError::Truncated { have: buf.len() }),
+        None => {
+            return Err(FrameError::Corrupt {
+                why: "bad frame length".into(),
+            })
+        }
+    };
+    if len == 0 || len > MAX_FRAME {
+        return Err(FrameError::Corrupt {
+            why: format!("impossible frame length {len}"),
+        });
+    }
+    let head = buf.len() - rest.len();
+    let total = head + len as usize + 4;
+    if buf.len() < total {
+        return Err(FrameError::Truncated { have: buf.len() });
+    }
+    let body_end = head + len as usize;
+    let want = u32::from_le_bytes([
+        buf[body_end],
+        buf[body_end + 1],
+        buf[body_end + 2],
+        buf[body_end + 3],
+    ]);
+    let got = crc32c::crc32c(&buf[..body_end]);
+    if got != want {
+        return Err(FrameError::Corrupt {
+            why: format!("checksum mismatch (CRC32C {got:08x}, recorded {want:08x})"),
+        });
+    }
+    Ok(Some((&buf[head..body_end], total)))
+}
+
+/// The fixed fields of a record frame, decoded; the body borrows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHead<'a> {
+    /// Sequence number.
+    pub seq: u64,
+    /// Delivery time, ns since the recording started.
+    pub time: u64,
+    /// Time until the reply, ns.
+    pub latency: u64,
+    /// Name-table index of the sender.
+    pub from: u64,
+    /// Name-table index of the receiver.
+    pub to: u64,
+    /// Name-table index of the message type.
+    pub kind: u64,
+    /// The body's codec ([`CODEC_JSON`], [`CODEC_VIRTIO_REQUEST`], ...).
+    pub codec: u8,
+    /// The body, as its codec wrote it.
+    pub body: &'a [u8],
+}
+
+/// Appends a record frame's payload (tag included) to `out`.
+pub fn put_record(out: &mut Vec<u8>, head: &RecordHead<'_>) {
+    out.push(TAG_RECORD);
+    put_varint(out, head.seq);
+    put_varint(out, head.time);
+    put_varint(out, head.latency);
+    put_varint(out, head.from);
+    put_varint(out, head.to);
+    put_varint(out, head.kind);
+    out.push(head.codec);
+    out.extend_from_slice(head.body);
+}
+
+/// Decodes a record frame's payload (tag included).
+pub fn get_record(payload: &[u8]) -> Option<RecordHead<'_>> {
+    let mut p = payload;
+    if get_u8(&mut p)? != TAG_RECORD {
+        return None;
+    }
+    Some(RecordHead {
+        seq: get_varint(&mut p)?,
+        time: get_varint(&mut p)?,
+        latency: get_varint(&mut p)?,
+        from: get_varint(&mut p)?,
+        to: get_varint(&mut p)?,
+        kind: get_varint(&mut p)?,
+        codec: get_u8(&mut p)?,
+        body: p,
+    })
+}
+
+/// Appends a [`CODEC_JSON`] body.
+pub fn put_json_body(out: &mut Vec<u8>, payload: &[u8], reply: &[u8]) {
+    put_bytes(out, payload);
+    out.extend_from_slice(reply);
+}
+
+/// Splits a [`CODEC_JSON`] body into payload and reply.
+pub fn get_json_body(body: &[u8]) -> Option<(&str, &str)> {
+    let mut b = body;
+    let payload = std::str::from_utf8(get_bytes(&mut b)?).ok()?;
+    let reply = std::str::from_utf8(b).ok()?;
+    Some((payload, reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        let mut p = vec![TAG_HEADER];
+        p.extend_from_slice(br#"{"format":"switchboard-log"}"#);
+        put_frame(&mut out, &p);
+        for (i, name) in ["driver/q0", "disk0", "read"].iter().enumerate() {
+            let mut p = vec![TAG_NAME];
+            put_varint(&mut p, i as u64);
+            p.extend_from_slice(name.as_bytes());
+            put_frame(&mut out, &p);
+        }
+        for seq in 1..=5u64 {
+            let mut body = Vec::new();
+            put_json_body(&mut body, br#"{"i":1}"#, b"null");
+            let head = RecordHead {
+                seq,
+                time: seq * 1000,
+                latency: 7,
+                from: 0,
+                to: 1,
+                kind: 2,
+                codec: CODEC_JSON,
+                body: &body,
+            };
+            put_frame_with(&mut out, |o| put_record(o, &head));
+        }
+        out
+    }
+
+    /// Frames of `buf` after the magic: payloads, or the error at the end.
+    fn frames(buf: &[u8]) -> (Vec<Vec<u8>>, Option<FrameError>) {
+        let mut at = MAGIC.len();
+        let mut out = Vec::new();
+        loop {
+            match take_frame(&buf[at..]) {
+                Ok(None) => return (out, None),
+                Ok(Some((p, n))) => {
+                    out.push(p.to_vec());
+                    at += n;
+                }
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn test_varints_round_trip() {
+        for v in [0, 1, 127, 128, 300, 1 << 35, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            let mut b = &out[..];
+            assert_eq!(get_varint(&mut b), Some(v));
+            assert!(b.is_empty());
+            assert_eq!(get_varint(&mut &out[..out.len() - 1]), None);
+        }
+        for v in [0i64, -1, 1, i64::MIN, i64::MAX, -5] {
+            let mut out = Vec::new();
+            put_zigzag(&mut out, v);
+            assert_eq!(get_zigzag(&mut &out[..]), Some(v));
+        }
+    }
+
+    #[test]
+    fn test_records_round_trip_through_frames() {
+        let buf = sample();
+        let (payloads, err) = frames(&buf);
+        assert_eq!(err, None);
+        assert_eq!(payloads.len(), 9);
+        let recs: Vec<_> = payloads[4..]
+            .iter()
+            .map(|p| get_record(p).expect("record"))
+            .collect();
+        assert_eq!(recs[2].seq, 3);
+        assert_eq!(recs[2].time, 3000);
+        assert_eq!(get_json_body(recs[2].body), Some((r#"{"i":1}"#, "null")));
+    }
+
+    #[test]
+    fn test_a_long_payload_gets_a_longer_length() {
+        let mut out = Vec::new();
+        let big = vec![7u8; 3 << 20];
+        put_frame_with(&mut out, |o| {
+            o.push(TAG_RECORD);
+            o.extend_from_slice(&big);
+        });
+        let (p, n) = take_frame(&out).expect("ok").expect("frame");
+        assert_eq!(n, out.len());
+        assert_eq!(p.len(), big.len() + 1);
+    }
+
+    #[test]
+    fn test_every_flipped_bit_is_corruption_or_truncation_never_a_record() {
+        let buf = sample();
+        let (good, _) = frames(&buf);
+        let last_start = {
+            let mut at = MAGIC.len();
+            for _ in 0..good.len() - 1 {
+                let (_, n) = take_frame(&buf[at..]).expect("ok").expect("frame");
+                at += n;
+            }
+            at
+        };
+        for byte in last_start..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                let (got, err) = frames(&bad);
+                // Everything before the damaged frame is read; the damaged
+                // frame never is.
+                assert_eq!(got[..], good[..good.len() - 1], "byte {byte} bit {bit}");
+                assert!(err.is_some(), "byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_cut_at_every_offset_keeps_the_complete_prefix() {
+        let buf = sample();
+        let (good, _) = frames(&buf);
+        let mut ends = Vec::new();
+        let mut at = MAGIC.len();
+        while let Some((_, n)) = take_frame(&buf[at..]).expect("ok") {
+            at += n;
+            ends.push(at);
+        }
+        for cut in MAGIC.len()..buf.len() {
+            let (got, err) = frames(&buf[..cut]);
+            let complete = ends.iter().filter(|&&e| e <= cut).count();
+            assert_eq!(got[..], good[..complete], "cut at {cut}");
+            let at_boundary = cut == MAGIC.len() || ends.contains(&cut);
+            match err {
+                None => assert!(at_boundary, "cut at {cut}"),
+                Some(FrameError::Truncated { .. }) => assert!(!at_boundary, "cut at {cut}"),
+                Some(e) => panic!("cut at {cut}: {e:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The recorder's buffers and its writer thread.
+//!
+//! Each thread that records has a [`Slot`] of its own per recorder: a byte
+//! buffer behind a mutex that only that thread and the writer take. A
+//! record takes its `seq` from the shared counter *inside* its slot's
+//! mutex and is encoded there, in the slot form below; the writer swaps
+//! every slot's buffer for an empty one, and since it read the counter
+//! first, every seq below what it read is in a buffer it holds. It merges
+//! the slots in seq order up to there and writes the log (JSON Lines or
+//! binary frames: `LOG-FORMAT.md`).
+//!
+//! Slot form of one record (native-endian, never on disk):
+//! `len:u32 seq:u64 time:u64 latency:u64 from:u16+bytes to:u16+bytes
+//! type:u16+bytes codec:u8 body`, where a [`CODEC_JSON`] body is
+//! `payload_len:u32 payload reply`.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::binary::{self, CODEC_JSON};
+use super::{Body, LogFormat, RecordKind, Summary, WhenFull};
+
+/// One thread's buffer.
+pub(super) struct Slot {
+    buf: Mutex<SlotBuf>,
+    /// Set when the recording ends: the thread's cache forgets the slot.
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct SlotBuf {
+    bytes: Vec<u8>,
+    records: usize,
+    /// Records dropped (gap mode) and not yet announced.
+    dropped: u64,
+}
+
+/// What the sources and the writer share.
+pub(super) struct Shared {
+    /// Identifies the recorder in the threads' slot caches.
+    id: u64,
+    /// The next seq to give; seqs are taken under a slot's mutex.
+    next: AtomicU64,
+    /// Every slot, for the writer. Taken by a thread the first time it
+    /// records, and by the writer once per round.
+    slots: Mutex<Vec<Arc<Slot>>>,
+    /// Records a slot holds before it is full.
+    limit: usize,
+    when_full: WhenFull,
+    /// Set by `finish`: later records are not written.
+    pub(super) ended: AtomicBool,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's slot of each recorder it records to.
+    static SLOTS: RefCell<Vec<(u64, Arc<Slot>)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every holder leaves the buffer whole (appends are of complete
+    // records), so a poisoned lock's data is still good.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub(super) fn new(limit: usize, when_full: WhenFull) -> Self {
+        Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            next: AtomicU64::new(1),
+            slots: Mutex::default(),
+            limit: limit.max(1),
+            when_full,
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` with this thread's slot, made the first time.
+    fn with_slot<R>(&self, f: impl FnOnce(&Slot) -> R) -> R {
+        SLOTS.with(|cache| {
+            if let Some((_, slot)) = cache.borrow().iter().find(|(id, _)| *id == self.id) {
+                return f(slot);
+            }
+            let slot = Arc::new(Slot {
+                buf: Mutex::default(),
+                closed: AtomicBool::new(false),
+            });
+            lock(&self.slots).push(Arc::clone(&slot));
+            let mut cache = cache.borrow_mut();
+            cache.retain(|(_, s)| !s.closed.load(Ordering::Relaxed));
+            cache.push((self.id, Arc::clone(&slot)));
+            drop(cache);
+            f(&slot)
+        })
+    }
+
+    /// Encodes one record into this thread's slot; waits or drops it
+    /// (counted) when the slot is full.
+    pub(super) fn record(
+        &self,
+        format: LogFormat,
+        time: u64,
+        latency: u64,
+        names: [&str; 3],
+        body: &dyn Body,
+    ) {
+        self.with_slot(|slot| loop {
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            let mut b = lock(&slot.buf);
+            if b.records >= self.limit {
+                match self.when_full {
+                    WhenFull::Wait => {
+                        drop(b);
+                        thread::sleep(Duration::from_micros(50));
+                        continue;
+                    }
+                    WhenFull::Gap => {
+                        b.dropped += 1;
+                        return;
+                    }
+                }
+            }
+            if b.dropped > 0 {
+                let n = std::mem::take(&mut b.dropped);
+                let seq = self.next.fetch_add(1, Ordering::AcqRel);
+                put_gap(&mut b.bytes, seq, n);
+                b.records += 1;
+            }
+            let seq = self.next.fetch_add(1, Ordering::AcqRel);
+            put_slot_record(&mut b.bytes, format, seq, time, latency, names, body);
+            b.records += 1;
+            return;
+        })
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
+    out.extend_from_slice(&(b.len() as u16).to_ne_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_slot_record(
+    out: &mut Vec<u8>,
+    format: LogFormat,
+    seq: u64,
+    time: u64,
+    latency: u64,
+    names: [&str; 3],
+    body: &dyn Body,
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&time.to_ne_bytes());
+    out.extend_from_slice(&latency.to_ne_bytes());
+    for n in names {
+        put_str(out, n);
+    }
+    let codec_at = out.len();
+    out.push(CODEC_JSON);
+    let binary = match format {
+        LogFormat::Binary => body.encode_binary(out),
+        LogFormat::JsonLines => None,
+    };
+    match binary {
+        Some(codec) => out[codec_at] = codec,
+        None => {
+            out.truncate(codec_at + 1);
+            let len_at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            let ok = body.payload(out).is_ok();
+            let plen = out.len() - len_at - 4;
+            let ok = ok && body.reply(out).is_ok();
+            if !ok {
+                // A body that cannot be represented is recorded as such:
+                // the log is a debugging aid, not a data path.
+                out.truncate(len_at + 4);
+                out.extend_from_slice(b"\"<unserializable>\"null");
+                let plen = b"\"<unserializable>\"".len() as u32;
+                out[len_at..len_at + 4].copy_from_slice(&plen.to_ne_bytes());
+            } else {
+                out[len_at..len_at + 4].copy_from_slice(&(plen as u32).to_ne_bytes());
+            }
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+struct GapBody(u64);
+
+impl Body for GapBody {
+    fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let _ = write!(out, "{{\"dropped\":{}}}", self.0);
+        Ok(())
+    }
+
+    fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"null");
+        Ok(())
+    }
+}
+
+fn put_gap(out: &mut Vec<u8>, seq: u64, n: u64) {
+    let names = ["recorder", "recorder", RecordKind::Gap.as_str()];
+    put_slot_record(out, LogFormat::JsonLines, seq, 0, 0, names, &GapBody(n));
+}
+
+/// One record in slot form, borrowed.
+struct SlotRecord<'a> {
+    seq: u64,
+    time: u64,
+    latency: u64,
+    names: [&'a [u8]; 3],
+    codec: u8,
+    body: &'a [u8],
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_ne_bytes(a)
+}
+
+fn u32_at(b: &[u8], at: usize) -> usize {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_ne_bytes(a) as usize
+}
+
+/// The slot record at `at` of `b` and where the next begins.
+fn slot_record(b: &[u8], at: usize) -> (SlotRecord<'_>, usize) {
+    let end = at + 4 + u32_at(b, at);
+    let mut p = at + 4 + 24;
+    let mut names: [&[u8]; 3] = [&[]; 3];
+    for n in &mut names {
+        let len = usize::from(u16::from_ne_bytes([b[p], b[p + 1]]));
+        *n = &b[p + 2..p + 2 + len];
+        p += 2 + len;
+    }
+    let rec = SlotRecord {
+        seq: u64_at(b, at + 4),
+        time: u64_at(b, at + 12),
+        latency: u64_at(b, at + 20),
+        names,
+        codec: b[p],
+        body: &b[p + 1..end],
+    };
+    (rec, end)
+}
+
+/// A slot's records the writer holds and has not written yet.
+#[derive(Default)]
+struct Pending {
+    chunks: VecDeque<(Vec<u8>, usize)>,
+}
+
+impl Pending {
+    fn head_seq(&self) -> Option<u64> {
+        let (b, at) = self.chunks.front()?;
+        Some(u64_at(b, at + 4))
+    }
+}
+
+/// What the writer does to the output.
+struct Out {
+    out: BufWriter<Box<dyn Write + Send>>,
+    format: LogFormat,
+    bytes: u64,
+    /// Name -> index in the binary name table.
+    names: HashMap<Box<[u8]>, u64>,
+    frame: Vec<u8>,
+    scratch: Vec<u8>,
+    summary: Summary,
+}
+
+impl Out {
+    fn name(&mut self, n: &[u8]) -> io::Result<u64> {
+        if let Some(&i) = self.names.get(n) {
+            return Ok(i);
+        }
+        let i = self.names.len() as u64;
+        self.names.insert(n.into(), i);
+        self.frame.clear();
+        binary::put_frame_with(&mut self.frame, |o| {
+            o.push(binary::TAG_NAME);
+            binary::put_varint(o, i);
+            o.extend_from_slice(n);
+        });
+        self.out.write_all(&self.frame)?;
+        self.bytes += self.frame.len() as u64;
+        Ok(i)
+    }
+
+    fn emit(&mut self, r: &SlotRecord<'_>) -> io::Result<()> {
+        if r.names[0] == b"recorder" && r.names[2] == RecordKind::Gap.as_str().as_bytes() {
+            if let Some((p, _)) = json_parts(r.body) {
+                #[derive(serde::Deserialize)]
+                struct Gap {
+                    dropped: u64,
+                }
+                if let Ok(g) = serde_json::from_slice::<Gap>(p) {
+                    self.summary.dropped += g.dropped;
+                }
+            }
+        }
+        self.summary.records += 1;
+        match self.format {
+            LogFormat::JsonLines => {
+                let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
+                let line = &mut self.frame;
+                line.clear();
+                let _ = write!(
+                    line,
+                    "{{\"seq\":{},\"time\":{},\"latency\":{},\"from\":",
+                    r.seq, r.time, r.latency
+                );
+                for (i, key) in [",\"to\":", ",\"type\":", ""].iter().enumerate() {
+                    let s = String::from_utf8_lossy(r.names[i]);
+                    serde_json::to_writer(&mut *line, &*s).map_err(io::Error::other)?;
+                    line.extend_from_slice(key.as_bytes());
+                }
+                line.extend_from_slice(b",\"payload\":");
+                line.extend_from_slice(payload);
+                line.extend_from_slice(b",\"reply\":");
+                line.extend_from_slice(reply);
+                line.extend_from_slice(b"}\n");
+            }
+            LogFormat::Binary => {
+                let from = self.name(r.names[0])?;
+                let to = self.name(r.names[1])?;
+                let kind = self.name(r.names[2])?;
+                let body: &[u8] = if r.codec == CODEC_JSON {
+                    let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
+                    self.scratch.clear();
+                    binary::put_json_body(&mut self.scratch, payload, reply);
+                    &self.scratch
+                } else {
+                    r.body
+                };
+                let head = binary::RecordHead {
+                    seq: r.seq,
+                    time: r.time,
+                    latency: r.latency,
+                    from,
+                    to,
+                    kind,
+                    codec: r.codec,
+                    body,
+                };
+                self.frame.clear();
+                binary::put_frame_with(&mut self.frame, |o| binary::put_record(o, &head));
+            }
+        }
+        self.out.write_all(&self.frame)?;
+        self.bytes += self.frame.len() as u64;
+        Ok(())
+    }
+}
+
+/// A slot-form JSON body's payload and reply.
+fn json_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32_at(body, 0);
+    Some((body.get(4..4 + n)?, body.get(4 + n..)?))
+}
+
+/// How long the idle writer sleeps between looks at the slots.
+const POLL: Duration = Duration::from_millis(1);
+/// How often the idle writer flushes what it has written to the file.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// The writer thread: merges the slots into the log until the recording
+/// ends, then writes what is left (and the gap counts still owed).
+pub(super) fn write_loop(
+    shared: Arc<Shared>,
+    out: BufWriter<Box<dyn Write + Send>>,
+    format: LogFormat,
+    bytes: u64,
+) -> io::Result<Summary> {
+    let mut out = Out {
+        out,
+        format,
+        bytes,
+        names: HashMap::new(),
+        frame: Vec::with_capacity(4096),
+        scratch: Vec::new(),
+        summary: Summary::default(),
+    };
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut spares: Vec<Vec<u8>> = Vec::new();
+    let mut flushed = Instant::now();
+    loop {
+        let last = shared.ended.load(Ordering::Acquire);
+        let next = shared.next.load(Ordering::Acquire);
+        let slots: Vec<Arc<Slot>> = lock(&shared.slots).clone();
+        pending.resize_with(slots.len(), Pending::default);
+        for (slot, p) in slots.iter().zip(&mut pending) {
+            let mut b = lock(&slot.buf);
+            if b.records == 0 {
+                continue;
+            }
+            let spare = spares.pop().unwrap_or_default();
+            let full = std::mem::replace(&mut b.bytes, spare);
+            b.records = 0;
+            drop(b);
+            p.chunks.push_back((full, 0));
+        }
+        let mut wrote = false;
+        while let Some((i, _)) = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.head_seq().map(|s| (i, s)))
+            .filter(|&(_, s)| s < next)
+            .min_by_key(|&(_, s)| s)
+        {
+            let p = &mut pending[i];
+            let Some((chunk, at)) = p.chunks.front_mut() else {
+                break;
+            };
+            let (rec, end) = slot_record(chunk, *at);
+            out.emit(&rec)?;
+            wrote = true;
+            *at = end;
+            if end >= chunk.len() {
+                if let Some((mut c, _)) = p.chunks.pop_front() {
+                    c.clear();
+                    spares.push(c);
+                }
+            }
+        }
+        if last {
+            // Counts still owed, as gap records after everything.
+            let mut seq = next;
+            for slot in &slots {
+                let n = std::mem::take(&mut lock(&slot.buf).dropped);
+                slot.closed.store(true, Ordering::Relaxed);
+                if n > 0 {
+                    let mut b = Vec::new();
+                    put_gap(&mut b, seq, n);
+                    seq += 1;
+                    out.emit(&slot_record(&b, 0).0)?;
+                }
+            }
+            break;
+        }
+        if !wrote {
+            if flushed.elapsed() >= FLUSH_EVERY {
+                out.out.flush()?;
+                flushed = Instant::now();
+            }
+            thread::sleep(POLL);
+        }
+    }
+    out.out.flush()?;
+    out.summary.bytes = out.bytes;
+    Ok(out.summary)
+}
