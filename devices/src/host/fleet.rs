@@ -805,9 +805,13 @@ impl Fleet {
                 id: e.id.clone(),
                 kind: e.kind,
                 // A removal that has not reached the gate yet (the first
-                // step is the disconnect) already counts as draining.
+                // step is the disconnect) already counts as draining, and
+                // so does a failed device whose requests in flight are
+                // still being answered by their drop guards: `stopped`
+                // means nothing is left in flight.
                 state: match server.gate().state() {
                     State::Running if removing => State::Draining,
+                    State::Stopped if server.in_flight() > 0 => State::Draining,
                     s => s,
                 }
                 .to_string(),

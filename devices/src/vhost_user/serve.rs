@@ -17,7 +17,7 @@ use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use switchboard_runtime::{GateDrainError, State};
+use switchboard_runtime::{GateDrainError, Lanes, State};
 
 use super::{pending_of, Error, Result, VhostUserServer, DRAIN_DEADLINE_PASSED, STOP_DEADLINE};
 use crate::models::virtio::VirtioDevice;
@@ -249,7 +249,12 @@ fn finish_serving<D: VirtioDevice>(server: &VhostUserServer<D>, name: &str) -> R
         Ok(_) => Ok(()),
         Err(GateDrainError::Failed { reason, .. }) => {
             // Failed earlier: already reported (log, supervisor, its gate);
-            // stopping it now is not a second failure.
+            // stopping it now is not a second failure. Its requests still
+            // in flight are being answered by their drop guards: a stopped
+            // device has none left, so wait for them as a drain does.
+            if let Err(report) = server.gate().wait_idle(Lanes::All, Some(STOP_DEADLINE)) {
+                tracing::error!(socket = name, error = %report, pending = ?pending_of(&report), "a failed device stopped with requests still in flight");
+            }
             tracing::info!(socket = name, %reason, "stopped a device that had failed");
             Ok(())
         }
