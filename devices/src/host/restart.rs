@@ -3,7 +3,7 @@
 //! Supervised restart: a vhost-user device that failed is served again,
 //! as a fresh instance on the same socket, as its [`RestartPolicy`] says.
 //!
-//! A vhost-user device's serving thread runs [`serve_supervised`]: it
+//! A vhost-user device's serving thread runs `serve_supervised`: it
 //! serves one instance (a device, its guest-memory bus, its
 //! [`VhostUserServer`] and gate) until the instance fails or the device is
 //! stopped. After a failure, while the policy allows another restart, it
