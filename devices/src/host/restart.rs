@@ -184,15 +184,16 @@ pub(super) fn serve_supervised(
     loop {
         let gate = instance.served.gate().clone();
         (instance.serve)(&mut socket, stop)?;
-        if stop.stopped() {
-            return Ok(());
-        }
         let Some(mut reason) = gate.failure() else {
             return Ok(());
         };
         instance = loop {
             let done = supervised.restarts();
             let limit = supervised.policy.limit();
+            // Checked before the stop: a failure with no restart left is
+            // reported whenever the stop comes (`serve` stops once it sees
+            // the device stopped, which `Supervised::status` says as soon
+            // as the gate fails).
             if done >= limit {
                 if limit > 0 {
                     let reason = limit_reached(&reason, limit);
@@ -202,6 +203,9 @@ pub(super) fn serve_supervised(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner()) = Some(reason);
                 }
+                return Ok(());
+            }
+            if stop.stopped() {
                 return Ok(());
             }
             let wait = supervised.policy.backoff(done);
