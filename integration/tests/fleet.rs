@@ -29,7 +29,7 @@ fn image(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn vhost_user(socket: PathBuf) -> VhostUserSpec {
-    VhostUserSpec { socket, queues: 1 }
+    VhostUserSpec::new(socket, 1)
 }
 
 /// A disk, and the options to open it with: reads and writes take

@@ -4,9 +4,11 @@
 //!
 //! A device actor that catches a panic in its device answers its pending
 //! accesses, stops, and sends [`DeviceFailed`] here. The supervisor logs it and
-//! keeps the list for [`QueryFailures`]; it never restarts a device on its own
-//! (a failed device's state is suspect, and the guest must be told through an
-//! unplug, which is the topology's decision).
+//! keeps the list for [`QueryFailures`], every failure of every instance of a
+//! device. It never restarts a device itself: a failed device's state is
+//! suspect, so a restart is a fresh instance, which only the host can build
+//! (the devices crate's fleet does, for a vhost-user device whose topology
+//! asks for it).
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};

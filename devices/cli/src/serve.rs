@@ -13,7 +13,9 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use switchboard_devices::host::fleet::Serving;
 use switchboard_devices::host::runner::{StartOptions, Tuning};
-use switchboard_devices::host::topology::{BlkSpec, DeviceSpec, RngSpec, Topology, VhostUserSpec};
+use switchboard_devices::host::topology::{
+    BlkSpec, DeviceSpec, RestartLimits, RestartPolicy, RngSpec, Topology, VhostUserSpec,
+};
 use switchboard_devices::models::blk::MAX_QUEUES;
 use switchboard_devices::models::blk::{Blk, BlkOptions};
 use switchboard_devices::models::rng::Rng;
@@ -64,6 +66,8 @@ pub(crate) enum Device {
         #[command(flatten)]
         socket: SocketArgs,
         #[command(flatten)]
+        restart: RestartArgs,
+        #[command(flatten)]
         record: RecordArgs,
     },
     /// virtio-rng: entropy from the OS (getrandom).
@@ -73,6 +77,8 @@ pub(crate) enum Device {
         rate_limit: Option<u64>,
         #[command(flatten)]
         socket: SocketArgs,
+        #[command(flatten)]
+        restart: RestartArgs,
         #[command(flatten)]
         record: RecordArgs,
     },
@@ -102,6 +108,40 @@ pub(crate) struct SocketArgs {
     /// Number of devices to serve, one per socket (with --socket-path).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     socket_count: u32,
+}
+
+/// Whether a failed device is restarted.
+#[derive(Debug, Args)]
+pub(crate) struct RestartArgs {
+    /// Restart a device that failed (a contained panic, a shrunk memory
+    /// file) on its socket, at most N times in the run; after that it stays
+    /// stopped. Default: never restarted.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    restart_limit: Option<u64>,
+    /// Milliseconds from a failure to its restart, doubled for each restart
+    /// after the first, at most 5000 (or this, if larger; at most one hour).
+    #[arg(long, value_name = "MS", requires = "restart_limit")]
+    restart_backoff_ms: Option<u64>,
+}
+
+impl TryFrom<RestartArgs> for RestartPolicy {
+    type Error = anyhow::Error;
+
+    fn try_from(args: RestartArgs) -> anyhow::Result<Self> {
+        let Some(limit) = args.restart_limit else {
+            return Ok(RestartPolicy::Never);
+        };
+        let mut limits = RestartLimits::new(limit);
+        if let Some(ms) = args.restart_backoff_ms {
+            limits.backoff_ms = ms;
+            limits.max_backoff_ms = limits.max_backoff_ms.max(ms);
+        }
+        let policy = RestartPolicy::Limited(limits);
+        if let Some(e) = policy.check().first() {
+            bail!("--restart-backoff-ms: {}", e.message);
+        }
+        Ok(policy)
+    }
 }
 
 /// Where one device is served.
@@ -226,6 +266,8 @@ pub(crate) struct ServeConfig {
     /// One device per endpoint.
     endpoints: Vec<Endpoint>,
     workers: Option<usize>,
+    /// What is done when a device fails.
+    restart: RestartPolicy,
     record: Recording,
 }
 
@@ -243,6 +285,7 @@ impl TryFrom<Device> for ServeConfig {
                 workers,
                 serial,
                 socket,
+                restart,
                 record,
             } => {
                 if socket.socket_count > 1 && !read_only {
@@ -267,17 +310,20 @@ impl TryFrom<Device> for ServeConfig {
                     },
                     endpoints: socket.try_into()?,
                     workers: workers.map(usize::from),
+                    restart: restart.try_into()?,
                     record: record.into(),
                 })
             }
             Device::Rng {
                 rate_limit,
                 socket,
+                restart,
                 record,
             } => Ok(ServeConfig {
                 model: Model::Rng { rate_limit },
                 endpoints: socket.try_into()?,
                 workers: None,
+                restart: restart.try_into()?,
                 record: record.into(),
             }),
         }
@@ -311,14 +357,17 @@ impl ServeConfig {
                 read_only: options.read_only,
                 serial: options.serial.clone(),
                 vhost_user: VhostUserSpec {
-                    socket,
-                    queues: options.queues,
+                    restart: self.restart,
+                    ..VhostUserSpec::new(socket, options.queues)
                 },
             }),
             Model::Rng { rate_limit } => DeviceSpec::VirtioRng(RngSpec {
                 id,
                 rate_limit: *rate_limit,
-                vhost_user: VhostUserSpec { socket, queues: 1 },
+                vhost_user: VhostUserSpec {
+                    restart: self.restart,
+                    ..VhostUserSpec::new(socket, 1)
+                },
             }),
         }
     }
@@ -482,6 +531,45 @@ mod tests {
         let want: Vec<String> = (0..3).map(|i| format!("{}{i}", base.display())).collect();
         assert_eq!(names, want);
         assert!(c.tuning(None).queue_size.is_none());
+    }
+
+    #[test]
+    fn test_restart_flags_become_the_devices_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("r.sock");
+        let sock = sock.to_str().expect("utf-8");
+        let c = config(&["rng", "--socket-path", sock]).expect("valid");
+        assert_eq!(c.restart, RestartPolicy::Never);
+        let c = config(&[
+            "rng",
+            "--restart-limit",
+            "3",
+            "--restart-backoff-ms",
+            "7000",
+            "--socket-path",
+            sock,
+        ])
+        .expect("valid");
+        let want = RestartPolicy::Limited(RestartLimits {
+            limit: 3,
+            backoff_ms: 7000,
+            max_backoff_ms: 7000,
+        });
+        match c.spec("rng0", PathBuf::from(sock)) {
+            DeviceSpec::VirtioRng(r) => assert_eq!(r.vhost_user.restart, want),
+            other => panic!("not rng: {other:?}"),
+        }
+        let err = config(&[
+            "rng",
+            "--restart-limit",
+            "1",
+            "--restart-backoff-ms",
+            "3600001",
+            "--socket-path",
+            sock,
+        ])
+        .expect_err("too long");
+        assert!(err.to_string().contains("one hour"), "{err}");
     }
 
     #[test]

@@ -280,7 +280,7 @@ invalid! {
     test_unknown_field_in_vhost_user: r#"{ "devices": [
   { "id": "rng0", "kind": "virtio-rng",
     "vhost_user": { "socket": "rng0.sock", "queue": 1 } } ] }"# => [[
-        "topology.json:3:44: devices[0].vhost_user.queue: unknown field `queue`, expected `socket` or `queues`"
+        "topology.json:3:44: devices[0].vhost_user.queue: unknown field `queue`, expected one of `socket`, `queues`, `restart`"
     ]];
 
     test_unknown_field_in_bus: r#"{ "buses": [ { "id": "pio0", "kind": "pio", "base": 0 } ], "devices": [] }"# => [[

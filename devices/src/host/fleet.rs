@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,7 +47,8 @@ use switchboard_runtime::{
 };
 
 use crate::error_chain;
-use crate::host::topology::{BlkSpec, DeviceSpec, KindSpec};
+use crate::host::restart::{serve_supervised, InstanceBuilder, Make, Supervised};
+use crate::host::topology::{BlkSpec, DeviceSpec, KindSpec, VhostUserSpec};
 use crate::models::blk::{Blk, BlkOptions};
 use crate::models::fault::FaultDevice;
 use crate::models::rng::Rng;
@@ -56,8 +57,7 @@ use crate::models::slow::{SlowDevice, SlowDeviceRebuild};
 use crate::models::uart_sink::Sink;
 use crate::models::virtio::VirtioDevice;
 use crate::vhost_user::{
-    bind, default_workers, serve_bound, BoundSocket, StopHandle, VhostUserServer,
-    DRAIN_DEADLINE_PASSED, STOP_DEADLINE,
+    bind, default_workers, BoundSocket, StopHandle, DRAIN_DEADLINE_PASSED, STOP_DEADLINE,
 };
 
 /// Guest-memory bus arbiters shared by vhost-user devices.
@@ -125,12 +125,19 @@ pub struct DeviceInfo {
     /// Kind.
     pub kind: &'static str,
     /// The lifecycle state (`created`, `realized`, `running`, `draining`,
-    /// `stopped`), as the device's gate holds it, or `unresponsive` for a
-    /// device actor that does not answer a status query.
+    /// `stopped`), as the device's gate holds it, `restarting` for a
+    /// vhost-user device that failed and will be restarted, or
+    /// `unresponsive` for a device actor that does not answer a status
+    /// query.
     pub state: String,
-    /// Why the device failed (a contained panic), if it did.
+    /// Why the device failed (a contained panic), if it did: for a
+    /// vhost-user device, its instance's failure, with `; restart limit N
+    /// reached` once no restart is left.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// How many times it was restarted after a failure (vhost-user
+    /// devices with a restart policy; 0 otherwise).
+    pub restarts: u64,
     /// Requests or accesses accepted and not yet answered.
     pub in_flight: u64,
     /// Requests or accesses answered since it started.
@@ -203,30 +210,10 @@ struct Bus {
     _arbiter: OwnArbiter,
 }
 
-/// A vhost-user device's server, type-erased.
-trait Served: Send + Sync {
-    fn in_flight(&self) -> u64;
-    fn handled(&self) -> u64;
-    fn gate(&self) -> &Gate;
-}
-
-impl<D: VirtioDevice> Served for VhostUserServer<D> {
-    fn in_flight(&self) -> u64 {
-        VhostUserServer::in_flight(self)
-    }
-
-    fn gate(&self) -> &Gate {
-        VhostUserServer::gate(self)
-    }
-
-    fn handled(&self) -> u64 {
-        VhostUserServer::handled(self)
-    }
-}
-
 enum Body {
     VhostUser {
-        server: Arc<dyn Served>,
+        /// Its instance now, its restart policy and count.
+        supervised: Arc<Supervised>,
         stop: StopHandle,
         thread: Mutex<Option<thread::JoinHandle<crate::vhost_user::Result<()>>>>,
         socket: PathBuf,
@@ -256,10 +243,10 @@ enum Slot {
 impl Entry {
     /// The device's gate: its state, and the one drain every removal waits
     /// for.
-    fn gate(&self) -> &Gate {
+    fn gate(&self) -> Gate {
         match &self.body {
-            Body::VhostUser { server, .. } => server.gate(),
-            Body::OnBus { device, .. } => device.gate(),
+            Body::VhostUser { supervised, .. } => supervised.current().gate().clone(),
+            Body::OnBus { device, .. } => device.gate().clone(),
         }
     }
 }
@@ -488,19 +475,26 @@ impl Fleet {
         match spec {
             DeviceSpec::VirtioBlk(b) => self.start_blk(b, &b.blk_options(), serving),
             DeviceSpec::VirtioRng(r) => {
-                let rng = Rng::new(r.rate_limit).map_err(|e| fail(e.to_string()))?;
-                let workers = serving.workers.unwrap_or(1);
-                self.start_vhost_user(id, kind, rng, workers, &r.vhost_user.socket, serving.socket)
-            }
-            DeviceSpec::VirtioFault(f) => {
-                let fault = FaultDevice::new(f.config()).map_err(|e| fail(e.to_string()))?;
+                let rate_limit = r.rate_limit;
                 let workers = serving.workers.unwrap_or(1);
                 self.start_vhost_user(
                     id,
                     kind,
-                    fault,
+                    move || Rng::new(rate_limit).map_err(|e| e.to_string()),
                     workers,
-                    &f.vhost_user.socket,
+                    &r.vhost_user,
+                    serving.socket,
+                )
+            }
+            DeviceSpec::VirtioFault(f) => {
+                let config = f.config();
+                let workers = serving.workers.unwrap_or(1);
+                self.start_vhost_user(
+                    id,
+                    kind,
+                    move || FaultDevice::new(config).map_err(|e| e.to_string()),
+                    workers,
+                    &f.vhost_user,
                     serving.socket,
                 )
             }
@@ -543,31 +537,31 @@ impl Fleet {
         serving: Serving,
     ) -> Result<Entry, Error> {
         let (id, kind) = (spec.id().as_str(), BlkSpec::KIND.as_str());
-        let blk = Blk::open(&spec.path, options).map_err(|e| Error::Start {
-            id: id.to_string(),
-            kind,
-            reason: error_chain(&e),
-        })?;
         let workers = serving
             .workers
             .unwrap_or_else(|| default_workers(usize::from(options.queues)));
+        let (path, options) = (spec.path.clone(), options.clone());
         self.start_vhost_user(
             id,
             kind,
-            blk,
+            // A restart opens the image again.
+            move || Blk::open(&path, &options).map_err(|e| error_chain(&e)),
             workers,
-            &spec.vhost_user.socket,
+            &spec.vhost_user,
             serving.socket,
         )
     }
 
+    /// Starts a vhost-user device made by `make_device`, on its own serving
+    /// thread, which restarts it with a fresh device from `make_device` as
+    /// `vhost_user.restart` says ([`crate::host::restart`]).
     fn start_vhost_user<D: VirtioDevice>(
         &self,
         id: &str,
         kind: &'static str,
-        device: D,
+        make_device: impl Fn() -> Result<D, String> + Send + 'static,
         workers: usize,
-        socket: &Path,
+        vhost_user: &VhostUserSpec,
         inherited: Option<BoundSocket>,
     ) -> Result<Entry, Error> {
         let fail = |reason: String| Error::Start {
@@ -575,42 +569,42 @@ impl Fleet {
             kind,
             reason,
         };
+        let device = make_device().map_err(fail)?;
         let n = self.next_memory_arbiter.fetch_add(1, Ordering::Relaxed);
-        let arbiter = &self.memory_arbiters[n % self.memory_arbiters.len()];
-        let bus = BusHandle::start(
-            &self.runtime,
-            &format!("{id}-guest-memory"),
-            &arbiter.handle,
-        );
-        let server =
-            VhostUserServer::with_runtime(Arc::new(device), bus, workers, &self.runtime, id.into())
-                .map_err(|e| fail(error_chain(&e)))?;
-        server.supervise(self.supervisor.clone().recipient());
-        if let Some(j) = self.journal() {
-            server.record_to(Arc::clone(j), id);
-        }
+        let builder = InstanceBuilder {
+            runtime: self.runtime.clone(),
+            arbiter: self.memory_arbiters[n % self.memory_arbiters.len()]
+                .handle
+                .clone(),
+            supervisor: self.supervisor.clone().recipient(),
+            journal: self.journal().cloned(),
+            id: id.to_string(),
+            workers,
+        };
+        // Started once built: the device accepts frontends once bound.
+        let first = builder.build(device).map_err(fail)?;
         let bound = match inherited {
             Some(bound) => bound,
-            None => bind(socket).map_err(|e| fail(error_chain(&e)))?,
+            None => bind(&vhost_user.socket).map_err(|e| fail(error_chain(&e)))?,
         };
-        // Bound: the device accepts frontends from now on.
-        server.start();
+        let supervised = Arc::new(Supervised::new(vhost_user.restart, &first));
+        let make: Make = Box::new(move || builder.build(make_device()?));
         let stop = StopHandle::default();
         let thread = {
-            let (server, stop) = (server.clone(), stop.clone());
+            let (supervised, stop, id) = (Arc::clone(&supervised), stop.clone(), id.to_string());
             thread::Builder::new()
                 .name(format!("serve-{id}").chars().take(15).collect())
-                .spawn(move || serve_bound(server, bound, &stop))
+                .spawn(move || serve_supervised(&supervised, &id, bound, &stop, first, make))
                 .map_err(|e| fail(e.to_string()))?
         };
         Ok(Entry {
             id: id.to_string(),
             kind,
             body: Body::VhostUser {
-                server: Arc::new(server),
+                supervised,
                 stop,
                 thread: Mutex::new(Some(thread)),
-                socket: socket.to_path_buf(),
+                socket: vhost_user.socket.clone(),
             },
         })
     }
@@ -733,7 +727,7 @@ impl Fleet {
                 // Whatever failed, later removals must not wait for ever.
                 entry.gate().fail(format!("{STOP_FAILED}{reason}"));
             }
-            let result = drained(entry.gate(), stopped);
+            let result = drained(&entry.gate(), stopped);
             if let (Some(start), Some(j)) = (start, self.journal()) {
                 let reply = match &result {
                     Ok(d) => serde_json::json!({ "drain_ms": d.as_secs_f64() * 1000.0 }),
@@ -752,7 +746,7 @@ impl Fleet {
             self.lock_devices().remove(id);
             result
         } else {
-            drained(entry.gate(), Ok(()))
+            drained(&entry.gate(), Ok(()))
         };
         stopped.map_err(|reason| Error::Stop {
             id: id.to_string(),
@@ -801,25 +795,36 @@ impl Fleet {
 
     fn info(e: &Entry, removing: bool) -> DeviceInfo {
         match &e.body {
-            Body::VhostUser { server, socket, .. } => DeviceInfo {
-                id: e.id.clone(),
-                kind: e.kind,
-                // A removal that has not reached the gate yet (the first
-                // step is the disconnect) already counts as draining, and
-                // so does a failed device whose requests in flight are
-                // still being answered by their drop guards: `stopped`
-                // means nothing is left in flight.
-                state: match server.gate().state() {
-                    State::Running if removing => State::Draining,
-                    State::Stopped if server.in_flight() > 0 => State::Draining,
-                    s => s,
+            Body::VhostUser {
+                supervised,
+                socket,
+                stop,
+                ..
+            } => {
+                let server = supervised.current();
+                let (state, failure) = supervised.status(removing || stop.stopped());
+                DeviceInfo {
+                    id: e.id.clone(),
+                    kind: e.kind,
+                    // A removal that has not reached the gate yet (the first
+                    // step is the disconnect) already counts as draining, and
+                    // so does a failed device whose requests in flight are
+                    // still being answered by their drop guards: `stopped`
+                    // means nothing is left in flight.
+                    state: if (removing && state == State::Running.to_string())
+                        || (state == State::Stopped.to_string() && server.in_flight() > 0)
+                    {
+                        State::Draining.to_string()
+                    } else {
+                        state
+                    },
+                    failure,
+                    restarts: supervised.restarts(),
+                    in_flight: server.in_flight(),
+                    handled: server.handled(),
+                    at: format!("socket {}", socket.display()),
                 }
-                .to_string(),
-                failure: server.gate().failure(),
-                in_flight: server.in_flight(),
-                handled: server.handled(),
-                at: format!("socket {}", socket.display()),
-            },
+            }
             Body::OnBus {
                 bus, addr, device, ..
             } => {
@@ -830,6 +835,7 @@ impl Fleet {
                         kind: e.kind,
                         state: s.state.to_string(),
                         failure: device.gate().failure(),
+                        restarts: 0,
                         in_flight: s.pending,
                         handled: s.handled,
                         at,
@@ -843,6 +849,7 @@ impl Fleet {
                             device.gate().state().to_string()
                         },
                         failure: device.gate().failure(),
+                        restarts: 0,
                         in_flight: 0,
                         handled: 0,
                         at,

@@ -4,6 +4,8 @@
 //!
 //! - [`topology`]: the JSON topology format, its schema and its checker;
 //! - [`fleet`]: the running devices, added and removed at run time;
+//! - [`restart`]: a failed vhost-user device served again, fresh, on its
+//!   socket, as its restart policy says;
 //! - [`control`]: the control socket's line protocol;
 //! - [`runner`]: a checked topology's devices started in one fleet (what
 //!   `switchboard run` and `switchboard serve` both start), and the
@@ -14,5 +16,6 @@
 
 pub mod control;
 pub mod fleet;
+pub mod restart;
 pub mod runner;
 pub mod topology;

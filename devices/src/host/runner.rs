@@ -8,8 +8,10 @@
 //! size, I/O threads).
 //!
 //! Control commands:
-//! - `query-devices`: every device with its id, kind, state, requests in
-//!   flight, requests handled, and where it is (socket or bus address).
+//! - `query-devices`: every device with its id, kind, state (`restarting`
+//!   for a failed vhost-user device waiting for its restart), failure,
+//!   restarts, requests in flight, requests handled, and where it is
+//!   (socket or bus address).
 //! - `device-add`: arguments are one device object, as in a topology file
 //!   (relative paths are taken from the topology file's directory). It is
 //!   checked like a file's devices, against the devices running now.

@@ -29,7 +29,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -88,6 +89,9 @@ pub(crate) struct StopSignal {
     /// stop handle is made with `Default`, which cannot fail), and written
     /// by `raise` or, if the stop came first, by [`StopSignal::event`].
     event: Mutex<Option<Arc<EventFd>>>,
+    /// Notified by `raise`, under `event`'s lock: what
+    /// [`StopSignal::wait_timeout`] sleeps on.
+    raised_cond: Condvar,
 }
 
 impl StopSignal {
@@ -104,6 +108,20 @@ impl StopSignal {
                 tracing::error!(error = %e, "write the stop eventfd");
             }
         }
+        self.raised_cond.notify_all();
+    }
+
+    /// Waits until the stop is raised or `timeout` passes; returns whether
+    /// it was raised.
+    pub(crate) fn wait_timeout(&self, timeout: Duration) -> bool {
+        let event = self.event.lock().unwrap_or_else(|e| e.into_inner());
+        // The flag is read under the lock `raise` takes after setting it:
+        // a raise is either seen here or notifies the wait below.
+        let _event = self
+            .raised_cond
+            .wait_timeout_while(event, timeout, |_| !self.raised())
+            .unwrap_or_else(|e| e.into_inner());
+        self.raised()
     }
 
     /// Whether the stop was raised.

@@ -92,7 +92,7 @@ use codec::RequestRecord;
 pub(crate) use codec::{RequestPayload, RequestReply};
 pub use memory::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 pub use serve::{
-    bind, check_socket_path, default_workers, serve, serve_bound, serve_listener,
+    bind, check_socket_path, default_workers, serve, serve_bound, serve_listener, serve_on,
     serve_unix_listener, BoundSocket, StopHandle,
 };
 

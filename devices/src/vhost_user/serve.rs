@@ -68,8 +68,15 @@ impl StopHandle {
         }
     }
 
-    fn stopped(&self) -> bool {
+    /// Whether [`StopHandle::stop`] was called.
+    pub fn stopped(&self) -> bool {
         self.signal.raised()
+    }
+
+    /// Waits until [`StopHandle::stop`] is called or `timeout` passes;
+    /// returns whether it was called (a restart's backoff ends early).
+    pub fn wait_stopped(&self, timeout: std::time::Duration) -> bool {
+        self.signal.wait_timeout(timeout)
     }
 }
 
@@ -183,6 +190,17 @@ pub fn serve_bound<D: VirtioDevice>(
     stop: &StopHandle,
 ) -> Result<()> {
     // Dropping `socket` afterwards removes the socket file if it is ours.
+    serve_on(server, &mut socket, stop)
+}
+
+/// As [`serve_bound`], leaving the socket listening afterwards: a device
+/// restarted after a failure is served on it again, and a frontend that
+/// reconnects in between waits in its backlog.
+pub fn serve_on<D: VirtioDevice>(
+    server: VhostUserServer<D>,
+    socket: &mut BoundSocket,
+    stop: &StopHandle,
+) -> Result<()> {
     serve_listener(server, &mut socket.listener, &socket.name, stop)
 }
 

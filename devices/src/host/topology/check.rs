@@ -18,7 +18,7 @@ use super::*;
 /// let rng = |id: &str| DeviceSpec::VirtioRng(RngSpec {
 ///     id: DeviceId::new(id),
 ///     rate_limit: None,
-///     vhost_user: VhostUserSpec { socket: PathBuf::from("/nonexistent/rng.sock"), queues: 1 },
+///     vhost_user: VhostUserSpec::new(PathBuf::from("/nonexistent/rng.sock"), 1),
 /// });
 /// let errors = validate(&[], &[rng("rng0"), rng("rng0")]);
 /// assert!(errors.iter().any(|d| d.path == "devices[1].id"));

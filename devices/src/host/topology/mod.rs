@@ -39,9 +39,16 @@
 //! | `test-device` | `id`, `bus`, `addr` (a 32-byte region), `read_delay_us?` (0) |
 //! | `virtio-fault` | `id`, `panic_after?` (0), `hold?` (0), `panic_in?` (`"handle"`), `fail_status?` (none), `vhost_user` |
 //!
-//! - `vhost_user` is `{ "socket", "queues?" }`: the unix socket the device is
-//!   served on, and its number of virtqueues (default 1; 1 to 64 for
-//!   virtio-blk, exactly 1 for virtio-rng and virtio-fault).
+//! - `vhost_user` is `{ "socket", "queues?", "restart?" }`: the unix socket
+//!   the device is served on, its number of virtqueues (default 1; 1 to 64
+//!   for virtio-blk, exactly 1 for virtio-rng and virtio-fault), and what is
+//!   done when it fails ([`RestartPolicy`]): `"never"` (the default: it
+//!   stays stopped with its failure) or `{ "limit", "backoff_ms?" (100),
+//!   "max_backoff_ms?" (5000) }`: restarted as a fresh device on the same
+//!   socket at most `limit` (at least 1) times in the run, each after a
+//!   backoff of `backoff_ms` doubled per restart before it, at most
+//!   `max_backoff_ms` (at least `backoff_ms`, at most an hour); see
+//!   [`crate::host::restart`].
 //! - `virtio-fault` is a **fault-injection device for testing** panic
 //!   containment ([`crate::models::fault`]): an entropy device that answers the
 //!   first `panic_after` requests, except that it keeps the last `hold` of
@@ -55,7 +62,7 @@
 //!   (appended to, created if missing) or `"unix:PATH"` (a socket the UART
 //!   listens on); see [`Output`].
 //! - Numbers (`addr`, `size`, `queues`, `rate_limit`, `read_delay_us`,
-//!   `panic_after`, `hold`, `fail_status`) are JSON
+//!   `panic_after`, `hold`, `fail_status`, and `restart`'s) are JSON
 //!   numbers or strings of decimal digits or of `0x` and hex digits
 //!   (`"0x3f8"`, `"1016"`).
 //! - Unknown fields are errors, and so is a key given twice in one object.
@@ -90,8 +97,9 @@
 //!    that exist and are not sockets (or are in use), or whose directory is
 //!    missing, two devices on one socket or output file, two devices on one
 //!    image unless both are read-only, queue counts out of range, serials
-//!    over 20 bytes, a rate limit of 0 and a fault device holding more
-//!    requests than come before its panic.
+//!    over 20 bytes, a rate limit of 0, a fault device holding more
+//!    requests than come before its panic, and a restart limit of 0 or a
+//!    backoff out of range.
 //!
 //! The checks of one device's values (queue counts, serials, rate limits,
 //! fault schedules) are its spec's [`KindSpec::validate`], with a
@@ -145,6 +153,7 @@ pub type Result<T> = std::result::Result<T, Vec<Diagnostic>>;
 mod check;
 mod diagnostic;
 mod parse;
+mod restart;
 mod scan;
 mod spec;
 #[cfg(test)]
@@ -154,6 +163,7 @@ mod value;
 pub use check::*;
 pub use diagnostic::*;
 pub use parse::*;
+pub use restart::*;
 use scan::*;
 pub use spec::*;
 pub use value::*;

@@ -99,6 +99,21 @@ pub struct VhostUserSpec {
     #[serde(default = "default_queues", deserialize_with = "deserialize_num")]
     #[schemars(with = "Num<u16>")]
     pub queues: u16,
+    /// What is done when the device fails (default `"never"`: it stays
+    /// stopped).
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_never")]
+    pub restart: RestartPolicy,
+}
+
+impl VhostUserSpec {
+    /// A device on `socket` with `queues` virtqueues, never restarted.
+    pub fn new(socket: impl Into<PathBuf>, queues: u16) -> Self {
+        VhostUserSpec {
+            socket: socket.into(),
+            queues,
+            restart: RestartPolicy::Never,
+        }
+    }
 }
 
 /// A virtio-blk disk on a raw image, served over vhost-user.
@@ -568,6 +583,7 @@ kind_spec!(BlkSpec, VirtioBlk, VirtioBlk, |d| {
     [serial.unwrap_or(Ok(())), queues]
         .into_iter()
         .filter_map(std::result::Result::err)
+        .chain(d.vhost_user.restart.check())
         .collect()
 });
 kind_spec!(RngSpec, VirtioRng, VirtioRng, |d| {
@@ -576,6 +592,7 @@ kind_spec!(RngSpec, VirtioRng, VirtioRng, |d| {
     [limit, queues]
         .into_iter()
         .filter_map(std::result::Result::err)
+        .chain(d.vhost_user.restart.check())
         .collect()
 });
 kind_spec!(FaultSpec, VirtioFault, VirtioFault, |d| {
@@ -584,6 +601,7 @@ kind_spec!(FaultSpec, VirtioFault, VirtioFault, |d| {
     [hold, queues]
         .into_iter()
         .filter_map(std::result::Result::err)
+        .chain(d.vhost_user.restart.check())
         .collect()
 });
 kind_spec!(UartSpec, Uart16550, Uart16550, |_d| Vec::new());
@@ -615,7 +633,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(field: &'static str, message: String) -> Self {
+    pub(super) fn new(field: &'static str, message: String) -> Self {
         Invalid { field, message }
     }
 }
@@ -733,7 +751,7 @@ impl DeviceSpec {
     /// let rng = DeviceSpec::VirtioRng(RngSpec {
     ///     id: DeviceId::new("rng0"),
     ///     rate_limit: Some(0),
-    ///     vhost_user: VhostUserSpec { socket: PathBuf::from("rng0.sock"), queues: 2 },
+    ///     vhost_user: VhostUserSpec::new(PathBuf::from("rng0.sock"), 2),
     /// });
     /// let fields: Vec<&str> = rng.validate().iter().map(|e| e.field).collect();
     /// assert_eq!(fields, ["rate_limit", "vhost_user.queues"]);

@@ -330,3 +330,85 @@ fn test_schema_file_is_current() {
         file.display()
     );
 }
+
+#[test]
+fn test_restart_policy_is_read_with_defaults_and_checked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = r#"{ "devices": [
+        { "id": "r0", "kind": "virtio-rng", "vhost_user": { "socket": "r0.sock" } },
+        { "id": "r1", "kind": "virtio-rng",
+          "vhost_user": { "socket": "r1.sock", "restart": "never" } },
+        { "id": "r2", "kind": "virtio-rng",
+          "vhost_user": { "socket": "r2.sock", "restart": { "limit": "0x3" } } },
+        { "id": "f0", "kind": "virtio-fault",
+          "vhost_user": { "socket": "f0.sock",
+                          "restart": { "limit": 2, "backoff_ms": "10", "max_backoff_ms": 40 } } }
+    ] }"#;
+    let t = check_str(text, dir.path()).expect("valid");
+    let policies: Vec<RestartPolicy> = t
+        .devices
+        .iter()
+        .map(|d| d.vhost_user().expect("vhost-user").restart)
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            RestartPolicy::Never,
+            RestartPolicy::Never,
+            RestartPolicy::Limited(RestartLimits::new(3)),
+            RestartPolicy::Limited(RestartLimits {
+                limit: 2,
+                backoff_ms: 10,
+                max_backoff_ms: 40
+            }),
+        ]
+    );
+    assert_eq!(policies[3].backoff(1), Duration::from_millis(20));
+    assert_eq!(policies[3].backoff(5), Duration::from_millis(40));
+    // "never" is left out when written back, as a topology without it.
+    let written = serde_json::to_value(&t.devices[1]).expect("serialize");
+    assert!(written["vhost_user"].get("restart").is_none(), "{written}");
+    let written = serde_json::to_value(&t.devices[3]).expect("serialize");
+    assert_eq!(written["vhost_user"]["restart"]["limit"], 2);
+
+    let text = r#"{ "devices": [
+        { "id": "a", "kind": "virtio-rng", "vhost_user": { "socket": "a.sock", "restart": "always" } },
+        { "id": "b", "kind": "virtio-rng", "vhost_user": { "socket": "b.sock", "restart": { "limit": 0 } } },
+        { "id": "c", "kind": "virtio-rng",
+          "vhost_user": { "socket": "c.sock", "restart": { "limit": 1, "backoff_ms": 50, "max_backoff_ms": 10 } } },
+        { "id": "d", "kind": "virtio-rng",
+          "vhost_user": { "socket": "d.sock", "restart": { "limit": 1, "max_backoff_ms": 3600001 } } },
+        { "id": "e", "kind": "virtio-rng", "vhost_user": { "socket": "e.sock", "restart": { "tries": 1 } } },
+        { "id": "f", "kind": "virtio-rng", "vhost_user": { "socket": "f.sock", "restart": { "limit": -1 } } }
+    ] }"#;
+    let e = errors(text, dir.path());
+    let paths: Vec<&str> = e.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "devices[0].vhost_user.restart",
+            "devices[1].vhost_user.restart.limit",
+            "devices[2].vhost_user.restart.backoff_ms",
+            "devices[3].vhost_user.restart.max_backoff_ms",
+            // `limit` is missing, and `tries` unknown.
+            "devices[4].vhost_user.restart",
+            "devices[4].vhost_user.restart.tries",
+            "devices[5].vhost_user.restart.limit",
+        ],
+        "{e:#?}"
+    );
+    assert!(e[0].message.contains("\"never\""), "{}", e[0].message);
+    assert!(
+        e[1].message.contains("at least 1 restart"),
+        "{}",
+        e[1].message
+    );
+    assert!(
+        e[2].message.contains("`max_backoff_ms` (10 ms)"),
+        "{}",
+        e[2].message
+    );
+    assert!(e[3].message.contains("one hour"), "{}", e[3].message);
+    assert!(e[4].message.contains("limit"), "{}", e[4].message);
+    assert!(e[5].message.contains("tries"), "{}", e[5].message);
+}
