@@ -15,8 +15,10 @@
 //! `rng0`'s removal (before the disk's last requests), and it must replay
 //! with no divergence, as a whole and device by device.
 //!
-//! The log holds hashed data (`--record-data hash`, the default);
-//! `QEMU_RECORD_DATA=value` records by value instead. Like `qemu_guest.rs`,
+//! The session runs twice, one guest at a time: recorded as JSON Lines
+//! (`--record-format json`) and in the binary form. The log holds hashed
+//! data (`--record-data hash`, the default); `QEMU_RECORD_DATA=value`
+//! records by value instead. Like `qemu_guest.rs`,
 //! this test runs `integration/qemu/setup.sh` and never skips: a machine
 //! without QEMU fails it. On failure the session's directory (topology,
 //! image, log, serial console) is kept and its path printed.
@@ -162,18 +164,38 @@ fn qmp(socket: &Path, args: &[&str]) -> String {
     text(&out)
 }
 
-/// The log's records (the header, line 1, left out).
+/// The log's records, of either form, as `switchboard log --json` prints
+/// them.
 fn records(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .expect("read the log")
+    let out = switchboard(&["log", "--json", log.to_str().expect("utf-8 path")]);
+    assert!(
+        out.status.success(),
+        "switchboard log --json: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
         .lines()
-        .skip(1)
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
 }
 
+/// One guest at a time: two TCG guests on a small machine would each take
+/// twice as long.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
 #[test]
 fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
+    guest_session("json");
+}
+
+#[test]
+fn test_a_qemu_guest_session_recorded_in_the_binary_form_replays_with_no_divergence() {
+    guest_session("binary");
+}
+
+/// The session, recorded with `--record-format FORMAT`.
+fn guest_session(format: &str) {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     setup();
     // Built before the clock starts: the times printed are the session's.
     switchboard_bin();
@@ -199,14 +221,14 @@ fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
         .to_string(),
     )
     .expect("write the topology");
-    let log = dir.path().join("session.log");
+    let log = dir.path().join(format!("session.{format}"));
     let control = dir.path().join("control.sock");
     let mut child = Command::new(switchboard_bin())
         .arg("run")
         .arg(&topology)
         .arg("--record")
         .arg(&log)
-        .args(["--record-data", &data])
+        .args(["--record-data", &data, "--record-format", format])
         .arg("--control")
         .arg(&control)
         .stdout(Stdio::piped())
@@ -376,7 +398,7 @@ fn test_a_qemu_guest_session_with_a_device_del_replays_with_no_divergence() {
         *counts.entry(key).or_default() += 1;
     }
     eprintln!(
-        "log: {} records ({} bytes, {data} data)",
+        "log: {} records ({} bytes, {data} data, {format} form)",
         all.len(),
         std::fs::metadata(&log).expect("log").len()
     );

@@ -214,6 +214,163 @@ fn test_a_binary_session_replays_with_no_divergence_and_lists_as_its_json_lines(
     }
 }
 
+fn switchboard_log(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(switchboard_bin())
+        .arg("log")
+        .args(args)
+        .output()
+        .expect("run switchboard log")
+}
+
+#[test]
+fn test_a_log_converted_to_binary_and_back_is_the_same_and_replays() {
+    for mode in [DataMode::Hash, DataMode::Value] {
+        let (dir, log) = setup(mode);
+        let bin = dir.path().join("converted.bin");
+        let back = dir.path().join("back.log");
+        let out = switchboard_log(&[log.as_os_str(), "--convert".as_ref(), bin.as_os_str()]);
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        let records = lines(&log).len() - 1;
+        assert!(
+            t.contains(&format!(
+                "{records} records converted from JSON Lines to binary"
+            )),
+            "{t}"
+        );
+        // Smaller, and replayed as the original is.
+        let (json_len, bin_len) = (
+            std::fs::metadata(&log).expect("meta").len(),
+            std::fs::metadata(&bin).expect("meta").len(),
+        );
+        // Hashed requests take codec 1 (a fifth of their JSON, or less);
+        // by value, the bytes themselves take the room.
+        let factor = if mode == DataMode::Hash { 3 } else { 1 };
+        assert!(bin_len * factor < json_len, "{bin_len} vs {json_len}");
+        let out = replay(&bin, &["--no-progress"]);
+        let t = text(&out);
+        assert!(out.status.success(), "{mode:?}: {t}");
+        assert!(t.contains("0 divergences") && t.contains("disk0: "), "{t}");
+        let out = switchboard_log(&[
+            bin.as_os_str(),
+            "--convert".as_ref(),
+            back.as_os_str(),
+            "--to".as_ref(),
+            "json".as_ref(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(lines(&back), lines(&log), "{mode:?}");
+        // An existing output is never overwritten.
+        let out = switchboard_log(&[log.as_os_str(), "--convert".as_ref(), back.as_os_str()]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains("must not exist"), "{}", text(&out));
+        assert_eq!(lines(&back), lines(&log));
+    }
+}
+
+#[test]
+fn test_a_damaged_log_converts_up_to_the_damage_and_exits_2() {
+    let (dir, log) = setup(DataMode::Hash);
+    let bin = dir.path().join("session.bin");
+    let out = switchboard_log(&[log.as_os_str(), "--convert".as_ref(), bin.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A flipped bit in the middle of the last record's frame.
+    let mut buf = std::fs::read(&bin).expect("read");
+    let at = buf.len() - 8;
+    buf[at] ^= 0x04;
+    let bad = dir.path().join("bad.bin");
+    std::fs::write(&bad, &buf).expect("write");
+    let json = dir.path().join("prefix.log");
+    let out = switchboard_log(&[bad.as_os_str(), "--convert".as_ref(), json.as_os_str()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    let all = lines(&log);
+    let last = all.len();
+    assert!(t.contains(&format!(":{last}: record {last} ")), "{t}");
+    assert!(t.contains("is corrupt: checksum mismatch"), "{t}");
+    assert!(
+        t.contains(&format!("the {} records converted", last - 2)),
+        "{t}"
+    );
+    assert_eq!(lines(&json), all[..last - 1]);
+}
+
+/// `switchboard serve rng --record LOG --record-format FORMAT` made 200
+/// entropy requests, then killed with SIGKILL at once: the log it leaves.
+fn killed_recording(dir: &Path, format: &str) -> PathBuf {
+    let sock = dir.join(format!("rng-{format}.sock"));
+    let log = dir.join(format!("killed.{format}"));
+    let mut child = Command::new(switchboard_bin())
+        .args(["serve", "rng", "--socket-path"])
+        .arg(&sock)
+        .arg("--record")
+        .arg(&log)
+        .args(["--record-format", format])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start switchboard serve rng");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(sock.exists() && log.exists()) {
+        assert!(child.try_wait().expect("wait").is_none(), "serve exited");
+        assert!(std::time::Instant::now() < deadline, "serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut fe = frontend::connect(&sock, 1, 64).expect("connect rng");
+    for _ in 0..200 {
+        fe.add_chain(0, &[(0x10_0000, 16, VIRTQ_DESC_F_WRITE)])
+            .expect("chain");
+        fe.kick(0).expect("kick");
+        fe.wait_used(0, 1, WAIT).expect("used");
+    }
+    // SIGKILL, with no pause after the last answer: nothing is finished.
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    drop(fe);
+    log
+}
+
+#[test]
+fn test_a_recorder_killed_with_sigkill_leaves_a_log_that_replays_up_to_its_last_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for format in ["binary", "json"] {
+        let log = killed_recording(dir.path(), format);
+        let out = replay(&log, &["--no-progress"]);
+        let t = text(&out);
+        // The writer hands the file whole records, so the log normally ends
+        // at a record boundary (exit 0); a cut one replays its prefix and
+        // exits 2.
+        let replayed: u64 = match out.status.code() {
+            Some(0) => t
+                .split(" messages replayed, 0 divergences")
+                .next()
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{format}: {t}")),
+            Some(2) => {
+                assert!(t.contains("the log ends in the middle of a record"), "{t}");
+                t.split(" messages before the damage replayed with 0 divergences")
+                    .next()
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("{format}: {t}"))
+            }
+            _ => panic!("{format}: {t}"),
+        };
+        let listed = Command::new(switchboard_bin())
+            .args(["log", "--json", "--type", "entropy"])
+            .arg(&log)
+            .output()
+            .expect("run switchboard log");
+        let entropy = String::from_utf8_lossy(&listed.stdout).lines().count() as u64;
+        // The writer flushes a millisecond after it writes: only the last
+        // few of 200 back-to-back requests may be lost.
+        assert!(entropy >= 180, "{format}: {entropy} of 200 in the log\n{t}");
+        assert!(replayed >= entropy, "{format}: {replayed} < {entropy}\n{t}");
+        eprintln!("{format}: {entropy} of 200 requests in the log; {t}");
+    }
+}
+
 /// The log with `f` applied to line `index` (0 is the header).
 fn edit(log: &Path, index: usize, f: impl FnOnce(&str) -> String) -> PathBuf {
     let mut all = lines(log);

@@ -10,6 +10,7 @@
 //! switchboard run topology.json --record run.log
 //! switchboard replay run.log
 //! switchboard log run.log --stats
+//! switchboard log run.log --convert run.bin
 //! switchboard ctl /run/sb.sock query-devices
 //! ```
 //!
@@ -100,7 +101,8 @@ enum Command {
     /// One line per record: sequence number, time, latency, sender and
     /// receiver, type, and payload and reply with bulk data abbreviated.
     /// --stats prints, per device and message type, the count and latency
-    /// percentiles instead.
+    /// percentiles instead. --convert OUT writes the log, record for
+    /// record, in the other form (JSON Lines or binary) instead.
     Log(log::LogArgs),
     /// Send one command to the control socket of a `switchboard run`.
     ///

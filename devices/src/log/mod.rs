@@ -4,11 +4,14 @@
 //!
 //! - [`replay`]: feeds a recorded log back to fresh devices and checks every
 //!   answer against the recorded one;
-//! - [`inspect`]: lists, filters and summarises a log.
+//! - [`inspect`]: lists, filters and summarises a log;
+//! - [`convert`]: writes a log again in the other form (JSON Lines or
+//!   binary), record for record.
 //!
 //! The log tools depend on the models ([`crate::models`]) and on the serving
 //! layer's record schema ([`crate::vhost_user`]), never on the host.
 
+pub mod convert;
 pub mod inspect;
 pub mod replay;
 

@@ -327,6 +327,42 @@ pub fn render(
     Ok(())
 }
 
+/// Encodes a request record's JSON payload and reply (version 1) as codec
+/// 1, into `out`: the codec, or `None` (and `out` as it was) when they
+/// are not a request record's or would not render back to the very same
+/// text (then the record keeps its JSON body).
+pub fn encode_json(payload: &str, reply: &str, out: &mut Vec<u8>) -> Option<u8> {
+    if !payload.starts_with("{\"queue\":") {
+        return None;
+    }
+    let p: RequestPayload = serde_json::from_str(payload).ok()?;
+    let r: RequestReply = serde_json::from_str(reply).ok()?;
+    let record = RequestRecord {
+        queue: p.queue,
+        head: p.head,
+        readable: p.readable,
+        writable: p.writable,
+        trace: Trace {
+            reads: p.reads,
+            inputs: p.inputs,
+            writes: r.writes,
+            effects: r.effects,
+        },
+        len: r.len,
+    };
+    let start = out.len();
+    let codec = record.encode_binary(out)?;
+    let (mut back_p, mut back_r) = (Vec::new(), Vec::new());
+    let same = render(codec, &out[start..], &mut back_p, &mut back_r).is_ok()
+        && back_p == payload.as_bytes()
+        && back_r == reply.as_bytes();
+    if !same {
+        out.truncate(start);
+        return None;
+    }
+    Some(codec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +457,22 @@ mod tests {
             bin.len(),
             p.len()
         );
+    }
+
+    #[test]
+    fn test_a_json_request_encodes_as_codec_1_only_if_it_renders_back_the_same() {
+        let (p, q) = json(&record(DataMode::Hash));
+        let mut out = vec![9];
+        assert_eq!(encode_json(&p, &q, &mut out), Some(CODEC_VIRTIO_REQUEST));
+        let mut bin = vec![9];
+        record(DataMode::Hash).encode_binary(&mut bin);
+        assert_eq!(out, bin);
+        // Spacing the encoder would not write back: kept as JSON.
+        let spaced = p.replacen(",", ", ", 1);
+        let mut out = vec![9];
+        assert_eq!(encode_json(&spaced, &q, &mut out), None);
+        assert_eq!(out, [9]);
+        assert_eq!(encode_json("{\"len\":4}", "null", &mut out), None);
     }
 
     #[test]

@@ -87,8 +87,8 @@ mod serve;
 // serving layer (libc's sigaction and mmap), kept to this one module.
 #[allow(unsafe_code)]
 mod sigbus;
-pub use codec::render as render_body;
 use codec::RequestRecord;
+pub use codec::{encode_json as encode_body, render as render_body};
 pub(crate) use codec::{RequestPayload, RequestReply};
 pub use memory::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 pub use serve::{

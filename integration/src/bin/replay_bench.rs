@@ -9,8 +9,12 @@
 //! 16-byte entropy requests, and 4 KiB reads and writes). Then it builds
 //! two logs from those records, repeated and renumbered up to `--messages`:
 //! one of small messages (flush, get-id, 16-byte entropy) and one of 4 KiB
-//! reads and writes. Each log is replayed `--rounds` times by the library
-//! call `switchboard replay` uses; the best round counts.
+//! reads and writes. Each log is also converted to the binary form
+//! (`switchboard log --convert`), and the two forms of each are replayed
+//! in alternating rounds (`--rounds`, the order swapped every round) by the
+//! library call `switchboard replay` uses; the medians count. `--keep DIR`
+//! leaves the four logs in DIR (for `valgrind --tool=callgrind switchboard
+//! replay LOG`).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -21,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use switchboard_devices::log::convert::convert;
 use switchboard_devices::log::replay::{replay, ReplayOptions};
 use switchboard_devices::models::blk::{Blk, BlkOptions};
 use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{self, VIRTQ_DESC_F_WRITE};
 use switchboard_integration::serve_in_process;
-use switchboard_runtime::recording::{DataMode, Header, RecordOptions, Recorder};
+use switchboard_runtime::recording::{DataMode, Header, LogFormat, RecordOptions, Recorder};
 
 /// Replay speed against JSON parsing speed.
 #[derive(Debug, Parser)]
@@ -35,9 +40,12 @@ struct Args {
     /// Messages in each benchmark log.
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
-    /// Rounds per log; the best counts.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds per log, alternating the forms; the medians count.
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
+    /// Write the logs into this directory (which must exist) and keep them.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<std::path::PathBuf>,
     /// How bulk data is recorded: hash or value.
     #[arg(long, default_value = "hash")]
     data: String,
@@ -156,52 +164,92 @@ fn renumber(line: &str, seq: u64) -> anyhow::Result<String> {
     Ok(format!("{{\"seq\":{seq}{rest}"))
 }
 
-/// Best time of `rounds` runs of `f`.
-fn best(rounds: u32, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
-    let mut best = Duration::MAX;
-    for _ in 0..rounds {
-        let t = Instant::now();
-        f()?;
-        best = best.min(t.elapsed());
-    }
-    Ok(best)
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
 }
 
-fn bench(path: &Path, n: u64, rounds: u32, what: &str) -> anyhow::Result<()> {
-    let size = std::fs::metadata(path)?.len();
-    // Baseline: read every line and parse it as JSON, nothing else.
-    let parse = best(rounds, || {
-        let text = std::fs::read_to_string(path)?;
+fn replay_once(path: &Path, n: u64) -> anyhow::Result<Duration> {
+    let options = ReplayOptions {
+        progress: false,
+        ..ReplayOptions::default()
+    };
+    let t = Instant::now();
+    let report = replay(path, &options).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let took = t.elapsed();
+    anyhow::ensure!(
+        report.replayed() >= n,
+        "{}: replayed only {} of {n}",
+        path.display(),
+        report.replayed()
+    );
+    Ok(took)
+}
+
+/// Replays `json` and its binary form `bin` in alternating rounds, and
+/// parses `json` as a baseline; prints the medians.
+fn bench(json: &Path, bin: &Path, n: u64, rounds: u32, what: &str) -> anyhow::Result<()> {
+    let (mut tj, mut tb, mut tp) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(1) {
+        if round % 2 == 0 {
+            tj.push(replay_once(json, n)?);
+            tb.push(replay_once(bin, n)?);
+        } else {
+            tb.push(replay_once(bin, n)?);
+            tj.push(replay_once(json, n)?);
+        }
+        // Baseline: read every line and parse it as JSON, nothing else.
+        let t = Instant::now();
+        let text = std::fs::read_to_string(json)?;
         let mut count = 0u64;
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line)?;
             count += u64::from(!v.is_null());
         }
         anyhow::ensure!(count > n, "parsed {count} lines");
-        Ok(())
-    })?;
-    let options = ReplayOptions {
-        progress: false,
-        ..ReplayOptions::default()
-    };
-    let mut replayed = 0;
-    let run = best(rounds, || {
-        let report = replay(path, &options).map_err(|e| anyhow::anyhow!("{e}"))?;
-        replayed = report.replayed();
-        Ok(())
-    })?;
-    anyhow::ensure!(replayed >= n, "replayed only {replayed} of {n}");
+        tp.push(t.elapsed());
+    }
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let per =
+        |p: &Path| -> anyhow::Result<f64> { Ok(std::fs::metadata(p)?.len() as f64 / n as f64) };
+    let (j, b, p) = (median(tj), median(tb), median(tp));
+    println!("{what}: {n} messages, median of {rounds} alternating rounds");
     println!(
-        "{what}: {n} messages, {:.0} bytes each: replay {:.0} msg/s ({:.2} s); \
-         JSON parse only {:.0} msg/s ({:.2} s); replay/parse {:.2}x",
-        size as f64 / n as f64,
-        rate(run),
-        run.as_secs_f64(),
-        rate(parse),
-        parse.as_secs_f64(),
-        rate(run) / rate(parse)
+        "  JSON Lines: replay {:.0} msg/s ({:.2} s), {:.0} bytes each",
+        rate(j),
+        j.as_secs_f64(),
+        per(json)?
     );
+    println!(
+        "  binary:     replay {:.0} msg/s ({:.2} s), {:.0} bytes each; binary/JSON {:.2}x",
+        rate(b),
+        b.as_secs_f64(),
+        per(bin)?,
+        rate(b) / rate(j)
+    );
+    println!(
+        "  JSON parse only (baseline): {:.0} msg/s ({:.2} s)",
+        rate(p),
+        p.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Builds the JSON Lines log at `json` and converts it to `bin`.
+fn build_both(
+    json: &Path,
+    bin: &Path,
+    session: &[String],
+    kinds: &[&str],
+    n: u64,
+) -> anyhow::Result<()> {
+    for p in [json, bin] {
+        if p.exists() {
+            std::fs::remove_file(p)?;
+        }
+    }
+    build_log(json, session, kinds, n)?;
+    convert(json, bin, LogFormat::Binary).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -216,25 +264,26 @@ fn main() -> ExitCode {
         }
     };
     let run = || -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let session = record_session(dir.path(), mode)?;
-        let small = dir.path().join("small.log");
-        build_log(
-            &small,
-            &session,
-            &["flush", "get-id", "entropy"],
-            args.messages,
-        )?;
+        let tmp = tempfile::tempdir()?;
+        let dir = args
+            .keep
+            .clone()
+            .unwrap_or_else(|| tmp.path().to_path_buf());
+        let session = record_session(tmp.path(), mode)?;
+        let (small, small_bin) = (dir.join("small.log"), dir.join("small.bin"));
+        let kinds = ["flush", "get-id", "entropy"];
+        build_both(&small, &small_bin, &session, &kinds, args.messages)?;
         bench(
             &small,
+            &small_bin,
             args.messages,
             args.rounds,
             "small (flush, get-id, 16-byte entropy)",
         )?;
-        let big = dir.path().join("4k.log");
+        let (big, big_bin) = (dir.join("4k.log"), dir.join("4k.bin"));
         let n = args.messages / 4;
-        build_log(&big, &session, &["read", "write"], n)?;
-        bench(&big, n, args.rounds, "4 KiB reads and writes")?;
+        build_both(&big, &big_bin, &session, &["read", "write"], n)?;
+        bench(&big, &big_bin, n, args.rounds, "4 KiB reads and writes")?;
         Ok(())
     };
     match run() {

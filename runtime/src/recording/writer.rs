@@ -377,8 +377,11 @@ fn json_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// How long the idle writer sleeps between looks at the slots.
 const POLL: Duration = Duration::from_millis(1);
-/// How often the idle writer flushes what it has written to the file.
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How often the writer hands what it has written to the file: at most
+/// this much (and one round of the slots) is lost when the process is
+/// killed (SIGKILL). A busy writer makes at most one `write` per period;
+/// an idle one flushes as soon as it finds nothing new.
+const FLUSH_EVERY: Duration = Duration::from_millis(1);
 
 /// The writer thread: merges the slots into the log until the recording
 /// ends, then writes what is left (and the gap counts still owed).
@@ -400,6 +403,8 @@ pub(super) fn write_loop(
     let mut pending: Vec<Pending> = Vec::new();
     let mut spares: Vec<Vec<u8>> = Vec::new();
     let mut flushed = Instant::now();
+    // Written since the last flush.
+    let mut dirty = false;
     loop {
         let last = shared.ended.load(Ordering::Acquire);
         let next = shared.next.load(Ordering::Acquire);
@@ -454,11 +459,13 @@ pub(super) fn write_loop(
             }
             break;
         }
+        dirty |= wrote;
+        if dirty && (!wrote || flushed.elapsed() >= FLUSH_EVERY) {
+            out.out.flush()?;
+            flushed = Instant::now();
+            dirty = false;
+        }
         if !wrote {
-            if flushed.elapsed() >= FLUSH_EVERY {
-                out.out.flush()?;
-                flushed = Instant::now();
-            }
             thread::sleep(POLL);
         }
     }
