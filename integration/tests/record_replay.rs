@@ -295,8 +295,20 @@ fn test_a_damaged_log_converts_up_to_the_damage_and_exits_2() {
     assert_eq!(lines(&json), all[..last - 1]);
 }
 
-/// `switchboard serve rng --record LOG --record-format FORMAT` made 200
-/// entropy requests, then killed with SIGKILL at once: the log it leaves.
+/// The entropy requests `switchboard log` lists in `log` (as far as it
+/// reads: a log still being written may end in the middle of a record).
+fn entropy_records(log: &Path) -> u64 {
+    let listed = Command::new(switchboard_bin())
+        .args(["log", "--json", "--type", "entropy"])
+        .arg(log)
+        .output()
+        .expect("run switchboard log");
+    String::from_utf8_lossy(&listed.stdout).lines().count() as u64
+}
+
+/// `switchboard serve rng --record LOG --record-format FORMAT` made 100
+/// entropy requests, waited until the log held them, made 100 more and was
+/// killed with SIGKILL at once: the log it leaves.
 fn killed_recording(dir: &Path, format: &str) -> PathBuf {
     let sock = dir.join(format!("rng-{format}.sock"));
     let log = dir.join(format!("killed.{format}"));
@@ -317,13 +329,31 @@ fn killed_recording(dir: &Path, format: &str) -> PathBuf {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut fe = frontend::connect(&sock, 1, 64).expect("connect rng");
-    for _ in 0..200 {
+    let mut request = || {
         fe.add_chain(0, &[(0x10_0000, 16, VIRTQ_DESC_F_WRITE)])
             .expect("chain");
         fe.kick(0).expect("kick");
         fe.wait_used(0, 1, WAIT).expect("used");
+    };
+    for _ in 0..100 {
+        request();
     }
-    // SIGKILL, with no pause after the last answer: nothing is finished.
+    // The running process writes its records out without being stopped:
+    // the first 100 reach the file while it serves.
+    let deadline = std::time::Instant::now() + WAIT;
+    while entropy_records(&log) < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{format}: the first 100 requests never reached the log ({} did)",
+            entropy_records(&log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..100 {
+        request();
+    }
+    // SIGKILL, with no pause after the last answer: nothing is finished,
+    // and the writer may be in the middle of a record.
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
     drop(fe);
@@ -357,15 +387,12 @@ fn test_a_recorder_killed_with_sigkill_leaves_a_log_that_replays_up_to_its_last_
             }
             _ => panic!("{format}: {t}"),
         };
-        let listed = Command::new(switchboard_bin())
-            .args(["log", "--json", "--type", "entropy"])
-            .arg(&log)
-            .output()
-            .expect("run switchboard log");
-        let entropy = String::from_utf8_lossy(&listed.stdout).lines().count() as u64;
-        // The writer flushes a millisecond after it writes: only the last
-        // few of 200 back-to-back requests may be lost.
-        assert!(entropy >= 180, "{format}: {entropy} of 200 in the log\n{t}");
+        let entropy = entropy_records(&log);
+        // What reached the file before the kill survives it: at least the
+        // first 100 (how many of the last 100 made it depends on when the
+        // writer last ran, which a loaded machine decides).
+        assert!(entropy >= 100, "{format}: {entropy} of 200 in the log\n{t}");
+        assert!(entropy <= 200, "{format}: {entropy} of 200 in the log\n{t}");
         assert!(replayed >= entropy, "{format}: {replayed} < {entropy}\n{t}");
         eprintln!("{format}: {entropy} of 200 requests in the log; {t}");
     }
