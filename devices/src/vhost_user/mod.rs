@@ -880,12 +880,23 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// workers have exited and the crate's handler is gone): the ring
     /// walker's memory is emptied and the guarded mappings nobody holds any
     /// more are unmapped.
+    ///
+    /// Its regions leave the guest-memory bus too (drained). The mirror
+    /// knows a region by guest address, size and the crate's mapping
+    /// address, and a mapping address is reused once unmapped: a region
+    /// left on the bus would be taken for the same-sized region of the next
+    /// frontend's table mapped at the same address, and requests would read
+    /// and write the previous frontend's file (found by
+    /// `integration/tests/protocol_fuzz.rs`).
     pub(crate) fn forget_memory(&self) {
         self.shared
             .mem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(GuestMemoryMmap::new());
+        if let Err(e) = self.mirror_memory(&GuestMemoryMmap::new()) {
+            tracing::error!(error = %e, "remove a finished connection's memory from the bus");
+        }
         self.shared.guard.sweep();
     }
 
