@@ -22,9 +22,12 @@ pub use chain::{fuzz_blk_request, fuzz_virtio_chain};
 pub use stream::fuzz_vhost_user_stream;
 pub use text::{fuzz_control_line, fuzz_log_reader, fuzz_topology};
 
+/// A fuzz target's entry point.
+pub type Entry = fn(&[u8]);
+
 /// Every target: its name (the cargo-fuzz target and corpus folder) and
 /// its entry point.
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Entry); 6] = [
     ("virtio_chain", fuzz_virtio_chain),
     ("blk_request", fuzz_blk_request),
     ("vhost_user_stream", fuzz_vhost_user_stream),

@@ -4,7 +4,7 @@
 //!
 //! The tests live in `tests/` and the benchmarks in `benches/`; this library
 //! holds what they share: [`frontend`], a vhost-user test driver built on the
-//! `vhost` crate's frontend; with the `fuzzing` feature, [`fuzzing`], the
+//! `vhost` crate's frontend; with the `fuzzing` feature, `fuzzing`, the
 //! fuzz targets' entry points. See `docs/TESTING.md` for what each test proves.
 
 #![deny(missing_docs)]

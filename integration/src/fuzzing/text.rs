@@ -130,7 +130,7 @@ impl Controller for Decoding {
 }
 
 /// Control-socket input: each line through [`handle_line`] (with a
-/// controller that decodes as the runner does, see [`Decoding`]), whose
+/// controller that decodes as the runner does, and runs nothing), whose
 /// answer must be one `return` or one `error` object; and each line's
 /// words through [`BusAccessRequest::shorthand`], as `switchboard ctl`
 /// reads its command line.
