@@ -201,10 +201,7 @@ struct Mirror {
     /// a SET_MEM_TABLE maps everything anew, so the same layout shows up
     /// with new host addresses and its old regions are drained.
     regions: HashMap<(u64, u64, usize), RegionId>,
-    /// The regions of a connection that is over, still on the bus: no
-    /// longer known by their key (the crate's mapping address is reused
-    /// once unmapped, and the next frontend's same-sized region could be
-    /// taken for one of them), removed with the next table's mirroring.
+    /// A finished connection's regions: drained with the next table.
     retired: Vec<RegionId>,
     next_id: u64,
 }
@@ -886,26 +883,20 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// walker's memory is emptied and the guarded mappings nobody holds any
     /// more are unmapped.
     ///
-    /// Its regions on the guest-memory bus are retired: the mirror knows a
-    /// region by guest address, size and the crate's mapping address, and
-    /// a mapping address is reused once unmapped, so a region still known
-    /// by its key would be taken for the same-sized region of the next
-    /// frontend's table mapped at the same address, and requests would
-    /// read and write the previous frontend's file (found by
-    /// `integration/tests/protocol_fuzz.rs`). They are removed (drained)
-    /// when the next table is mirrored, not here: a request that is never
-    /// answered holds its lease for ever, and this must not wait for it.
+    /// Its bus regions are retired: a reused mapping address would make
+    /// one pass for the next frontend's (whose requests then used the old
+    /// file); drained with the next table, not here, where a request never
+    /// answered would hold the drain for ever.
     pub(crate) fn forget_memory(&self) {
         self.shared
             .mem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(GuestMemoryMmap::new());
-        {
-            let mut mirror = self.shared.mirror.lock().unwrap_or_else(|e| e.into_inner());
-            let old: Vec<RegionId> = mirror.regions.drain().map(|(_, id)| id).collect();
-            mirror.retired.extend(old);
-        }
+        let mut mirror = self.shared.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<RegionId> = mirror.regions.drain().map(|(_, id)| id).collect();
+        mirror.retired.extend(ids);
+        drop(mirror);
         self.shared.guard.sweep();
     }
 
@@ -969,7 +960,6 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 .map_err(io::Error::other)?;
         }
         for id in std::mem::take(&mut mirror.retired) {
-            tracing::debug!("draining a finished connection's guest memory region");
             futures::executor::block_on(self.shared.bus.remove_region(id))
                 .map_err(io::Error::other)?;
         }
