@@ -4,11 +4,14 @@
 //!
 //! The tests live in `tests/` and the benchmarks in `benches/`; this library
 //! holds what they share: [`frontend`], a vhost-user test driver built on the
-//! `vhost` crate's frontend. See `docs/TESTING.md` for what each test proves.
+//! `vhost` crate's frontend; with the `fuzzing` feature, `fuzzing`, the
+//! fuzz targets' entry points. See `docs/TESTING.md` for what each test proves.
 
 #![deny(missing_docs)]
 
 pub mod frontend;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod qemu;
 
 /// A finished command's stdout and stderr, one after the other (for

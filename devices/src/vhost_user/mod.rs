@@ -203,6 +203,8 @@ struct Mirror {
     /// a SET_MEM_TABLE maps everything anew, so the same layout shows up
     /// with new host addresses and its old regions are drained.
     regions: HashMap<(u64, u64, usize), RegionId>,
+    /// A finished connection's regions: drained with the next table.
+    retired: Vec<RegionId>,
     next_id: u64,
 }
 
@@ -817,12 +819,21 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     /// workers have exited and the crate's handler is gone): the ring
     /// walker's memory is emptied and the guarded mappings nobody holds any
     /// more are unmapped.
+    ///
+    /// Its bus regions are retired: a reused mapping address would make
+    /// one pass for the next frontend's (whose requests then used the old
+    /// file); drained with the next table, not here, where a request never
+    /// answered would hold the drain for ever.
     pub(crate) fn forget_memory(&self) {
         self.shared
             .mem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(GuestMemoryMmap::new());
+        let mut mirror = self.shared.mirror.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<RegionId> = mirror.regions.drain().map(|(_, id)| id).collect();
+        mirror.retired.extend(ids);
+        drop(mirror);
         self.shared.guard.sweep();
     }
 
@@ -882,6 +893,10 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 size = key.1,
                 "draining removed guest memory region"
             );
+            futures::executor::block_on(self.shared.bus.remove_region(id))
+                .map_err(io::Error::other)?;
+        }
+        for id in std::mem::take(&mut mirror.retired) {
             futures::executor::block_on(self.shared.bus.remove_region(id))
                 .map_err(io::Error::other)?;
         }
