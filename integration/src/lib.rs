@@ -12,6 +12,7 @@
 pub mod frontend;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod process;
 pub mod qemu;
 
 /// A finished command's stdout and stderr, one after the other (for

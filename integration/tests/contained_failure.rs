@@ -19,19 +19,18 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use switchboard_devices::host::control::Client;
 use switchboard_devices::models::fault::{FaultConfig, FaultDevice, PanicIn};
 use switchboard_devices::models::rng::Rng;
 use switchboard_integration::frontend::{
     self, TestFrontend, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTQ_DESC_F_WRITE,
 };
+use switchboard_integration::process::{device, execute, until, WAIT};
 use switchboard_integration::{serve_in_process, switchboard_bin};
 use switchboard_runtime::State;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
-
-const WAIT: Duration = Duration::from_secs(20);
 
 /// Requests the fault device gets before the one that panics.
 const PANIC_AFTER: u64 = 4;
@@ -110,15 +109,6 @@ impl Run {
             assert!(start.elapsed() < WAIT, "no exit within {WAIT:?} of SIGTERM");
             thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-/// Polls `f` until it is true, for at most `WAIT`.
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < WAIT, "timed out: {what}");
-        thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -219,22 +209,6 @@ fn fault_bytes(fe: &TestFrontend, n: u64) -> Vec<u8> {
         .read_slice(&mut buf, GuestAddress(fault_buf(n)))
         .expect("read guest memory");
     buf
-}
-
-fn execute(ctl: &mut Client, command: &str, arguments: Option<Value>) -> Value {
-    ctl.execute(command, arguments)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
-}
-
-/// `query-devices`' entry for `id`, if listed.
-fn device(ctl: &mut Client, id: &str) -> Option<Value> {
-    let reply = execute(ctl, "query-devices", None);
-    reply["return"]
-        .as_array()
-        .unwrap_or_else(|| panic!("query-devices: {reply}"))
-        .iter()
-        .find(|d| d["id"] == id)
-        .cloned()
 }
 
 /// The whole story for one place of the panic.

@@ -12,96 +12,24 @@
 //! stopped with the reason) while the other device answers requests
 //! throughout; SIGTERM then exits 0.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use switchboard_devices::host::control::Client;
 use switchboard_devices::vhost_user::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
 use switchboard_integration::frontend::{self, raw_region, VIRTQ_DESC_F_WRITE};
-use switchboard_integration::switchboard_bin;
+use switchboard_integration::process::{device, Proc, WAIT};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
-const WAIT: Duration = Duration::from_secs(20);
-
 /// A user address for crafted regions (the backend only translates ring
 /// addresses with it).
 const USER: u64 = 0x6000_0000_0000;
-
-/// A running `switchboard` command; killed if the test ends early.
-struct Proc {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, args: &[&str], sockets: &[&Path]) -> Proc {
-        let stderr = dir.join("stderr.txt");
-        let child = Command::new(switchboard_bin())
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start switchboard");
-        let mut proc = Proc { child, stderr };
-        let start = Instant::now();
-        while !sockets.iter().all(|s| s.exists()) {
-            proc.assert_alive("starting");
-            assert!(start.elapsed() < Duration::from_secs(120), "no sockets");
-            thread::sleep(Duration::from_millis(10));
-        }
-        proc
-    }
-
-    fn stderr(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = File::open(&self.stderr) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// The process is still running (no SIGBUS, no exit).
-    fn assert_alive(&mut self, what: &str) {
-        if let Some(status) = self.child.try_wait().expect("wait") {
-            panic!("{what}: switchboard ended: {status:?}\n{}", self.stderr());
-        }
-    }
-
-    /// SIGTERM, then the exit status (within `WAIT`).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(start.elapsed() < WAIT, "no exit within {WAIT:?} of SIGTERM");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `switchboard serve rng` on `DIR/rng.sock`.
 fn serve_rng(dir: &Path) -> (Proc, PathBuf) {
@@ -323,23 +251,6 @@ impl Load {
     }
 }
 
-fn execute(ctl: &mut Client, command: &str) -> Value {
-    ctl.execute(command, None)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
-}
-
-/// `query-devices`' entry for `id`.
-fn device(ctl: &mut Client, id: &str) -> Value {
-    let reply = execute(ctl, "query-devices");
-    reply["return"]
-        .as_array()
-        .unwrap_or_else(|| panic!("query-devices: {reply}"))
-        .iter()
-        .find(|d| d["id"] == id)
-        .cloned()
-        .unwrap_or_else(|| panic!("{id} not listed: {reply}"))
-}
-
 /// Where the lost part lies.
 #[derive(Clone, Copy, Debug)]
 enum Lost {
@@ -413,7 +324,7 @@ fn shrink_fails_that_device_alone(lost: Lost) {
 
     let start = Instant::now();
     let info = loop {
-        let info = device(&mut ctl, "rng0");
+        let info = device(&mut ctl, "rng0").expect("rng0 listed");
         if info["state"] == "stopped" {
             break info;
         }
@@ -429,7 +340,7 @@ fn shrink_fails_that_device_alone(lost: Lost) {
     );
     // The other device keeps answering, and is running.
     load.wait_past(load.answered(), 20);
-    let other = device(&mut ctl, "rng1");
+    let other = device(&mut ctl, "rng1").expect("rng1 listed");
     assert_eq!(other["state"], "running", "{other}");
     load.finish();
     drop(fe);

@@ -15,140 +15,20 @@
 //! serves a fresh frontend, exits 0 by itself at the limit, and its log
 //! replays with no divergence across the restart.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use switchboard_devices::host::control::Client;
 use switchboard_integration::frontend::{self, TestFrontend, VIRTQ_DESC_F_WRITE};
+use switchboard_integration::process::{device, execute, until, Proc, WAIT};
 use switchboard_integration::{output_text, switchboard_bin};
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestAddress};
 
-const WAIT: Duration = Duration::from_secs(20);
-
 /// Bytes of each request's one writable buffer.
 const LEN: u32 = 16;
-
-/// A running `switchboard` command; killed if the test ends early.
-struct Proc {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    /// Starts `switchboard ARGS` in `dir` and waits for `sockets` to exist.
-    fn start(dir: &Path, args: &[&str], sockets: &[&Path]) -> Proc {
-        let stderr = dir.join("stderr.txt");
-        let child = Command::new(switchboard_bin())
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start switchboard");
-        let mut proc = Proc { child, stderr };
-        let start = Instant::now();
-        while !sockets.iter().all(|s| s.exists()) {
-            proc.assert_alive("starting");
-            assert!(start.elapsed() < Duration::from_secs(120), "no sockets");
-            thread::sleep(Duration::from_millis(10));
-        }
-        proc
-    }
-
-    /// `switchboard run FILE --control DIR/ctl.sock`, and its control client.
-    fn run(dir: &Path, topology: &Value, sockets: &[&str]) -> (Proc, Client) {
-        let file = dir.join("topology.json");
-        std::fs::write(&file, topology.to_string()).expect("write the topology");
-        let ctl = dir.join("ctl.sock");
-        let mut wait: Vec<PathBuf> = sockets.iter().map(|s| dir.join(s)).collect();
-        wait.push(ctl.clone());
-        let wait: Vec<&Path> = wait.iter().map(PathBuf::as_path).collect();
-        let args = [
-            "run",
-            file.to_str().expect("utf-8 path"),
-            "--control",
-            ctl.to_str().expect("utf-8 path"),
-        ];
-        let proc = Proc::start(dir, &args, &wait);
-        let client = Client::connect(&ctl).expect("control socket");
-        (proc, client)
-    }
-
-    fn stderr(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = File::open(&self.stderr) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn assert_alive(&mut self, what: &str) {
-        if let Some(status) = self.child.try_wait().expect("wait") {
-            panic!("{what}: switchboard ended: {status:?}\n{}", self.stderr());
-        }
-    }
-
-    /// Waits (at most `WAIT`) for the process to exit by itself.
-    fn exit(&mut self) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(start.elapsed() < WAIT, "no exit within {WAIT:?}");
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, then the exit status (within `WAIT`).
-    fn terminate(mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
-        self.exit()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` until it is true, for at most `WAIT`.
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < WAIT, "timed out: {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn execute(ctl: &mut Client, command: &str, arguments: Option<Value>) -> Value {
-    ctl.execute(command, arguments)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
-}
-
-/// `query-devices`' entry for `id`, if listed.
-fn device(ctl: &mut Client, id: &str) -> Option<Value> {
-    let reply = execute(ctl, "query-devices", None);
-    reply["return"]
-        .as_array()
-        .unwrap_or_else(|| panic!("query-devices: {reply}"))
-        .iter()
-        .find(|d| d["id"] == id)
-        .cloned()
-}
 
 fn failures(ctl: &mut Client, id: &str) -> Vec<String> {
     let reply = execute(ctl, "query-failures", None);
