@@ -17,7 +17,7 @@ use switchboard_devices::host::topology::{
     BlkSpec, DeviceSpec, RestartLimits, RestartPolicy, RngSpec, Topology, VhostUserSpec,
 };
 use switchboard_devices::models::blk::MAX_QUEUES;
-use switchboard_devices::models::blk::{Blk, BlkOptions};
+use switchboard_devices::models::blk::{Blk, BlkOptions, PanicFault};
 use switchboard_devices::models::rng::Rng;
 use switchboard_devices::models::virtio::actor_info;
 use switchboard_devices::vhost_user::{check_socket_path, BoundSocket};
@@ -63,6 +63,18 @@ pub(crate) enum Device {
         /// image's file name, cut to 20 bytes).
         #[arg(long)]
         serial: Option<String>,
+        /// Test only: every file operation waits this many milliseconds
+        /// plus a random part of as much again (a slow disk whose requests
+        /// complete out of order).
+        #[arg(long, value_name = "MS", hide = true)]
+        test_latency_ms: Option<u64>,
+        /// Test only: the request handler panics on request N (counted over
+        /// the process, restarts included), once.
+        #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
+        test_panic_at: Option<u64>,
+        /// Test only: with --test-panic-at, panic on every request from N on.
+        #[arg(long, hide = true, requires = "test_panic_at")]
+        test_panic_every: bool,
         #[command(flatten)]
         socket: SocketArgs,
         #[command(flatten)]
@@ -284,6 +296,9 @@ impl TryFrom<Device> for ServeConfig {
                 io_threads,
                 workers,
                 serial,
+                test_latency_ms,
+                test_panic_at,
+                test_panic_every,
                 socket,
                 restart,
                 record,
@@ -305,7 +320,10 @@ impl TryFrom<Device> for ServeConfig {
                             queue_size,
                             io_threads: usize::from(io_threads),
                             serial,
-                            ..BlkOptions::default()
+                            latency: std::time::Duration::from_millis(test_latency_ms.unwrap_or(0)),
+                            test_panic: test_panic_at.map(|at| {
+                                std::sync::Arc::new(PanicFault::new(at, test_panic_every))
+                            }),
                         },
                     },
                     endpoints: socket.try_into()?,
@@ -374,9 +392,14 @@ impl ServeConfig {
 
     /// What the topology cannot say about the device on `socket`.
     fn tuning(&self, socket: Option<BoundSocket>) -> Tuning {
-        let (queue_size, io_threads) = match &self.model {
-            Model::Blk { options, .. } => (Some(options.queue_size), Some(options.io_threads)),
-            Model::Rng { .. } => (None, None),
+        let (queue_size, io_threads, latency, test_panic) = match &self.model {
+            Model::Blk { options, .. } => (
+                Some(options.queue_size),
+                Some(options.io_threads),
+                options.latency,
+                options.test_panic.clone(),
+            ),
+            Model::Rng { .. } => (None, None, std::time::Duration::ZERO, None),
         };
         Tuning {
             serving: Serving {
@@ -385,6 +408,8 @@ impl ServeConfig {
             },
             queue_size,
             io_threads,
+            latency,
+            test_panic,
         }
     }
 }

@@ -169,6 +169,11 @@ pub struct Tuning {
     pub queue_size: Option<u16>,
     /// virtio-blk: threads doing file I/O (default 4).
     pub io_threads: Option<usize>,
+    /// virtio-blk, **test only**: latency added to every file operation
+    /// ([`BlkOptions::latency`]).
+    pub latency: std::time::Duration,
+    /// virtio-blk, **test only**: a panic fault ([`BlkOptions::test_panic`]).
+    pub test_panic: Option<std::sync::Arc<crate::models::blk::PanicFault>>,
 }
 
 impl Tuning {
@@ -181,6 +186,8 @@ impl Tuning {
         if let Some(n) = self.io_threads {
             options.io_threads = n;
         }
+        options.latency = self.latency;
+        options.test_panic.clone_from(&self.test_panic);
         options
     }
 }

@@ -157,8 +157,47 @@ pub struct BlkOptions {
     /// file name, cut to 20 bytes.
     pub serial: Option<String>,
     /// Latency added to every file operation, to emulate a slow disk
-    /// (tests of draining use it). Zero by default.
+    /// (tests of draining and of in-flight recovery use it): each
+    /// operation waits this long plus a pseudo-random part of as much
+    /// again, so that requests on several I/O threads complete out of
+    /// order. Zero by default.
     pub latency: std::time::Duration,
+    /// **Test only**: makes the request handler panic (see [`PanicFault`]).
+    pub test_panic: Option<Arc<PanicFault>>,
+}
+
+/// **Test only**: a fault that makes virtio-blk's request handler panic,
+/// to show containment and supervised restart. Shared by every device
+/// built from the same options (a restarted device counts on).
+#[derive(Debug)]
+pub struct PanicFault {
+    /// The request (counted from 1 over every device built from these
+    /// options) that panics.
+    pub at: u64,
+    /// Panic on every request from `at` on, not once.
+    pub every: bool,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl PanicFault {
+    /// A fault at request `at`, once or on every request from then.
+    pub fn new(at: u64, every: bool) -> Self {
+        PanicFault {
+            at,
+            every,
+            seen: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn check(&self) {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n == self.at || (self.every && n > self.at) {
+            panic!(
+                "test fault: virtio-blk request {n} panics (--test-panic-at {})",
+                self.at
+            );
+        }
+    }
 }
 
 impl Default for BlkOptions {
@@ -170,6 +209,7 @@ impl Default for BlkOptions {
             io_threads: 4,
             serial: None,
             latency: std::time::Duration::ZERO,
+            test_panic: None,
         }
     }
 }
@@ -243,6 +283,7 @@ pub struct Blk {
     /// A replayed device: no image, no I/O threads; `end_batch` runs the
     /// staged jobs on the caller's thread against their recordings.
     replay: bool,
+    test_panic: Option<Arc<PanicFault>>,
 }
 
 /// What replay needs to rebuild a [`Blk`] (the log header holds it).
@@ -380,6 +421,7 @@ impl Blk {
             threads,
             io_threads: options.io_threads,
             replay: false,
+            test_panic: options.test_panic.clone(),
         })
     }
 
@@ -423,6 +465,7 @@ impl Blk {
             threads: Vec::new(),
             io_threads: 1,
             replay: true,
+            test_panic: None,
         })
     }
 
@@ -611,6 +654,29 @@ fn write_status(request: &mut Request, status_at: u64, status: u8, len: u64) -> 
     (len + 1).min(u64::from(u32::MAX)) as u32
 }
 
+/// A pseudo-random duration below `max` (xorshift on a per-thread state):
+/// out-of-order completions for a slowed disk, not randomness anyone
+/// relies on.
+fn jitter(max: std::time::Duration) -> std::time::Duration {
+    thread_local! {
+        // Seeded from the thread's stack address: each thread differs.
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            let probe = 0u8;
+            0x9E37_79B9_7F4A_7C15 ^ (std::ptr::addr_of!(probe) as u64) | 1
+        });
+    }
+    let x = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    let nanos = max.as_nanos().max(1) as u64;
+    std::time::Duration::from_nanos(x % nanos)
+}
+
 fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
     let mut buf: Vec<u8> = Vec::new();
     let mut gate: Option<switchboard_runtime::Gate> = None;
@@ -628,7 +694,7 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
             }
         };
         if !latency.is_zero() {
-            thread::sleep(latency);
+            thread::sleep(latency + jitter(latency));
         }
         // The device's gate, kept for a failure: cloned once per thread,
         // not once per job (a clone per job would bounce its count between
@@ -813,6 +879,9 @@ impl VirtioDevice for Blk {
     }
 
     fn handle(&self, mut request: Request, done: &Completer) -> Handled {
+        if let Some(fault) = &self.test_panic {
+            fault.check();
+        }
         let writable = request.writable_len();
         if writable == 0 {
             request.set_kind("no-status");

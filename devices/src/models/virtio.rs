@@ -108,6 +108,9 @@ pub struct Request {
     guard: Option<Completer>,
     /// Written into the last writable byte when the drop guard answers.
     fail_status: Option<u8>,
+    /// Set on the request a drop guard sends when it ran during a panic:
+    /// the device failed with this request in its hands.
+    panicked: bool,
 }
 
 impl Drop for Request {
@@ -139,6 +142,7 @@ impl Drop for Request {
             ticket: self.ticket.take(),
             guard: None,
             fail_status: None,
+            panicked: std::thread::panicking(),
         };
         completer.complete(orphan, len);
     }
@@ -342,6 +346,7 @@ impl Request {
             ticket: None,
             guard: None,
             fail_status: None,
+            panicked: false,
         })
     }
 
@@ -360,6 +365,13 @@ impl Request {
     pub fn answered(&mut self) -> Option<Ticket> {
         self.guard = None;
         self.ticket.take()
+    }
+
+    /// Whether this is what a drop guard sent for a request dropped during
+    /// a panic (the device failed while handling it): with in-flight
+    /// tracking the server leaves such a request for resubmission.
+    pub fn dropped_in_panic(&self) -> bool {
+        self.panicked
     }
 
     /// The gate that admitted it, if it was admitted: a thread that runs
@@ -404,6 +416,7 @@ impl Request {
             ticket: None,
             guard: None,
             fail_status: None,
+            panicked: false,
             tape: Tape::Replay(Box::new(Replaying {
                 mode,
                 kind: "request",

@@ -56,12 +56,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use switchboard_bus::{
-    BusHandle, GuestAddr, Placement, RamRegion, RegionId, RegionKind, RegionSpec, Target,
-};
+use switchboard_bus::{BusHandle, Placement, RamRegion, RegionId, RegionKind, RegionSpec, Target};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -77,17 +75,20 @@ use switchboard_runtime::{
     Refused, Runtime, State, Ticket,
 };
 
-use crate::models::virtio::{actor_info, config_window, Completer, Handled, Request, VirtioDevice};
+use crate::models::virtio::{actor_info, config_window, Completer, Request, VirtioDevice};
 
 mod codec;
+mod filter;
+// The in-flight file's mapping: its mmap and the atomic views into it.
+mod inflight;
 pub(crate) mod listen;
 mod memory;
 mod serve;
+mod walk;
 // The SIGBUS handler and its registry: the only unsafe code of the
 // serving layer (libc's sigaction and mmap), kept to this one module.
 #[allow(unsafe_code)]
 mod sigbus;
-use codec::RequestRecord;
 pub use codec::{encode_json as encode_body, render as render_body};
 pub(crate) use codec::{RequestPayload, RequestReply};
 pub use memory::{MAX_MEM_SLOTS, MAX_TABLE_REGIONS};
@@ -181,6 +182,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// goes on.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(3);
 
+/// **Test only**: when this environment variable is set, in-flight
+/// tracking (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`) is not advertised.
+pub const NO_INFLIGHT_ENV: &str = "SWITCHBOARD_TEST_NO_INFLIGHT";
+
 /// How the failure reason of a device stopped by its drain deadline begins.
 pub const DRAIN_DEADLINE_PASSED: &str = "drain deadline passed: ";
 
@@ -239,6 +244,9 @@ struct Shared<D: VirtioDevice> {
     handled: AtomicU64,
     completions: Vec<Completions>,
     record: OnceLock<RecordTo>,
+    /// The connection's in-flight file (set by the message filter on
+    /// SET_INFLIGHT_FD, emptied when the connection ends).
+    inflight: Arc<inflight::Slot>,
 }
 
 /// Where a server records its messages: the journal (the process's one
@@ -383,6 +391,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 handled: AtomicU64::new(0),
                 completions,
                 record: OnceLock::new(),
+                inflight: Arc::default(),
             }),
         })
     }
@@ -568,234 +577,6 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         }
     }
 
-    /// Writes a used entry through the accepted memory (see `Shared::mem`).
-    fn add_used(
-        &self,
-        vring: &VringRwLock,
-        head: u16,
-        len: u32,
-    ) -> std::result::Result<(), virtio_queue::Error> {
-        let mem = self.shared.mem.memory();
-        vring.get_mut().get_queue_mut().add_used(&*mem, head, len)
-    }
-
-    /// Writes the used entry, then drops the request (and its leases), then
-    /// its ticket: the queue's count goes down only once the answer is in
-    /// the ring.
-    fn finish(&self, vring: &VringRwLock, mut request: Request, len: u32) {
-        let ticket = request.answered();
-        let queue = usize::from(request.queue());
-        if let Err(e) = self.add_used(vring, request.head(), len) {
-            tracing::error!(queue, head = request.head(), error = %e, "write used entry");
-        }
-        let recorded = self.shared.record.get().and_then(|r| {
-            let (time, kind, trace) = request.take_recording()?;
-            let record = RequestRecord {
-                queue: request.queue(),
-                head: request.head(),
-                readable: request.readable().iter().map(|s| s.len).collect(),
-                writable: request.writable().iter().map(|s| s.len).collect(),
-                trace,
-                len,
-            };
-            Some((r, time, kind, record))
-        });
-        drop(request);
-        if let Some((r, time, kind, record)) = recorded {
-            r.journal.record_body(
-                time,
-                r.journal.now().saturating_sub(time),
-                &r.queues[queue],
-                &r.id,
-                RecordKind::Message(kind),
-                &record,
-            );
-        }
-        self.shared.handled.fetch_add(1, Ordering::Relaxed);
-        drop(ticket);
-    }
-
-    /// Answers a request the gate refused (the device is draining or
-    /// stopped) with the device type's failure status.
-    fn refuse(&self, vring: &VringRwLock, mut request: Request) {
-        let writable = request.writable_len();
-        let len = match self.shared.device.fail_status() {
-            Some(status) if writable > 0 => {
-                u32::from(request.write_at(writable - 1, &[status]).is_ok())
-            }
-            _ => 0,
-        };
-        if let Err(e) = self.add_used(vring, request.head(), len) {
-            tracing::error!(queue = request.queue(), head = request.head(), error = %e, "write used entry");
-        }
-        self.shared.handled.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<()> {
-        if self.shared.gate.state() == State::Stopped {
-            // A failed or stopped device walks no ring; its frontend is
-            // being disconnected.
-            return Ok(());
-        }
-        let mem = &self.shared.mem;
-        if mem.memory().num_regions() == 0 {
-            return Ok(());
-        }
-        let event_idx = self.shared.event_idx.load(Ordering::Acquire);
-        let completer = self.completer(queue);
-        let fail_status = self.shared.device.fail_status();
-        let gate = &self.shared.gate;
-        loop {
-            if event_idx {
-                vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .disable_notification(&*mem.memory())
-                    .map_err(io::Error::other)?;
-            }
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                match state.get_queue_mut().iter(mem.memory()) {
-                    Ok(iter) => iter.collect(),
-                    Err(e) => {
-                        tracing::error!(queue, error = %e, "read the available ring; queue stopped");
-                        return Ok(());
-                    }
-                }
-            };
-            let mut used = false;
-            for chain in chains {
-                let head = chain.head_index();
-                // Walked straight into the request: no allocation per chain.
-                let descriptors = chain
-                    .clone()
-                    .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()));
-                let seq = self.shared.runtime.next_seq();
-                let admitted = gate.admit(queue, seq, MessageKind::Request);
-                let memreq = self.shared.bus.guest_memory().request();
-                let record = self.shared.record.get();
-                let time = record.map(|r| r.journal.now()).unwrap_or(0);
-                match Request::new(queue as u16, head, descriptors, memreq) {
-                    Ok(mut request) => {
-                        let ticket = match admitted {
-                            Ok(t) => t,
-                            Err(refused) => {
-                                tracing::debug!(queue, head, %refused, "request refused");
-                                self.refuse(vring, request);
-                                used = true;
-                                continue;
-                            }
-                        };
-                        request.admitted(ticket, completer, fail_status);
-                        if let Some(r) = record {
-                            request.record(r.mode, time);
-                        }
-                        // A panic drops the request, whose guard answers it
-                        // through the completer.
-                        let handled = self.contain(
-                            || format!("queue {queue}: handle request {head}"),
-                            |d| d.handle(request, completer),
-                        );
-                        if let Some(Handled::Done { request, len }) = handled {
-                            self.finish(vring, request, len);
-                            used = true;
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(queue, error = %e, "malformed request");
-                        self.contain(
-                            || "reject a malformed request".into(),
-                            |d| d.reject(queue as u16, head, &e),
-                        );
-                        // The device type's failure status, in the chain's
-                        // last byte if that is device-writable guest RAM
-                        // (virtio-blk's status byte): the driver sees the
-                        // request failed rather than an answer of nothing.
-                        let len = match (fail_status, chain.clone().last()) {
-                            (Some(status), Some(d)) if d.is_write_only() && d.len() > 0 => {
-                                let at = GuestAddr(d.addr().0.wrapping_add(u64::from(d.len()) - 1));
-                                let mut memreq = self.shared.bus.guest_memory().request();
-                                u32::from(memreq.write(at, &[status]).is_ok())
-                            }
-                            _ => 0,
-                        };
-                        if let Some(r) = record {
-                            r.journal.record(Entry::json(
-                                time,
-                                r.journal.now().saturating_sub(time),
-                                Arc::clone(&r.queues[queue]),
-                                Arc::clone(&r.id),
-                                RecordKind::Malformed,
-                                serde_json::json!({
-                                    "queue": queue, "head": head, "error": e.to_string()
-                                }),
-                                serde_json::json!({ "len": len }),
-                            ));
-                        }
-                        if let Err(e) = self.add_used(vring, head, len) {
-                            tracing::error!(queue, head, error = %e, "write used entry");
-                        }
-                        self.shared.handled.fetch_add(1, Ordering::Relaxed);
-                        drop(admitted);
-                        used = true;
-                    }
-                }
-            }
-            self.contain(
-                || format!("queue {queue}: end of batch"),
-                |d| d.end_batch(queue as u16),
-            );
-            if used {
-                self.signal(vring);
-            }
-            if !event_idx
-                || !vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .enable_notification(&*mem.memory())
-                    .map_err(io::Error::other)?
-            {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn process_completions(&self, worker: usize, vrings: &[VringRwLock]) {
-        let c = &self.shared.completions[worker];
-        // Consume the wake-up first, then everything queued: a completion
-        // sent after the read re-arms the eventfd.
-        let _ = c.event.read();
-        // A swap, so that it synchronizes with the completers' swaps.
-        c.armed.swap(false, Ordering::AcqRel);
-        // Vrings to signal, as a bitmask: a worker has at most 64 (the
-        // crate's `queues_per_thread` masks are u64).
-        let mut touched = 0u64;
-        while let Ok((request, len)) = c.rx.try_recv() {
-            let queue = usize::from(request.queue());
-            let local = self.local_index(queue);
-            match vrings.get(local) {
-                Some(vring) => {
-                    self.finish(vring, request, len);
-                    touched |= 1 << local;
-                }
-                None => {
-                    tracing::error!(
-                        queue,
-                        worker,
-                        "completion for a queue this worker does not own"
-                    );
-                    drop(request);
-                }
-            }
-        }
-        for (i, vring) in vrings.iter().enumerate() {
-            if touched & (1 << i) != 0 {
-                self.signal(vring);
-            }
-        }
-    }
-
     /// Checks the table the crate mapped (`memory::check_table`), guards
     /// the mappings of files that can shrink, makes it the memory the ring
     /// walker reads, and mirrors it on the guest-memory bus.
@@ -937,11 +718,17 @@ impl<D: VirtioDevice> VhostUserBackend for VhostUserServer<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::RESET_DEVICE;
+        // Test only: the control run of `integration/qemu/kill-restart.sh`,
+        // which shows what a restart does without in-flight tracking.
+        if std::env::var_os(NO_INFLIGHT_ENV).is_some() {
+            return features;
+        }
+        features | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn reset_device(&self) {

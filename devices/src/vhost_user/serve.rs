@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +21,7 @@ use switchboard_runtime::{GateDrainError, Lanes, State};
 
 use super::{pending_of, Error, Result, VhostUserServer, DRAIN_DEADLINE_PASSED, STOP_DEADLINE};
 use crate::models::virtio::VirtioDevice;
+use crate::vhost_user::filter::{self, Filter};
 use crate::vhost_user::listen::{self, FrontendWait, SocketFile, StopSignal, Woken, WorkerExit};
 
 /// Stops [`serve`] from another thread (a signal handler's thread, say).
@@ -345,10 +346,32 @@ fn serve_connection<D: VirtioDevice>(
             .map_err(|source| Error::RegisterCompletion { worker, source })?;
     }
     // The listener is readable and nothing else accepts on it: the accept
-    // returns the waiting frontend at once.
-    daemon.start(listener).map_err(|e| Error::Serve {
+    // returns the waiting frontend at once (or nothing, if it went away).
+    let accepted = listener.accept().map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: format!("accept: {e}"),
+    })?;
+    let Some(frontend) = accepted else {
+        return Ok(());
+    };
+    // The crate serves the private end; the message filter sits between
+    // it and the frontend (see `filter.rs`).
+    let (mut private, filter_end) = private_socket().map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: format!("create the private socket for the message filter: {e}"),
+    })?;
+    daemon.start(&mut private).map_err(|e| Error::Serve {
         path: name.to_string(),
         reason: e.to_string(),
+    })?;
+    let filter = Filter {
+        slot: Arc::clone(&server.shared.inflight),
+        queues,
+        name: name.to_string(),
+    };
+    let interposed = filter::interpose(frontend, filter_end, filter).map_err(|e| Error::Serve {
+        path: name.to_string(),
+        reason: format!("start the message filter: {e}"),
     })?;
     *stop.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
     // The gate's failure hook disconnects the frontend through this one.
@@ -362,6 +385,8 @@ fn serve_connection<D: VirtioDevice>(
         daemon.request_shutdown();
     }
     let result = daemon.wait();
+    // The crate's end is closed now: the filter closes the frontend's.
+    interposed.join();
     // Their duplicates of the connection's socket are closed now, not when
     // the next frontend connects.
     stop.shutdown
@@ -396,5 +421,30 @@ fn serve_connection<D: VirtioDevice>(
     // with its memory: then the connection's guest memory can be unmapped.
     drop(daemon);
     server.forget_memory();
+    server.shared.inflight.clear();
     Ok(())
+}
+
+/// A listener only this user can reach, with a connection to it queued:
+/// the crate accepts it, the message filter holds the other end. The
+/// listener's file (in a fresh 0700 directory under the temporary
+/// directory) is removed before this returns.
+fn private_socket() -> io::Result<(Listener, UnixStream)> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "switchboard-filter-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    // `create` (not `create_all`) fails on an existing path: nobody else's
+    // directory or link is used.
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("s");
+    let made = UnixListener::bind(&path).and_then(|l| Ok((l, UnixStream::connect(&path)?)));
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, stream) = made?;
+    Ok((Listener::from(listener), stream))
 }

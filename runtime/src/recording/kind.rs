@@ -42,6 +42,10 @@ pub enum RecordKind {
     /// An input a device took from outside the guest (bytes from a UART's
     /// sink; one-way).
     Input,
+    /// A queue recovered after a reconnect (in-flight tracking): the heads
+    /// resubmitted, in order, and the ring's new next available position.
+    /// The resubmitted requests follow as messages.
+    Resubmit,
     /// A message of a type the device or message defines: a virtqueue
     /// request's type as the device named it (`read`, `entropy`), an
     /// MMIO/PIO access (`read`, `write`), an interrupt or an input.
@@ -50,7 +54,7 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// Every kind but [`RecordKind::Message`].
-    pub const KNOWN: [RecordKind; 15] = [
+    pub const KNOWN: [RecordKind; 16] = [
         RecordKind::Added,
         RecordKind::Removed,
         RecordKind::Gap,
@@ -66,6 +70,7 @@ impl RecordKind {
         RecordKind::Failed,
         RecordKind::Irq,
         RecordKind::Input,
+        RecordKind::Resubmit,
     ];
 
     /// The `type` field as written.
@@ -86,6 +91,7 @@ impl RecordKind {
             RecordKind::Failed => "failed",
             RecordKind::Irq => "irq",
             RecordKind::Input => "input",
+            RecordKind::Resubmit => "resubmit",
             RecordKind::Message(s) => s,
         }
     }
