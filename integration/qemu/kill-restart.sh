@@ -71,6 +71,7 @@ if [ "$BACKEND" != qsd ]; then [ -x "$BIN" ] || die_rc 2 "no switchboard binary 
 command -v fio >/dev/null || die_rc 2 "fio is not installed on the host: run $H/setup.sh"
 [ -n "$DIR" ] || DIR=$(mktemp -d "${TMPDIR:-/tmp}/kill-restart.XXXXXX")
 mkdir -p "$DIR/guest"
+DIR=$(realpath "$DIR")
 IMG=$DIR/disk.img SOCK=$DIR/vu.sock
 rm -f "$IMG" "$SOCK"
 truncate -s 64M "$IMG"
@@ -143,10 +144,10 @@ guest_ok=$(field ok) errors=$(sed -n 's/.* value=\([^ ]*\).*/\1/p' <<< "$result"
 kill -9 "$BPID" 2>/dev/null || true; wait "$BPID" 2>/dev/null || true; BPID=
 host=skipped
 if [ "$guest_ok" = 1 ]; then
-    if fio --name=verify --filename="$IMG" --rw=randwrite --bs=4k --size="$SIZE" \
+    if (cd "$DIR" && fio --name=verify --filename="$IMG" --rw=randwrite --bs=4k --size="$SIZE" \
         --ioengine=psync --verify=crc32c --verify_only --verify_fatal=1 --randrepeat=1 \
         --verify_state_save=0 \
-        >"$DIR/host-verify.log" 2>&1; then host=ok; else host=failed; tail -n 5 "$DIR/host-verify.log" >&2; fi
+        >"$DIR/host-verify.log" 2>&1); then host=ok; else host=failed; tail -n 5 "$DIR/host-verify.log" >&2; fi
 fi
 restarts=$(cat "$DIR"/backend.*.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | grep -c ' restarted ' || true)
 echo "kill-restart: backend=$BACKEND kills=$KILLS restarts=$restarts guest_ok=${guest_ok:-0} io_errors=${errors:-unknown} fio_rc=${fio_rc:-none} host_verify=$host dir=$DIR"
