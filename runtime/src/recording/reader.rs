@@ -156,6 +156,11 @@ pub struct BinRecord<'a> {
     pub codec: u8,
     /// Body.
     pub body: &'a [u8],
+    /// The name-table indices of `from`, `to` and `kind`, in that order:
+    /// a reader that keeps something per name can look it up by index
+    /// instead of by string. Index `i` names the same string for the
+    /// whole log.
+    pub names: [u32; 3],
 }
 
 /// Reads a log, JSON Lines (version 1) or binary (version 2), record by
@@ -373,6 +378,12 @@ impl LogReader {
         }
     }
 
+    /// How this reader renders bodies of codecs other than JSON
+    /// ([`LogReader::with_render`]), for [`render_line`].
+    pub fn render(&self) -> Render {
+        self.bin.as_ref().map_or(render_none, |b| b.render)
+    }
+
     /// Whether the log is the binary form.
     pub fn is_binary(&self) -> bool {
         self.bin.is_some()
@@ -429,6 +440,9 @@ impl LogReader {
             kind: name(h.kind),
             codec: h.codec,
             body: h.body,
+            // Checked against the table's length above, which a `Vec`
+            // keeps below `u32::MAX` for any log a reader can hold.
+            names: [h.from as u32, h.to as u32, h.kind as u32],
         }))
     }
 
@@ -440,6 +454,12 @@ impl LogReader {
     /// The file's size in bytes.
     pub fn file_len(&self) -> u64 {
         self.len
+    }
+
+    /// Bytes of a binary log read so far (up to the end of the last frame
+    /// read); 0 for JSON Lines.
+    pub fn position(&self) -> u64 {
+        self.bin.as_ref().map_or(0, |b| b.base + b.pos as u64)
     }
 
     /// The line number of the last line read (for a binary log, the
