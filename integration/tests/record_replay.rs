@@ -543,8 +543,9 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let (_dir, log) = setup(DataMode::Hash);
     let edited = edit(&log, 0, |l| {
         let mut v: serde_json::Value = serde_json::from_str(l).expect("header");
-        // Version 2 is the binary form; 3 is newer than this build reads.
-        v["version"] = serde_json::json!(3);
+        // Versions 2 and 3 are the binary form; 4 is newer than this
+        // build reads.
+        v["version"] = serde_json::json!(4);
         v["switchboard"] = serde_json::json!("7.1.0");
         v["compression"] = serde_json::json!("zstd");
         v.to_string()
@@ -552,7 +553,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let out = replay(&edited, &[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains(":1: log format version 3"), "{t}");
+    assert!(t.contains(":1: log format version 4"), "{t}");
     assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
     assert!(!t.contains("divergence"), "{t}");
 }
