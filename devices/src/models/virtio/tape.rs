@@ -10,8 +10,6 @@
 //! byte buffers of small data and the stand-in map keep their capacity, so
 //! that once they have grown, replaying a request allocates nothing here.
 
-use std::collections::HashMap;
-
 use switchboard_runtime::recording::{hash, Data, DataMode, INLINE_MAX};
 
 use super::{Segment, Trace};
@@ -106,9 +104,9 @@ pub(super) struct Replaying {
     pub(super) next_input: usize,
     pub(super) next_effect: usize,
     pub(super) actual: Trace,
-    /// Hash of the stand-in bytes handed out for hashed data -> the
-    /// recorded hash: so that data copied through unchanged compares equal.
-    pub(super) fills: HashMap<u128, u128>,
+    /// The recorded hash and length of each stand-in handed out for
+    /// hashed data: so that data copied through unchanged compares equal.
+    pub(super) fills: Vec<(u128, u64)>,
     pub(super) divergence: Option<String>,
     /// Byte buffers of small data the device wrote in earlier requests,
     /// for [`Replaying::capture`] to reuse.
@@ -125,7 +123,7 @@ impl Replaying {
             next_input: 0,
             next_effect: 0,
             actual: Trace::default(),
-            fills: HashMap::new(),
+            fills: Vec::new(),
             divergence: None,
             spare: Vec::new(),
         }
@@ -138,28 +136,39 @@ impl Replaying {
     }
 
     /// Fills `buf` with the recorded `data`: its bytes, or for hashed data
-    /// stand-in bytes derived from the hash, remembered so that a copy of
-    /// them compares equal to the recorded hash.
-    pub(super) fn fill(fills: &mut HashMap<u128, u128>, data: &Data, buf: &mut [u8]) {
+    /// stand-in bytes (the hash's 16 bytes, repeated), remembered so that
+    /// a copy of them is recognised by [`Replaying::capture`] and compares
+    /// equal to the recorded hash.
+    pub(super) fn fill(fills: &mut Vec<(u128, u64)>, data: &Data, buf: &mut [u8]) {
         match data {
             Data::Bytes(b) => buf.copy_from_slice(b),
             Data::Hash { hash: h, .. } => {
-                let mut x = (*h as u64) ^ ((*h >> 64) as u64) | 1;
-                for chunk in buf.chunks_mut(8) {
-                    // xorshift64: any fixed expansion of the hash will do.
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let b = x.to_le_bytes();
-                    chunk.copy_from_slice(&b[..chunk.len()]);
+                let pattern = h.to_le_bytes();
+                let n = buf.len().min(pattern.len());
+                buf[..n].copy_from_slice(&pattern[..n]);
+                // Doubling: a few large copies instead of one per 16 bytes.
+                let mut filled = n;
+                while filled < buf.len() {
+                    let m = filled.min(buf.len() - filled);
+                    buf.copy_within(..m, filled);
+                    filled += m;
                 }
-                fills.insert(hash(buf), *h);
+                fills.push((*h, buf.len() as u64));
             }
         }
     }
 
-    /// `bytes` as the recording would hold them. (Stand-in bytes exist only
-    /// for hashed data, which is never small, so only hashes translate.)
+    /// Whether `bytes` are the stand-in [`Replaying::fill`] makes for
+    /// hash `h`: they start with its 16 bytes and repeat every 16 bytes.
+    fn is_stand_in(h: u128, bytes: &[u8]) -> bool {
+        let pattern = h.to_le_bytes();
+        let n = bytes.len().min(pattern.len());
+        bytes[..n] == pattern[..n] && bytes[n..] == bytes[..bytes.len() - n]
+    }
+
+    /// `bytes` as the recording would hold them. Stand-in bytes (which
+    /// exist only for hashed data, never small) are recognised as such and
+    /// given the recorded hash they stand for, without hashing them.
     pub(super) fn capture(&mut self, bytes: &[u8]) -> Data {
         if self.mode == DataMode::Value || bytes.len() <= INLINE_MAX {
             let mut b = self.spare.pop().unwrap_or_default();
@@ -167,10 +176,14 @@ impl Replaying {
             b.extend_from_slice(bytes);
             return Data::Bytes(b);
         }
-        let h = hash(bytes);
+        let len = bytes.len() as u64;
+        let recorded = self
+            .fills
+            .iter()
+            .find(|&&(h, l)| l == len && Self::is_stand_in(h, bytes));
         Data::Hash {
-            len: bytes.len() as u64,
-            hash: self.fills.get(&h).copied().unwrap_or(h),
+            len,
+            hash: recorded.map_or_else(|| hash(bytes), |&(h, _)| h),
         }
     }
 }
