@@ -168,12 +168,14 @@ fn put_externals(out: &mut Vec<u8>, exts: &[External], seen: &mut Seen) {
     }
 }
 
+#[cold]
 fn short() -> String {
     "the request record ends early".to_string()
 }
 
 /// A list's count, checked against the bytes left (each entry takes one
 /// at least), so that a corrupt count cannot make a reader reserve much.
+#[inline]
 fn get_count(b: &mut &[u8]) -> Result<usize, String> {
     let n = get_varint(b).ok_or_else(short)?;
     if n > b.len() as u64 {
