@@ -9,7 +9,8 @@
 //!
 //! A virtio device is rebuilt without its backing (no image file, no
 //! entropy source, no guest): its reads of guest memory, file contents and
-//! entropy come from the recording, through the same [`Request`] methods
+//! entropy come from the recording, through the same
+//! [`Request`](crate::models::virtio::Request) methods
 //! the live device uses, and its writes are collected instead of done.
 //!
 //! A device on a bus (the UART, the test device) is rebuilt without its
@@ -17,6 +18,12 @@
 //! replies and its interrupt messages are compared (see `mmio.rs`). Its
 //! state depends on every record before, so after a `gap` record it is no
 //! longer replayed.
+//!
+//! Either form of log is read: a JSON Lines log's lines are read ahead on
+//! a thread of their own and parsed; a binary log's records are taken
+//! straight from the reader's block on this thread, a virtio request
+//! decoded in place into reused buffers, with no JSON (a record's line is
+//! rendered only for a report). Both end up in the same `Run::step`.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
