@@ -75,6 +75,7 @@ DIR=$(realpath "$DIR")
 IMG=$DIR/disk.img SOCK=$DIR/vu.sock
 rm -f "$IMG" "$SOCK"
 truncate -s 64M "$IMG"
+truncate -s ">$SIZE" "$IMG"   # at least fio's size
 
 BPID=
 start_backend() {

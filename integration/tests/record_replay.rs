@@ -467,6 +467,46 @@ fn test_one_changed_byte_of_a_reply_is_reported_at_its_sequence_number() {
     assert!(t.contains("byte 0 differs: expected 0x01, got 0x00"), "{t}");
 }
 
+/// The replay's report of `log`, from its first divergence on.
+fn divergence_report(log: &Path) -> String {
+    let out = replay(log, &["--no-progress"]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    let at = t.find("divergence at seq").expect("a divergence");
+    t[at..].to_string()
+}
+
+#[test]
+fn test_a_divergence_reads_the_same_in_the_binary_form() {
+    // A read's data (by value: bytes shown) and a write's status byte
+    // (hashed log), each changed, then converted: the binary log is
+    // replayed without JSON, and must say all the JSON form says.
+    for (mode, kind) in [(DataMode::Value, "read"), (DataMode::Hash, "write")] {
+        let (dir, log) = setup(mode);
+        let all = lines(&log);
+        let index = all
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(&format!("\"type\":\"{kind}\"")))
+            .nth(2)
+            .map(|(i, _)| i)
+            .expect("a third such request");
+        let edited = edit(&log, index, |l| {
+            let at = l.find("\"writes\":[{\"at\":").expect("writes");
+            let data = at + l[at..].find("b64:").expect("by value") + 4;
+            let c = l.as_bytes()[data];
+            let flipped = if c == b'A' { 'B' } else { 'A' };
+            format!("{}{flipped}{}", &l[..data], &l[data + 1..])
+        });
+        let bin = dir.path().join("edited.bin");
+        let out = switchboard_log(&[edited.as_os_str(), "--convert".as_ref(), bin.as_os_str()]);
+        assert!(out.status.success(), "{}", text(&out));
+        let json = divergence_report(&edited);
+        assert!(json.contains("messages disk0 handled before it"), "{json}");
+        assert_eq!(divergence_report(&bin), json, "{mode:?}");
+    }
+}
+
 #[test]
 fn test_a_cut_off_log_names_the_line_and_its_prefix_replays() {
     let (_dir, log) = setup(DataMode::Hash);
@@ -503,8 +543,9 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let (_dir, log) = setup(DataMode::Hash);
     let edited = edit(&log, 0, |l| {
         let mut v: serde_json::Value = serde_json::from_str(l).expect("header");
-        // Version 2 is the binary form; 3 is newer than this build reads.
-        v["version"] = serde_json::json!(3);
+        // Versions 2 and 3 are the binary form; 4 is newer than this
+        // build reads.
+        v["version"] = serde_json::json!(4);
         v["switchboard"] = serde_json::json!("7.1.0");
         v["compression"] = serde_json::json!("zstd");
         v.to_string()
@@ -512,7 +553,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let out = replay(&edited, &[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains(":1: log format version 3"), "{t}");
+    assert!(t.contains(":1: log format version 4"), "{t}");
     assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
     assert!(!t.contains("divergence"), "{t}");
 }

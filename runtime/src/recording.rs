@@ -60,7 +60,7 @@ pub use reader::{render_line, BinRecord, LogError, LogReader, Record, Render};
 pub const FORMAT: &str = "switchboard-log";
 /// The newest format version this build reads, and the one of the
 /// binary logs it writes ([`LogFormat::Binary`], `LOG-FORMAT.md`).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The version of the JSON Lines logs it writes ([`LogFormat::JsonLines`]).
 pub const JSON_LINES_VERSION: u32 = 1;
 /// Data of at most this many bytes is always recorded by value.
@@ -748,16 +748,18 @@ mod tests {
         let mut at = 8;
         let mut names = Vec::new();
         let mut seqs = Vec::new();
+        let mut heads = binary::HeadCoder::default();
         while let Some((p, n)) = binary::take_frame(&buf[at..]).expect("frame") {
             at += n;
             match p[0] {
                 binary::TAG_HEADER => {
                     let h: Header = serde_json::from_slice(&p[1..]).expect("header");
                     assert_eq!(h.version, FORMAT_VERSION);
+                    heads = binary::HeadCoder::new(h.version);
                 }
                 binary::TAG_NAME => names.push(String::from_utf8(p[2..].to_vec()).expect("utf8")),
                 _ => {
-                    let r = binary::get_record(p).expect("record");
+                    let r = heads.get(p).expect("record");
                     assert_eq!(names[r.kind as usize], "ping");
                     assert_eq!(names[r.to as usize], "a");
                     let (payload, reply) = binary::get_json_body(r.body).expect("json");
@@ -935,6 +937,53 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("the 9 complete records"), "{msg}");
+    }
+
+    #[test]
+    fn test_a_version_2_binary_log_still_reads() {
+        // Version 2's record heads give `seq` and `time` as they are.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v2.bin");
+        let mut h = header();
+        h.version = 2;
+        let mut buf = binary::MAGIC.to_vec();
+        binary::put_frame_with(&mut buf, |o| {
+            o.push(binary::TAG_HEADER);
+            serde_json::to_writer(&mut *o, &h).expect("header");
+        });
+        for (i, name) in ["me", "a", "ping"].iter().enumerate() {
+            binary::put_frame_with(&mut buf, |o| {
+                o.push(binary::TAG_NAME);
+                binary::put_varint(o, i as u64);
+                o.extend_from_slice(name.as_bytes());
+            });
+        }
+        for seq in 1..=3u64 {
+            let mut body = Vec::new();
+            binary::put_json_body(&mut body, b"{}", b"\"pong\"");
+            let head = binary::RecordHead {
+                seq,
+                time: 5_000_000_000 + seq,
+                latency: 9,
+                from: 0,
+                to: 1,
+                kind: 2,
+                codec: binary::CODEC_JSON,
+                body: &body,
+            };
+            binary::put_frame_with(&mut buf, |o| binary::put_record(o, &head));
+        }
+        std::fs::write(&path, buf).expect("write");
+        let mut r = LogReader::open(&path).expect("open");
+        assert_eq!(r.header().version, 2);
+        let mut got = Vec::new();
+        while let Some(rec) = r.next_binary().expect("record") {
+            got.push((rec.seq, rec.time, rec.to.to_string(), rec.kind.to_string()));
+        }
+        let want: Vec<_> = (1..=3u64)
+            .map(|s| (s, 5_000_000_000 + s, "a".to_string(), "ping".to_string()))
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

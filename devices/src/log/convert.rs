@@ -92,6 +92,8 @@ struct Out {
     names: HashMap<String, u64>,
     frame: Vec<u8>,
     body: Vec<u8>,
+    /// Writes record heads in file order (deltas of `seq` and `time`).
+    heads: binary::HeadCoder,
 }
 
 impl Out {
@@ -163,7 +165,8 @@ impl Out {
         };
         let mut frame = std::mem::take(&mut self.frame);
         frame.clear();
-        binary::put_frame_with(&mut frame, |o| binary::put_record(o, &head));
+        let heads = &mut self.heads;
+        binary::put_frame_with(&mut frame, |o| heads.put(o, &head));
         let written = self.write(&frame);
         self.frame = frame;
         self.body = scratch;
@@ -237,6 +240,7 @@ pub fn convert(input: &Path, output: &Path, to: LogFormat) -> Result<ConvertSumm
         bytes: 0,
         names: HashMap::new(),
         frame: Vec::new(),
+        heads: binary::HeadCoder::new(switchboard_runtime::recording::FORMAT_VERSION),
         body: Vec::new(),
     };
     out.write(&reader.header().log_start(to))?;

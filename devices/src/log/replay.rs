@@ -9,7 +9,8 @@
 //!
 //! A virtio device is rebuilt without its backing (no image file, no
 //! entropy source, no guest): its reads of guest memory, file contents and
-//! entropy come from the recording, through the same [`Request`] methods
+//! entropy come from the recording, through the same
+//! [`Request`](crate::models::virtio::Request) methods
 //! the live device uses, and its writes are collected instead of done.
 //!
 //! A device on a bus (the UART, the test device) is rebuilt without its
@@ -17,7 +18,14 @@
 //! replies and its interrupt messages are compared (see `mmio.rs`). Its
 //! state depends on every record before, so after a `gap` record it is no
 //! longer replayed.
+//!
+//! Either form of log is read: a JSON Lines log's lines are read ahead on
+//! a thread of their own and parsed; a binary log's records are taken
+//! straight from the reader's block on this thread, a virtio request
+//! decoded in place into reused buffers, with no JSON (a record's line is
+//! rendered only for a report). Both end up in the same `Run::step`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
@@ -25,17 +33,22 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
+use switchboard_runtime::recording::binary::{get_json_body, CODEC_JSON, CODEC_VIRTIO_REQUEST};
 use switchboard_runtime::recording::{
-    ActorInfo, Data, DataMode, LogError, LogReader, ParsedKind, RecordKind,
+    render_line, ActorInfo, BinRecord, DataMode, LogError, LogReader, ParsedKind, RecordKind,
+    Render,
 };
 
 use crate::models::blk::{Blk, BlkRebuild};
 use crate::models::rng::{Rng, RngRebuild};
-use crate::models::virtio::{At, Completer, External, Handled, Request, Trace, VirtioDevice};
+use crate::models::virtio::DecodedRequest;
 use crate::models::DeviceKind;
 use crate::vhost_user::{RequestPayload, RequestReply};
 
 mod mmio;
+mod virtio;
+
+use virtio::VirtioReplayer;
 
 /// How many earlier messages of the diverging actor a report shows.
 pub const HISTORY: usize = 5;
@@ -246,26 +259,54 @@ struct Msg<'a> {
     /// Its line in the log.
     line: u64,
     kind: &'a str,
-    /// The whole line.
-    text: &'a str,
+    /// `kind`, parsed.
+    parsed: ParsedKind<'a>,
+    /// The whole record, for a report.
+    text: Line<'a>,
     body: MsgBody<'a>,
 }
 
+/// A record as a report shows it: its JSON line, rendered from the binary
+/// form only when a report needs it.
+#[derive(Clone, Copy)]
+enum Line<'a> {
+    /// A JSON Lines log's line.
+    Text(&'a str),
+    /// A binary log's record, and how its reader renders bodies.
+    Binary(&'a BinRecord<'a>, Render),
+}
+
+impl Line<'_> {
+    /// The line, abbreviated ([`abbreviate`]).
+    fn abbreviate(&self, width: usize) -> String {
+        match self {
+            Line::Text(t) => abbreviate(t, width),
+            Line::Binary(r, render) => {
+                let (mut text, mut payload, mut reply) = (String::new(), Vec::new(), Vec::new());
+                match render_line(&mut text, r, *render, &mut payload, &mut reply) {
+                    Ok(()) => abbreviate(&text, width),
+                    Err(why) => format!("(seq {}: the record does not render: {why})", r.seq),
+                }
+            }
+        }
+    }
+}
+
 enum MsgBody<'a> {
-    /// A virtio request, already parsed.
+    /// A virtio request, parsed from its JSON line.
     Request(RequestPayload, RequestReply),
+    /// A virtio request, decoded from the binary form into buffers the
+    /// replay reuses.
+    Decoded(&'a mut DecodedRequest),
     /// Anything else, payload and reply unparsed.
-    Raw {
-        payload: &'a RawValue,
-        reply: &'a RawValue,
-    },
+    Raw { payload: &'a str, reply: &'a str },
 }
 
 impl MsgBody<'_> {
     fn raw(&self) -> (&str, &str) {
         match self {
-            MsgBody::Raw { payload, reply } => (payload.get(), reply.get()),
-            MsgBody::Request(..) => ("null", "null"),
+            MsgBody::Raw { payload, reply } => (payload, reply),
+            MsgBody::Request(..) | MsgBody::Decoded(_) => ("null", "null"),
         }
     }
 }
@@ -293,286 +334,6 @@ trait Replayer {
     fn takes_requests(&self) -> bool {
         false
     }
-}
-
-/// A virtio device under replay.
-struct VirtioReplayer<D: VirtioDevice> {
-    device: D,
-    mode: DataMode,
-    completer: Completer,
-    done: crossbeam_channel::Receiver<(Request, u32)>,
-}
-
-impl<D: VirtioDevice> VirtioReplayer<D> {
-    fn new(device: D, mode: DataMode) -> Self {
-        let (tx, done) = crossbeam_channel::unbounded();
-        let completer = Completer::new(move |request, len| {
-            let _ = tx.send((request, len));
-        });
-        VirtioReplayer {
-            device,
-            mode,
-            completer,
-            done,
-        }
-    }
-
-    fn request(
-        &mut self,
-        kind: &str,
-        payload: RequestPayload,
-        reply: RequestReply,
-    ) -> Result<(), Mismatch> {
-        if usize::from(payload.queue) >= self.device.num_queues() {
-            return Err(Mismatch::new(
-                "the request's queue does not exist on the rebuilt device",
-                format!("queue < {}", self.device.num_queues()),
-                format!("queue {}", payload.queue),
-            ));
-        }
-        let expected = Trace {
-            reads: payload.reads,
-            inputs: payload.inputs,
-            writes: Vec::new(),
-            // Only the recorded outcome (errno) of each effect is used.
-            effects: reply
-                .effects
-                .iter()
-                .map(|e| External {
-                    what: String::new(),
-                    at: 0,
-                    len: 0,
-                    data: None,
-                    errno: e.errno,
-                })
-                .collect(),
-        };
-        let request = Request::replay(
-            payload.queue,
-            payload.head,
-            &payload.readable,
-            &payload.writable,
-            expected,
-            self.mode,
-        );
-        let (mut request, len) = match self.device.handle(request, &self.completer) {
-            Handled::Done { request, len } => (request, len),
-            Handled::Pending => {
-                self.device.end_batch(payload.queue);
-                match self.done.try_recv() {
-                    Ok(done) => done,
-                    Err(_) => {
-                        return Err(Mismatch::new(
-                            "the device did not answer the request",
-                            format!("an answer of {} bytes", reply.len),
-                            "no answer",
-                        ))
-                    }
-                }
-            }
-        };
-        let Some(got) = request.replayed() else {
-            return Err(Mismatch::new(
-                "the device answered another request",
-                "this request",
-                "another",
-            ));
-        };
-        if let Some(why) = got.divergence {
-            return Err(Mismatch::new(
-                why,
-                "what the recording holds",
-                "the device asked for something else",
-            ));
-        }
-        if got.kind != kind {
-            return Err(Mismatch::new("message type", kind.to_string(), got.kind));
-        }
-        compare_ats("guest-memory write", &reply.writes, &got.trace.writes)?;
-        compare_externals(&reply.effects, &got.trace.effects)?;
-        if len != reply.len {
-            return Err(Mismatch::new(
-                "used length (bytes written into the request's buffers)",
-                reply.len.to_string(),
-                len.to_string(),
-            ));
-        }
-        Ok(())
-    }
-
-    fn config(&self, payload: &str, reply: &str) -> Result<(), Mismatch> {
-        #[derive(serde::Deserialize)]
-        struct Ask {
-            offset: u32,
-            size: u32,
-        }
-        #[derive(serde::Deserialize)]
-        struct Got {
-            data: Data,
-        }
-        let ask: Ask = serde_json::from_str(payload).map_err(|e| {
-            Mismatch::new("bad GET_CONFIG payload", "offset and size", e.to_string())
-        })?;
-        let got: Got = serde_json::from_str(reply)
-            .map_err(|e| Mismatch::new("bad GET_CONFIG reply", "data", e.to_string()))?;
-        let actual = Data::Bytes(crate::models::virtio::config_window(
-            &self.device.config(),
-            ask.offset,
-            ask.size,
-        ));
-        if !actual.same(&got.data) {
-            return Err(Mismatch::new(
-                format!(
-                    "config space at {:#x}: {}",
-                    ask.offset,
-                    first_difference(&got.data, &actual)
-                ),
-                show(&got.data),
-                show(&actual),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl<D: VirtioDevice> Replayer for VirtioReplayer<D> {
-    fn replay(&mut self, msg: Msg<'_>, compare: bool) -> Result<(), Mismatch> {
-        let kind = msg.kind;
-        use RecordKind as K;
-        match (RecordKind::parse(kind), msg.body) {
-            (_, MsgBody::Request(payload, reply)) if compare => self.request(kind, payload, reply),
-            (_, MsgBody::Request(..)) => Ok(()),
-            (ParsedKind::Known(K::ResetDevice), _) => {
-                self.device.reset();
-                Ok(())
-            }
-            (ParsedKind::Known(K::GetConfig), body) if compare => {
-                let (payload, reply) = body.raw();
-                self.config(payload, reply)
-            }
-            // The rest of the protocol changes nothing replay rebuilds.
-            (ParsedKind::Known(k), _) if !k.is_message() => Ok(()),
-            (_, body) if compare => {
-                // A request whose line was parsed in full (an id with an
-                // escape in it, say).
-                let (payload, reply) = body.raw();
-                let payload = serde_json::from_str(payload).map_err(|e| {
-                    Mismatch::new("the payload is not a request's", "a request", e.to_string())
-                })?;
-                let reply = serde_json::from_str(reply).map_err(|e| {
-                    Mismatch::new("the reply is not a request's", "a reply", e.to_string())
-                })?;
-                self.request(kind, payload, reply)
-            }
-            (_, MsgBody::Raw { .. }) => Ok(()),
-        }
-    }
-
-    fn stateful(&self) -> bool {
-        false
-    }
-
-    fn takes_requests(&self) -> bool {
-        true
-    }
-}
-
-/// A short form of recorded data.
-fn show(d: &Data) -> String {
-    match d {
-        Data::Bytes(b) if b.len() <= 32 => {
-            let mut s = String::new();
-            for x in b {
-                let _ = write!(s, "{x:02x}");
-            }
-            format!("{} bytes: {}", b.len(), if s.is_empty() { "-" } else { &s })
-        }
-        Data::Bytes(b) => format!("{} bytes, xxh3 {:032x}", b.len(), d.content_hash()),
-        Data::Hash { len, hash } => format!("{len} bytes, xxh3 {hash:032x}"),
-    }
-}
-
-/// Where two data differ, when both hold bytes.
-fn first_difference(expected: &Data, actual: &Data) -> String {
-    match (expected, actual) {
-        (Data::Bytes(a), Data::Bytes(b)) => {
-            match a.iter().zip(b.iter()).position(|(x, y)| x != y) {
-                Some(i) => format!(
-                    "byte {i} differs: expected {:#04x}, got {:#04x}",
-                    a[i], b[i]
-                ),
-                None => format!("length differs: expected {}, got {}", a.len(), b.len()),
-            }
-        }
-        _ => "content differs (hashes)".to_string(),
-    }
-}
-
-fn compare_ats(what: &str, expected: &[At], actual: &[At]) -> Result<(), Mismatch> {
-    for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
-        if e.at != a.at || !e.data.same(&a.data) {
-            let detail = if e.at != a.at {
-                format!("at +{:#x} instead of +{:#x}", a.at, e.at)
-            } else {
-                first_difference(&e.data, &a.data)
-            };
-            return Err(Mismatch::new(
-                format!("{what} {i} at +{:#x}: {detail}", e.at),
-                show(&e.data),
-                show(&a.data),
-            ));
-        }
-    }
-    if expected.len() != actual.len() {
-        return Err(Mismatch::new(
-            format!("number of {what}s"),
-            expected.len().to_string(),
-            actual.len().to_string(),
-        ));
-    }
-    Ok(())
-}
-
-fn describe(e: &External) -> String {
-    let mut s = format!("{} at {:#x}, {} bytes", e.what, e.at, e.len);
-    if let Some(d) = &e.data {
-        let _ = write!(s, ", data {}", show(d));
-    }
-    if let Some(errno) = e.errno {
-        let _ = write!(s, ", failed with errno {errno}");
-    }
-    s
-}
-
-fn compare_externals(expected: &[External], actual: &[External]) -> Result<(), Mismatch> {
-    for (i, (e, a)) in expected.iter().zip(actual).enumerate() {
-        let same_data = match (&e.data, &a.data) {
-            (None, None) => true,
-            (Some(x), Some(y)) => x.same(y),
-            _ => false,
-        };
-        if e.what != a.what || e.at != a.at || e.len != a.len || !same_data {
-            let detail = match (&e.data, &a.data) {
-                (Some(x), Some(y)) if e.what == a.what && e.at == a.at => {
-                    format!(": {}", first_difference(x, y))
-                }
-                _ => String::new(),
-            };
-            return Err(Mismatch::new(
-                format!("effect {i} on the outside{detail}"),
-                describe(e),
-                describe(a),
-            ));
-        }
-    }
-    if expected.len() != actual.len() {
-        return Err(Mismatch::new(
-            "number of effects on the outside (file writes, flushes, ...)",
-            expected.len().to_string(),
-            actual.len().to_string(),
-        ));
-    }
-    Ok(())
 }
 
 /// Rebuilds an actor from its header entry; `Err` says why it cannot be.
@@ -745,6 +506,401 @@ impl Progress {
     }
 }
 
+/// A record as the replay loop gets it, from either form.
+struct Rec<'a> {
+    msg: Msg<'a>,
+    /// The actor it is for: its receiver, or the sender of an interrupt
+    /// message.
+    actor: Cow<'a, str>,
+    /// That actor's slot, when the caller already knows it.
+    slot: Option<usize>,
+}
+
+/// The replay's state: the actors, and what has been replayed so far.
+struct Run<'p> {
+    path: &'p Path,
+    opts: &'p ReplayOptions,
+    mode: DataMode,
+    /// Every actor the log describes, in the order it is met; a later
+    /// `added` record for the same id replaces it in its slot.
+    actors: Vec<(String, Actor)>,
+    slots: HashMap<String, usize>,
+    /// Messages replayed per slot (kept when an `added` record replaces
+    /// the slot's actor): the report's `per_actor`.
+    replayed: Vec<u64>,
+    report: ReplayReport,
+    seen_device: bool,
+}
+
+/// Whether to read on.
+enum Step {
+    Next,
+    /// `--until` was passed.
+    Until,
+}
+
+impl<'p> Run<'p> {
+    fn rebuild_error(&self, what: String) -> ReplayError {
+        ReplayError::Rebuild {
+            path: self.path.display().to_string(),
+            what,
+        }
+    }
+
+    fn slot(&self, id: &str) -> Option<usize> {
+        self.slots.get(id).copied()
+    }
+
+    fn add(&mut self, info: &ActorInfo) {
+        let actor = Actor::new(info, self.mode);
+        match self.slot(&info.id) {
+            Some(i) => self.actors[i].1 = actor,
+            None => {
+                self.slots.insert(info.id.clone(), self.actors.len());
+                self.actors.push((info.id.clone(), actor));
+                self.replayed.push(0);
+            }
+        }
+    }
+
+    /// Whether the actor in `slot` takes virtio requests.
+    fn takes_requests(&self, slot: usize) -> bool {
+        self.actors[slot]
+            .1
+            .replayer
+            .as_ref()
+            .is_ok_and(|r| r.takes_requests())
+    }
+
+    /// The report so far.
+    fn report(&self) -> ReplayReport {
+        let mut report = self.report.clone();
+        for ((id, _), &n) in self.actors.iter().zip(&self.replayed) {
+            if n > 0 {
+                report.per_actor.insert(id.clone(), n);
+            }
+        }
+        report
+    }
+
+    fn log_error(&self, error: LogError) -> ReplayError {
+        ReplayError::Log {
+            error,
+            replayed: Box::new(self.report()),
+        }
+    }
+
+    /// Replays one record.
+    fn step(&mut self, rec: Rec<'_>) -> Result<Step, ReplayError> {
+        let Rec {
+            msg,
+            actor: to,
+            slot,
+        } = rec;
+        let (seq, line_no, kind, parsed_kind, text) =
+            (msg.seq, msg.line, msg.kind, msg.parsed, msg.text);
+        let opts = self.opts;
+        self.report.records += 1;
+        if opts.until.is_some_and(|u| seq > u) {
+            return Ok(Step::Until);
+        }
+        if parsed_kind == ParsedKind::Known(RecordKind::Gap) && to == "recorder" {
+            self.report.gaps += 1;
+            #[derive(serde::Deserialize)]
+            struct Gap {
+                dropped: u64,
+            }
+            if let Ok(g) = serde_json::from_str::<Gap>(msg.body.raw().0) {
+                self.report.dropped += g.dropped;
+            }
+            // Whose records were lost is not known: an actor whose
+            // replies depend on its earlier messages cannot be followed
+            // past here.
+            for (_, a) in &mut self.actors {
+                if a.replayer.as_ref().is_ok_and(|r| r.stateful()) {
+                    a.replayer = Err(format!(
+                        "the gap at seq {seq} may have lost records its state depends on, \
+                         so it is not replayed after it"
+                    ));
+                }
+            }
+            return Ok(Step::Next);
+        }
+        if parsed_kind == ParsedKind::Known(RecordKind::Added) {
+            let info: ActorInfo = serde_json::from_str(msg.body.raw().0).map_err(|e| {
+                self.rebuild_error(format!("line {line_no}: bad `added` record: {e}"))
+            })?;
+            self.add(&info);
+            return Ok(Step::Next);
+        }
+        let wanted = opts.device.as_deref().is_none_or(|d| d == to);
+        if !wanted {
+            self.report.skipped += 1;
+            return Ok(Step::Next);
+        }
+        self.seen_device = true;
+        let Some(slot) = slot.or_else(|| self.slot(&to)) else {
+            return Err(self.rebuild_error(format!(
+                "line {line_no}: seq {seq} is addressed to {to:?}, which neither the header \
+                 nor an `added` record describes"
+            )));
+        };
+        let path = self.path;
+        let actor = &mut self.actors[slot].1;
+        let diverged_here = |actor: &Actor, m: Mismatch| {
+            let history = actor.history.iter().copied().collect::<Vec<_>>();
+            let at = (seq, line_no, kind, text.abbreviate(200));
+            diverged(path, &to, at, m, &history)
+        };
+        if parsed_kind == ParsedKind::Known(RecordKind::Removed) {
+            actor.removed = true;
+            if let Ok(r) = &mut actor.replayer {
+                let compare = opts.from.is_none_or(|f| seq >= f);
+                if let Err(m) = r.removed(msg, compare) {
+                    return Err(diverged_here(actor, m));
+                }
+            }
+            return Ok(Step::Next);
+        }
+        let replayer = match &mut actor.replayer {
+            Ok(r) => r,
+            Err(why) => {
+                let e = self
+                    .report
+                    .not_replayable
+                    .entry(to.to_string())
+                    .or_insert((0, why.clone()));
+                e.0 += 1;
+                return Ok(Step::Next);
+            }
+        };
+        if opts.from.is_some_and(|f| seq < f) {
+            if replayer.stateful() {
+                let _ = replayer.replay(msg, false);
+            }
+            self.report.skipped += 1;
+            return Ok(Step::Next);
+        }
+        let mismatch = if actor.removed {
+            Err(Mismatch::new(
+                "a message to a device after its removal",
+                "no message",
+                "a message",
+            ))
+        } else {
+            replayer.replay(msg, true)
+        };
+        if let Err(m) = mismatch {
+            return Err(diverged_here(actor, m));
+        }
+        // The history is of messages the actor handled; an interrupt
+        // message is one it sent.
+        if kind != mmio::IRQ {
+            if actor.history.len() == HISTORY {
+                actor.history.pop_front();
+            }
+            actor.history.push_back(seq);
+        }
+        self.replayed[slot] += 1;
+        Ok(Step::Next)
+    }
+
+    /// Replays a JSON Lines log, read ahead on a thread of its own.
+    fn json_lines(
+        &mut self,
+        reader: LogReader,
+        progress: &mut Progress,
+    ) -> Result<Step, ReplayError> {
+        let path = self.path;
+        let batches = read_ahead(reader);
+        let mut done_bytes = 0u64;
+        for batch in batches {
+            let batch = batch.map_err(|e| self.log_error(e))?;
+            done_bytes += batch.text.len() as u64 + batch.ends.len() as u64;
+            progress.tick(done_bytes, self.report.records);
+            let mut start = 0;
+            for (i, &end) in batch.ends.iter().enumerate() {
+                let text = &batch.text[start..end];
+                start = end;
+                let line_no = batch.first_line + i as u64;
+                let kind = peek_type(text).unwrap_or("");
+                // A virtio request is parsed in one pass; anything else in two.
+                let request = !kind.is_empty()
+                    && !is_protocol(kind)
+                    && peek_to(text)
+                        .and_then(|to| self.slot(to))
+                        .is_some_and(|s| self.takes_requests(s));
+                let parsed = if !request {
+                    LogReader::parse(path, line_no, text).map(|rec| {
+                        // An interrupt message is replayed by the device
+                        // that sent it.
+                        let actor = if kind == mmio::IRQ { rec.from } else { rec.to };
+                        Rec {
+                            msg: Msg {
+                                seq: rec.seq,
+                                line: line_no,
+                                kind,
+                                parsed: RecordKind::parse(kind),
+                                text: Line::Text(text),
+                                body: MsgBody::Raw {
+                                    payload: rec.payload.get(),
+                                    reply: rec.reply.get(),
+                                },
+                            },
+                            actor,
+                            slot: None,
+                        }
+                    })
+                } else {
+                    serde_json::from_str::<RequestLine<'_>>(text)
+                        .map(|rec| Rec {
+                            msg: Msg {
+                                seq: rec.seq,
+                                line: line_no,
+                                kind,
+                                parsed: RecordKind::parse(kind),
+                                text: Line::Text(text),
+                                body: MsgBody::Request(rec.payload, rec.reply),
+                            },
+                            actor: rec.to,
+                            slot: None,
+                        })
+                        .map_err(|e| LogError::BadRecord {
+                            path: path.to_path_buf(),
+                            line: line_no,
+                            why: e.to_string(),
+                        })
+                };
+                let rec = parsed.map_err(|e| self.log_error(e))?;
+                if let Step::Until = self.step(rec)? {
+                    return Ok(Step::Until);
+                }
+            }
+        }
+        Ok(Step::Next)
+    }
+
+    /// Replays a binary log, record by record on this thread, each
+    /// borrowed from the reader's block: a virtio request is decoded in
+    /// place into one reused [`DecodedRequest`], and its names, kind and
+    /// actor are looked up once per name, not once per record.
+    fn binary(
+        &mut self,
+        mut reader: LogReader,
+        progress: &mut Progress,
+    ) -> Result<Step, ReplayError> {
+        let path = self.path;
+        let render = reader.render();
+        let mut decoded = DecodedRequest::default();
+        let (mut payload, mut reply) = (Vec::new(), Vec::new());
+        // Per name index: the kind it names, when it is one of
+        // `RecordKind::KNOWN` (`Some(None)`: a message type); and the slot
+        // of the actor it names, once known (a slot never changes).
+        let mut kinds: Vec<Option<Option<RecordKind>>> = Vec::new();
+        let mut slots: Vec<Option<usize>> = Vec::new();
+        loop {
+            if self.report.records % 1024 == 0 {
+                progress.tick(reader.position(), self.report.records);
+            }
+            let r = match reader.next_binary() {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(Step::Next),
+                Err(e) => return Err(self.log_error(e)),
+            };
+            // Its position counting the header as 1, as `reader.line()`.
+            let line_no = self.report.records + 2;
+            let [from_i, to_i, kind_i] = r.names.map(|i| i as usize);
+            let known = match kinds.get(kind_i) {
+                Some(Some(k)) => *k,
+                _ => {
+                    let k = match RecordKind::parse(r.kind) {
+                        ParsedKind::Known(k) => Some(k),
+                        ParsedKind::Message(_) => None,
+                    };
+                    if kinds.len() <= kind_i {
+                        kinds.resize(kind_i + 1, None);
+                    }
+                    kinds[kind_i] = Some(k);
+                    k
+                }
+            };
+            let parsed = known.map_or(ParsedKind::Message(r.kind), ParsedKind::Known);
+            let irq = r.kind == mmio::IRQ;
+            let (actor, actor_i) = if irq { (r.from, from_i) } else { (r.to, to_i) };
+            let slot = match slots.get(actor_i) {
+                Some(Some(s)) => Some(*s),
+                _ => {
+                    let s = self.slot(actor);
+                    if s.is_some() {
+                        if slots.len() <= actor_i {
+                            slots.resize(actor_i + 1, None);
+                        }
+                        slots[actor_i] = s;
+                    }
+                    s
+                }
+            };
+            let bad = |why: String| LogError::BadRecord {
+                path: path.to_path_buf(),
+                line: line_no,
+                why,
+            };
+            let protocol = known.is_some_and(|k| !k.is_message());
+            let body = match r.codec {
+                CODEC_VIRTIO_REQUEST
+                    if !protocol && !irq && slot.is_some_and(|s| self.takes_requests(s)) =>
+                {
+                    decoded
+                        .decode(r.body)
+                        .map_err(|why| self.log_error(bad(why)))?;
+                    MsgBody::Decoded(&mut decoded)
+                }
+                CODEC_JSON => {
+                    let (p, q) = get_json_body(r.body).ok_or_else(|| {
+                        self.log_error(bad("a JSON body that does not decode".into()))
+                    })?;
+                    for json in [p, q] {
+                        serde_json::from_str::<&RawValue>(json)
+                            .map_err(|e| self.log_error(bad(e.to_string())))?;
+                    }
+                    MsgBody::Raw {
+                        payload: p,
+                        reply: q,
+                    }
+                }
+                codec => {
+                    // Rendered as its JSON line would be: a request to an
+                    // actor that does not take requests, say.
+                    payload.clear();
+                    reply.clear();
+                    render(codec, r.body, &mut payload, &mut reply)
+                        .map_err(|why| self.log_error(bad(why)))?;
+                    let utf8 = |b| std::str::from_utf8(b).map_err(|e| bad(e.to_string()));
+                    MsgBody::Raw {
+                        payload: utf8(&payload).map_err(|e| self.log_error(e))?,
+                        reply: utf8(&reply).map_err(|e| self.log_error(e))?,
+                    }
+                }
+            };
+            let rec = Rec {
+                msg: Msg {
+                    seq: r.seq,
+                    line: line_no,
+                    kind: r.kind,
+                    parsed,
+                    text: Line::Binary(&r, render),
+                    body,
+                },
+                actor: Cow::Borrowed(actor),
+                slot,
+            };
+            if let Step::Until = self.step(rec)? {
+                return Ok(Step::Until);
+            }
+        }
+    }
+}
+
 /// Replays the log at `path`.
 pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     let reader = super::open(path).map_err(|error| ReplayError::Log {
@@ -752,10 +908,18 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
         replayed: Box::default(),
     })?;
     let header = reader.header().clone();
-    let mode = header.data;
-    let mut actors: HashMap<String, Actor> = HashMap::new();
+    let mut run = Run {
+        path,
+        opts,
+        mode: header.data,
+        actors: Vec::new(),
+        slots: HashMap::new(),
+        replayed: Vec::new(),
+        report: ReplayReport::default(),
+        seen_device: false,
+    };
     for info in &header.actors {
-        actors.insert(info.id.clone(), Actor::new(info, mode));
+        run.add(info);
     }
     // An actor without rebuild data in the header may still get it from
     // an `added` record (`switchboard run` writes it there): only an actor
@@ -767,208 +931,23 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             .find(|a| a.id == *d)
             .and_then(|a| a.not_replayable.as_ref())
         {
-            return Err(ReplayError::Rebuild {
-                path: path.display().to_string(),
-                what: format!("actor {d} cannot be replayed: {why}"),
-            });
+            return Err(run.rebuild_error(format!("actor {d} cannot be replayed: {why}")));
         }
     }
-    let rebuild_error = |what: String| ReplayError::Rebuild {
-        path: path.display().to_string(),
-        what,
-    };
-    let mut report = ReplayReport::default();
     let mut progress = Progress::new(opts.progress, reader.file_len());
-    let batches = read_ahead(reader);
-    let mut done_bytes = 0u64;
-    let mut seen_device = false;
-    // False when `--until` stopped the replay before the end of the log.
-    let mut ended = true;
-    'log: for batch in batches {
-        let batch = match batch {
-            Ok(b) => b,
-            Err(error) => {
-                progress.done();
-                return Err(ReplayError::Log {
-                    error,
-                    replayed: Box::new(report),
-                });
-            }
-        };
-        done_bytes += batch.text.len() as u64 + batch.ends.len() as u64;
-        progress.tick(done_bytes, report.records);
-        let mut start = 0;
-        for (i, &end) in batch.ends.iter().enumerate() {
-            let text = &batch.text[start..end];
-            start = end;
-            let line_no = batch.first_line + i as u64;
-            let kind = peek_type(text).unwrap_or("");
-            // A virtio request is parsed in one pass; anything else in two.
-            let request = !kind.is_empty()
-                && !is_protocol(kind)
-                && peek_to(text)
-                    .and_then(|to| actors.get(to))
-                    .is_some_and(|a| a.replayer.as_ref().is_ok_and(|r| r.takes_requests()));
-            let parsed = if !request {
-                LogReader::parse(path, line_no, text).map(|rec| {
-                    let msg = Msg {
-                        seq: rec.seq,
-                        line: line_no,
-                        kind,
-                        text,
-                        body: MsgBody::Raw {
-                            payload: rec.payload,
-                            reply: rec.reply,
-                        },
-                    };
-                    // An interrupt message is replayed by the device that
-                    // sent it.
-                    let actor = if kind == mmio::IRQ { rec.from } else { rec.to };
-                    (rec.seq, actor, msg)
-                })
-            } else {
-                serde_json::from_str::<RequestLine<'_>>(text)
-                    .map(|rec| {
-                        let msg = Msg {
-                            seq: rec.seq,
-                            line: line_no,
-                            kind,
-                            text,
-                            body: MsgBody::Request(rec.payload, rec.reply),
-                        };
-                        (rec.seq, rec.to, msg)
-                    })
-                    .map_err(|e| LogError::BadRecord {
-                        path: path.to_path_buf(),
-                        line: line_no,
-                        why: e.to_string(),
-                    })
-            };
-            let (seq, to, msg) = match parsed {
-                Ok(p) => p,
-                Err(error) => {
-                    progress.done();
-                    return Err(ReplayError::Log {
-                        error,
-                        replayed: Box::new(report),
-                    });
-                }
-            };
-            report.records += 1;
-            if opts.until.is_some_and(|u| seq > u) {
-                ended = false;
-                break 'log;
-            }
-            let parsed_kind = RecordKind::parse(kind);
-            if parsed_kind == ParsedKind::Known(RecordKind::Gap) && to == "recorder" {
-                report.gaps += 1;
-                #[derive(serde::Deserialize)]
-                struct Gap {
-                    dropped: u64,
-                }
-                if let Ok(g) = serde_json::from_str::<Gap>(msg.body.raw().0) {
-                    report.dropped += g.dropped;
-                }
-                // Whose records were lost is not known: an actor whose
-                // replies depend on its earlier messages cannot be followed
-                // past here.
-                for a in actors.values_mut() {
-                    if a.replayer.as_ref().is_ok_and(|r| r.stateful()) {
-                        a.replayer = Err(format!(
-                            "the gap at seq {seq} may have lost records its state depends on, \
-                             so it is not replayed after it"
-                        ));
-                    }
-                }
-                continue;
-            }
-            if parsed_kind == ParsedKind::Known(RecordKind::Added) {
-                let info: ActorInfo = serde_json::from_str(msg.body.raw().0).map_err(|e| {
-                    rebuild_error(format!("line {line_no}: bad `added` record: {e}"))
-                })?;
-                actors.insert(info.id.clone(), Actor::new(&info, mode));
-                continue;
-            }
-            let wanted = opts.device.as_deref().is_none_or(|d| d == to);
-            if !wanted {
-                report.skipped += 1;
-                continue;
-            }
-            seen_device = true;
-            let Some(actor) = actors.get_mut(&*to) else {
-                return Err(rebuild_error(format!(
-                    "line {line_no}: seq {seq} is addressed to {to:?}, which neither the header \
-                     nor an `added` record describes"
-                )));
-            };
-            if parsed_kind == ParsedKind::Known(RecordKind::Removed) {
-                actor.removed = true;
-                if let Ok(r) = &mut actor.replayer {
-                    let compare = opts.from.is_none_or(|f| seq >= f);
-                    if let Err(m) = r.removed(msg, compare) {
-                        progress.done();
-                        let history = actor.history.iter().copied().collect::<Vec<_>>();
-                        let at = (seq, line_no, kind, abbreviate(text, 200));
-                        return Err(diverged(path, &to, at, m, &history));
-                    }
-                }
-                continue;
-            }
-            let replayer = match &mut actor.replayer {
-                Ok(r) => r,
-                Err(why) => {
-                    let e = report
-                        .not_replayable
-                        .entry(to.to_string())
-                        .or_insert((0, why.clone()));
-                    e.0 += 1;
-                    continue;
-                }
-            };
-            if opts.from.is_some_and(|f| seq < f) {
-                if replayer.stateful() {
-                    let _ = replayer.replay(msg, false);
-                }
-                report.skipped += 1;
-                continue;
-            }
-            let mismatch = if actor.removed {
-                Err(Mismatch::new(
-                    "a message to a device after its removal",
-                    "no message",
-                    "a message",
-                ))
-            } else {
-                replayer.replay(msg, true)
-            };
-            if let Err(m) = mismatch {
-                progress.done();
-                let history = actor.history.iter().copied().collect::<Vec<_>>();
-                let at = (seq, line_no, kind, abbreviate(text, 200));
-                return Err(diverged(path, &to, at, m, &history));
-            }
-            // The history is of messages the actor handled; an interrupt
-            // message is one it sent.
-            if kind != mmio::IRQ {
-                if actor.history.len() == HISTORY {
-                    actor.history.pop_front();
-                }
-                actor.history.push_back(seq);
-            }
-            match report.per_actor.get_mut(&*to) {
-                Some(n) => *n += 1,
-                None => {
-                    report.per_actor.insert(to.to_string(), 1);
-                }
-            }
-        }
-    }
+    let read = if reader.is_binary() {
+        run.binary(reader, &mut progress)
+    } else {
+        run.json_lines(reader, &mut progress)
+    };
     progress.done();
+    // False when `--until` stopped the replay before the end of the log.
+    let ended = matches!(read?, Step::Next);
     if ended {
         // What an actor recorded and could not check yet (an interrupt
         // message with no record of its cause after it): the earliest.
         let mut first: Option<(String, Mismatch, Vec<u64>)> = None;
-        for (id, actor) in &mut actors {
+        for (id, actor) in &mut run.actors {
             if opts.device.as_deref().is_some_and(|d| d != id) {
                 continue;
             }
@@ -985,19 +964,18 @@ pub fn replay(path: &Path, opts: &ReplayOptions) -> Result<ReplayReport, ReplayE
             return Err(diverged(path, &id, at, m, &history));
         }
     }
+    let report = run.report();
     if let Some(d) = &opts.device {
         if let Some((_, why)) = report.not_replayable.get(d) {
             // Not even partly: a gap ends a replay partway.
             if !report.per_actor.contains_key(d) {
-                return Err(rebuild_error(format!(
-                    "actor {d} cannot be replayed: {why}"
-                )));
+                return Err(run.rebuild_error(format!("actor {d} cannot be replayed: {why}")));
             }
         }
-        if !seen_device {
-            let mut ids: Vec<_> = actors.keys().cloned().collect();
+        if !run.seen_device {
+            let mut ids: Vec<_> = run.actors.iter().map(|(id, _)| id.clone()).collect();
             ids.sort();
-            return Err(rebuild_error(format!(
+            return Err(run.rebuild_error(format!(
                 "no messages to {d:?} in the log (actors: {})",
                 ids.join(", ")
             )));

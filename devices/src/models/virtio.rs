@@ -15,15 +15,19 @@
 //! SET_MEM_TABLE that drops a region) is answered only after every request
 //! using that memory has completed and written its used entry.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use switchboard_bus::{GuestAddr, MemRequest, MemoryError};
-use switchboard_runtime::recording::{hash, Data, DataMode};
+use switchboard_runtime::recording::{Data, DataMode};
+
 use switchboard_runtime::{Gate, Seq, Ticket};
+pub use tape::ReplayTape;
+use tape::Replaying;
+pub(crate) use tape::{DecodedRequest, SeenData};
 
 /// One guest buffer of a descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +167,10 @@ pub struct At {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct External {
     /// What it is: `file-read`, `entropy`, `file-write`, `flush`, ...
-    pub what: String,
+    /// (borrowed for the names devices use, so that recording and
+    /// replaying one allocates nothing).
+    #[serde(deserialize_with = "what_name")]
+    pub what: Cow<'static, str>,
     /// Where (a file offset), when that means something.
     #[serde(default)]
     pub at: u64,
@@ -176,6 +183,20 @@ pub struct External {
     /// The OS error it failed with, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errno: Option<i32>,
+}
+
+/// The `what`s of the devices of this crate, in the order the binary
+/// log's codec numbers them (`LOG-FORMAT.md`, codec 1).
+pub(crate) const WHATS: [&str; 5] = ["file-read", "file-write", "flush", "discard", "entropy"];
+
+/// An [`External::what`] as read back: one of [`WHATS`] borrowed, any
+/// other name owned.
+fn what_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D::Error> {
+    let s: Cow<'de, str> = Deserialize::deserialize(d)?;
+    Ok(match WHATS.iter().find(|w| **w == s) {
+        Some(w) => Cow::Borrowed(w),
+        None => Cow::Owned(s.into_owned()),
+    })
 }
 
 /// Everything a request's handler exchanged with the world.
@@ -218,61 +239,6 @@ struct Recording {
     time: u64,
     kind: &'static str,
     trace: Trace,
-}
-
-struct Replaying {
-    mode: DataMode,
-    kind: &'static str,
-    expected: Trace,
-    next_read: usize,
-    next_input: usize,
-    next_effect: usize,
-    actual: Trace,
-    /// Hash of the stand-in bytes handed out for hashed data -> the
-    /// recorded hash: so that data copied through unchanged compares equal.
-    fills: HashMap<u128, u128>,
-    divergence: Option<String>,
-}
-
-impl Replaying {
-    fn diverge(&mut self, why: String) {
-        if self.divergence.is_none() {
-            self.divergence = Some(why);
-        }
-    }
-
-    /// Fills `buf` with the recorded `data`: its bytes, or for hashed data
-    /// stand-in bytes derived from the hash, remembered so that a copy of
-    /// them compares equal to the recorded hash.
-    fn fill(&mut self, data: &Data, buf: &mut [u8]) {
-        match data {
-            Data::Bytes(b) => buf.copy_from_slice(b),
-            Data::Hash { hash: h, .. } => {
-                let mut x = (*h as u64) ^ ((*h >> 64) as u64) | 1;
-                for chunk in buf.chunks_mut(8) {
-                    // xorshift64: any fixed expansion of the hash will do.
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let b = x.to_le_bytes();
-                    chunk.copy_from_slice(&b[..chunk.len()]);
-                }
-                self.fills.insert(hash(buf), *h);
-            }
-        }
-    }
-
-    /// `bytes` as the recording would hold them. (Stand-in bytes exist only
-    /// for hashed data, which is never small, so only hashes translate.)
-    fn capture(&self, bytes: &[u8]) -> Data {
-        match Data::capture(self.mode, bytes) {
-            Data::Hash { len, hash } => Data::Hash {
-                len,
-                hash: self.fills.get(&hash).copied().unwrap_or(hash),
-            },
-            d => d,
-        }
-    }
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -397,37 +363,55 @@ impl Request {
         expected: Trace,
         mode: DataMode,
     ) -> Self {
-        let segs = |readable: &[u32], writable: &[u32]| {
-            readable
-                .iter()
-                .chain(writable)
-                .map(|&len| Segment {
-                    addr: GuestAddr(0),
-                    len,
-                })
-                .collect()
-        };
+        let mut tape = ReplayTape::new(mode);
+        *tape.expected_mut() = expected;
+        Self::replay_on(queue, head, readable, writable, tape)
+    }
+
+    /// [`Request::replay`] on a reused tape: the recording is the tape's
+    /// [`ReplayTape::expected_mut`], and [`Request::take_tape`] gives the
+    /// tape back, holding what the request did. Allocates nothing once the
+    /// tape's buffers have grown.
+    pub fn replay_on(
+        queue: u16,
+        head: u16,
+        readable: &[u32],
+        writable: &[u32],
+        mut tape: ReplayTape,
+    ) -> Self {
+        tape.rewind();
+        let mut segs = std::mem::take(&mut tape.segs);
+        segs.clear();
+        segs.extend(readable.iter().chain(writable).map(|&len| Segment {
+            addr: GuestAddr(0),
+            len,
+        }));
         Request {
             queue,
             head,
-            segs: segs(readable, writable),
+            segs,
             split: readable.len() as u32,
             mem: None,
             ticket: None,
             guard: None,
             fail_status: None,
             panicked: false,
-            tape: Tape::Replay(Box::new(Replaying {
-                mode,
-                kind: "request",
-                expected,
-                next_read: 0,
-                next_input: 0,
-                next_effect: 0,
-                actual: Trace::default(),
-                fills: HashMap::new(),
-                divergence: None,
-            })),
+            tape: Tape::Replay(tape.r),
+        }
+    }
+
+    /// The tape of a replayed request ([`Request::replay_on`]), holding
+    /// what it did; `None` for a live request.
+    pub fn take_tape(&mut self) -> Option<ReplayTape> {
+        match std::mem::replace(&mut self.tape, Tape::Off) {
+            Tape::Replay(r) => Some(ReplayTape {
+                r,
+                segs: std::mem::take(&mut self.segs),
+            }),
+            other => {
+                self.tape = other;
+                None
+            }
         }
     }
 
@@ -495,7 +479,7 @@ impl Request {
             Tape::Record(r) => {
                 let result = produce(buf);
                 r.trace.inputs.push(External {
-                    what: what.to_string(),
+                    what: Cow::Borrowed(what),
                     at,
                     len: buf.len() as u64,
                     data: result.as_ref().ok().map(|_| Data::capture(r.mode, buf)),
@@ -506,24 +490,25 @@ impl Request {
             Tape::Replay(r) => {
                 let i = r.next_input;
                 r.next_input += 1;
-                let Some(rec) = r.expected.inputs.get(i).cloned() else {
+                let Some(rec) = r.expected.inputs.get(i) else {
+                    let n = r.expected.inputs.len();
                     r.diverge(format!(
                         "the device took input {i} ({what} of {} bytes at {at:#x}); \
-                         the recording has only {} inputs",
+                         the recording has only {n} inputs",
                         buf.len(),
-                        r.expected.inputs.len()
                     ));
                     return Err(off_the_record());
                 };
                 if rec.what != what || rec.at != at || rec.len != buf.len() as u64 {
-                    r.diverge(format!(
+                    let why = format!(
                         "input {i}: the device took {what} of {} bytes at {at:#x}; \
                          the recording has {} of {} bytes at {:#x}",
                         buf.len(),
                         rec.what,
                         rec.len,
                         rec.at
-                    ));
+                    );
+                    r.diverge(why);
                     return Err(off_the_record());
                 }
                 if let Some(errno) = rec.errno {
@@ -531,7 +516,7 @@ impl Request {
                 }
                 match &rec.data {
                     Some(d) if d.len() == buf.len() as u64 => {
-                        r.fill(d, buf);
+                        Replaying::fill(&mut r.fills, d, buf);
                         Ok(())
                     }
                     _ => {
@@ -563,7 +548,7 @@ impl Request {
             Tape::Record(r) => {
                 let result = perform();
                 r.trace.effects.push(External {
-                    what: what.to_string(),
+                    what: Cow::Borrowed(what),
                     at,
                     len,
                     data: data.map(|d| Data::capture(r.mode, d)),
@@ -577,7 +562,7 @@ impl Request {
                 let errno = r.expected.effects.get(i).and_then(|e| e.errno);
                 let data = data.map(|d| r.capture(d));
                 r.actual.effects.push(External {
-                    what: what.to_string(),
+                    what: Cow::Borrowed(what),
                     at,
                     len,
                     data,
@@ -624,17 +609,17 @@ impl Request {
     /// Copies readable bytes starting `offset` bytes into the readable
     /// buffers into `buf`. Fails if they are fewer than `buf.len()`.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let spans = Self::spans(self.readable(), offset, buf.len() as u64)?;
         if let Tape::Replay(r) = &mut self.tape {
+            Self::check_span(&self.segs[..self.split as usize], offset, buf.len() as u64)?;
             let i = r.next_read;
             r.next_read += 1;
-            return match r.expected.reads.get(i).cloned() {
+            return match r.expected.reads.get(i) {
                 Some(rec) if rec.at == offset && rec.data.len() == buf.len() as u64 => {
-                    r.fill(&rec.data, buf);
+                    Replaying::fill(&mut r.fills, &rec.data, buf);
                     Ok(())
                 }
                 rec => {
-                    r.diverge(match rec {
+                    let why = match rec {
                         Some(rec) => format!(
                             "read {i}: the device read {} bytes of guest memory at +{offset:#x}; \
                              the recording has {} bytes at +{:#x}",
@@ -648,7 +633,8 @@ impl Request {
                             buf.len(),
                             r.expected.reads.len()
                         ),
-                    });
+                    };
+                    r.diverge(why);
                     Err(MemoryError::NotRecorded {
                         offset,
                         len: buf.len() as u64,
@@ -656,6 +642,7 @@ impl Request {
                 }
             };
         }
+        let spans = Self::spans(self.readable(), offset, buf.len() as u64)?;
         let Some(mem) = self.mem.as_mut() else {
             return Err(MemoryError::NotRecorded {
                 offset,
@@ -678,18 +665,18 @@ impl Request {
 
     /// Copies `buf` into the writable buffers, starting `offset` bytes in.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        if let Tape::Replay(r) = &mut self.tape {
+            Self::check_span(&self.segs[self.split as usize..], offset, buf.len() as u64)?;
+            let data = r.capture(buf);
+            r.actual.writes.push(At { at: offset, data });
+            return Ok(());
+        }
         let spans = Self::spans(self.writable(), offset, buf.len() as u64)?;
-        match &mut self.tape {
-            Tape::Replay(r) => {
-                let data = r.capture(buf);
-                r.actual.writes.push(At { at: offset, data });
-                return Ok(());
-            }
-            Tape::Record(r) => r.trace.writes.push(At {
+        if let Tape::Record(r) = &mut self.tape {
+            r.trace.writes.push(At {
                 at: offset,
                 data: Data::capture(r.mode, buf),
-            }),
-            Tape::Off => {}
+            });
         }
         let Some(mem) = self.mem.as_mut() else {
             return Err(MemoryError::NotRecorded {
@@ -701,6 +688,16 @@ impl Request {
         for (addr, n) in spans {
             mem.write(addr, &buf[done..done + n])?;
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether `segs` cover `[offset, offset+len)`: what
+    /// [`Request::spans`] checks, without building the pieces.
+    fn check_span(segs: &[Segment], offset: u64, len: u64) -> Result<(), MemoryError> {
+        let size: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+        if len > 0 && offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(MemoryError::OutOfRegion { offset, len, size });
         }
         Ok(())
     }
@@ -875,6 +872,7 @@ pub trait VirtioDevice: Send + Sync + 'static {
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
+mod tape;
 
 #[cfg(test)]
 mod tests {

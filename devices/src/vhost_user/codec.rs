@@ -5,13 +5,15 @@
 //! `runtime/LOG-FORMAT.md`, written on the queue worker without
 //! allocating and read back by replay without JSON.
 
+use std::borrow::Cow;
+
 use switchboard_runtime::recording::binary::{
     get_bytes, get_u8, get_varint, get_zigzag, put_bytes, put_varint, put_zigzag,
     CODEC_VIRTIO_REQUEST,
 };
 use switchboard_runtime::recording::{Body, Data};
 
-use crate::models::virtio::{At, External, Trace};
+use crate::models::virtio::{At, DecodedRequest, External, SeenData, Trace, WHATS};
 
 /// The record of one request: what the driver put in the chain and what the
 /// device read, took in and did.
@@ -91,9 +93,6 @@ impl Body for RequestRecord {
     }
 }
 
-/// The `what`s with a code of their own (`LOG-FORMAT.md`, codec 1).
-const WHATS: [&str; 5] = ["file-read", "file-write", "flush", "discard", "entropy"];
-
 const DATA_BYTES: u8 = 0;
 const DATA_HASH: u8 = 1;
 const DATA_SAME: u8 = 2;
@@ -169,24 +168,42 @@ fn put_externals(out: &mut Vec<u8>, exts: &[External], seen: &mut Seen) {
     }
 }
 
-/// Reads codec 1 back. Every field is checked; anything left over, or a
-/// tag not in the format, is an error.
-pub(crate) fn decode_request(body: &[u8]) -> Result<(RequestPayload, RequestReply), String> {
+#[cold]
+fn short() -> String {
+    "the request record ends early".to_string()
+}
+
+/// A list's count, checked against the bytes left (each entry takes one
+/// at least), so that a corrupt count cannot make a reader reserve much.
+#[inline]
+fn get_count(b: &mut &[u8]) -> Result<usize, String> {
+    let n = get_varint(b).ok_or_else(short)?;
+    if n > b.len() as u64 {
+        return Err(short());
+    }
+    Ok(n as usize)
+}
+
+impl DecodedRequest {
+    /// Reads a codec 1 body into `self`. Every field is checked; anything
+    /// left over, or a tag not in the format, is an error (and `self`
+    /// holds whatever was read before it).
+    pub(crate) fn decode(&mut self, body: &[u8]) -> Result<(), String> {
+        decode_request_into(body, self)
+    }
+}
+
+fn decode_request_into(body: &[u8], out: &mut DecodedRequest) -> Result<(), String> {
     let mut b = body;
-    let mut seen: Vec<Data> = Vec::new();
-    let short = || "the request record ends early".to_string();
+    out.seen.clear();
     let small = |v: u64, what: &str| -> Result<u32, String> {
         u32::try_from(v).map_err(|_| format!("{what} {v} out of range"))
     };
     let queue = get_varint(&mut b).ok_or_else(short)?;
     let head = get_varint(&mut b).ok_or_else(short)?;
-    let mut lens = [Vec::new(), Vec::new()];
-    for l in &mut lens {
-        let n = get_varint(&mut b).ok_or_else(short)?;
-        if n > b.len() as u64 {
-            return Err(short());
-        }
-        l.reserve(n as usize);
+    for l in [&mut out.readable, &mut out.writable] {
+        let n = get_count(&mut b)?;
+        l.clear();
         for _ in 0..n {
             l.push(small(
                 get_varint(&mut b).ok_or_else(short)?,
@@ -194,120 +211,206 @@ pub(crate) fn decode_request(body: &[u8]) -> Result<(RequestPayload, RequestRepl
             )?);
         }
     }
-    let reads = get_ats(&mut b, &mut seen)?;
-    let inputs = get_externals(&mut b, &mut seen)?;
-    let len = small(get_varint(&mut b).ok_or_else(short)?, "reply length")?;
-    let writes = get_ats(&mut b, &mut seen)?;
-    let effects = get_externals(&mut b, &mut seen)?;
+    let mut d = Decoder {
+        body,
+        seen: &mut out.seen,
+        spare: &mut out.spare,
+    };
+    let t = &mut out.trace;
+    d.ats(&mut b, &mut t.reads)?;
+    d.externals(&mut b, &mut t.inputs)?;
+    out.len = small(get_varint(&mut b).ok_or_else(short)?, "reply length")?;
+    d.ats(&mut b, &mut t.writes)?;
+    d.externals(&mut b, &mut t.effects)?;
     if !b.is_empty() {
         return Err(format!("{} bytes after the request record", b.len()));
     }
-    let [readable, writable] = lens;
-    let payload = RequestPayload {
-        queue: u16::try_from(queue).map_err(|_| format!("queue {queue} out of range"))?,
-        head: u16::try_from(head).map_err(|_| format!("head {head} out of range"))?,
-        readable,
-        writable,
-        reads,
-        inputs,
-    };
+    out.queue = u16::try_from(queue).map_err(|_| format!("queue {queue} out of range"))?;
+    out.head = u16::try_from(head).map_err(|_| format!("head {head} out of range"))?;
+    Ok(())
+}
+
+/// Reads codec 1 back as version 1's payload and reply.
+pub(crate) fn decode_request(body: &[u8]) -> Result<(RequestPayload, RequestReply), String> {
+    let mut d = DecodedRequest::default();
+    decode_request_into(body, &mut d)?;
+    let t = d.trace;
     Ok((
-        payload,
+        RequestPayload {
+            queue: d.queue,
+            head: d.head,
+            readable: d.readable,
+            writable: d.writable,
+            reads: t.reads,
+            inputs: t.inputs,
+        },
         RequestReply {
-            len,
-            writes,
-            effects,
+            len: d.len,
+            writes: t.writes,
+            effects: t.effects,
         },
     ))
 }
 
-fn get_data(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Data, String> {
-    let short = || "the request record ends early".to_string();
-    let d = match get_u8(b).ok_or_else(short)? {
-        DATA_BYTES => Data::Bytes(get_bytes(b).ok_or_else(short)?.to_vec()),
-        DATA_HASH => {
+/// The state of one record's decoding besides the read position.
+struct Decoder<'a> {
+    /// The whole body (`SeenData::Bytes` are offsets into it).
+    body: &'a [u8],
+    seen: &'a mut Vec<SeenData>,
+    spare: &'a mut Vec<Vec<u8>>,
+}
+
+impl Decoder<'_> {
+    /// Puts `bytes` into `slot`, reusing its buffer (or a spare one).
+    fn set_bytes(&mut self, slot: &mut Data, bytes: &[u8]) {
+        if let Data::Bytes(v) = slot {
+            v.clear();
+            v.extend_from_slice(bytes);
+            return;
+        }
+        let mut v = self.spare.pop().unwrap_or_default();
+        v.clear();
+        v.extend_from_slice(bytes);
+        *slot = Data::Bytes(v);
+    }
+
+    /// Sets `slot` to hashed data, keeping a byte buffer it held.
+    fn set_hash(&mut self, slot: &mut Data, len: u64, hash: u128) {
+        if let Data::Bytes(v) = std::mem::replace(slot, Data::Hash { len, hash }) {
+            self.spare.push(v);
+        }
+    }
+
+    fn data(&mut self, b: &mut &[u8], slot: &mut Data) -> Result<(), String> {
+        let seen = match get_u8(b).ok_or_else(short)? {
+            DATA_BYTES => {
+                let bytes = get_bytes(b).ok_or_else(short)?;
+                let start = bytes.as_ptr() as usize - self.body.as_ptr() as usize;
+                self.set_bytes(slot, bytes);
+                SeenData::Bytes {
+                    start,
+                    end: start + bytes.len(),
+                }
+            }
+            DATA_HASH => {
+                let len = get_varint(b).ok_or_else(short)?;
+                if b.len() < 16 {
+                    return Err(short());
+                }
+                let (h, rest) = b.split_at(16);
+                *b = rest;
+                let mut a = [0u8; 16];
+                a.copy_from_slice(h);
+                let hash = u128::from_le_bytes(a);
+                self.set_hash(slot, len, hash);
+                SeenData::Hash { len, hash }
+            }
+            DATA_SAME => {
+                let k = get_varint(b).ok_or_else(short)?;
+                let seen = usize::try_from(k)
+                    .ok()
+                    .and_then(|k| self.seen.get(k).copied())
+                    .ok_or_else(|| format!("data refers to data {k}, which is not before it"))?;
+                match seen {
+                    SeenData::Hash { len, hash } => self.set_hash(slot, len, hash),
+                    SeenData::Bytes { start, end } => {
+                        let body = self.body;
+                        self.set_bytes(slot, &body[start..end]);
+                    }
+                }
+                seen
+            }
+            t => return Err(format!("unknown data tag {t}")),
+        };
+        self.seen.push(seen);
+        Ok(())
+    }
+
+    fn ats(&mut self, b: &mut &[u8], out: &mut Vec<At>) -> Result<(), String> {
+        let n = get_count(b)?;
+        truncate_ats(out, n, self.spare);
+        for i in 0..n {
+            let at = get_varint(b).ok_or_else(short)?;
+            if i == out.len() {
+                out.push(At {
+                    at,
+                    data: Data::Hash { len: 0, hash: 0 },
+                });
+            }
+            let slot = &mut out[i];
+            slot.at = at;
+            self.data(b, &mut slot.data)?;
+        }
+        Ok(())
+    }
+
+    fn externals(&mut self, b: &mut &[u8], out: &mut Vec<External>) -> Result<(), String> {
+        let n = get_count(b)?;
+        if out.len() > n {
+            for e in out.drain(n..) {
+                if let Some(Data::Bytes(v)) = e.data {
+                    self.spare.push(v);
+                }
+            }
+        }
+        for i in 0..n {
+            let what = match get_u8(b).ok_or_else(short)? {
+                0 => Cow::Owned(
+                    std::str::from_utf8(get_bytes(b).ok_or_else(short)?)
+                        .map_err(|_| "a `what` that is not UTF-8".to_string())?
+                        .to_string(),
+                ),
+                i if usize::from(i) <= WHATS.len() => Cow::Borrowed(WHATS[usize::from(i) - 1]),
+                i => return Err(format!("unknown `what` code {i}")),
+            };
+            let at = get_varint(b).ok_or_else(short)?;
             let len = get_varint(b).ok_or_else(short)?;
-            if b.len() < 16 {
-                return Err(short());
+            let flags = get_u8(b).ok_or_else(short)?;
+            if flags & !(FLAG_DATA | FLAG_ERRNO) != 0 {
+                return Err(format!("unknown flags {flags:#x}"));
             }
-            let (h, rest) = b.split_at(16);
-            *b = rest;
-            let mut a = [0u8; 16];
-            a.copy_from_slice(h);
-            Data::Hash {
-                len,
-                hash: u128::from_le_bytes(a),
+            if i == out.len() {
+                out.push(External {
+                    what: Cow::Borrowed(""),
+                    at: 0,
+                    len: 0,
+                    data: None,
+                    errno: None,
+                });
             }
+            let e = &mut out[i];
+            e.what = what;
+            e.at = at;
+            e.len = len;
+            if flags & FLAG_DATA != 0 {
+                let mut slot = e.data.take().unwrap_or(Data::Hash { len: 0, hash: 0 });
+                let r = self.data(b, &mut slot);
+                out[i].data = Some(slot);
+                r?;
+            } else if let Some(Data::Bytes(v)) = e.data.take() {
+                self.spare.push(v);
+            }
+            out[i].errno = if flags & FLAG_ERRNO != 0 {
+                let e = get_zigzag(b).ok_or_else(short)?;
+                Some(i32::try_from(e).map_err(|_| format!("errno {e} out of range"))?)
+            } else {
+                None
+            };
         }
-        DATA_SAME => {
-            let k = get_varint(b).ok_or_else(short)?;
-            seen.get(k as usize)
-                .cloned()
-                .ok_or_else(|| format!("data refers to data {k}, which is not before it"))?
-        }
-        t => return Err(format!("unknown data tag {t}")),
-    };
-    seen.push(d.clone());
-    Ok(d)
+        Ok(())
+    }
 }
 
-fn get_ats(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Vec<At>, String> {
-    let short = || "the request record ends early".to_string();
-    let n = get_varint(b).ok_or_else(short)?;
-    if n > b.len() as u64 {
-        return Err(short());
-    }
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let at = get_varint(b).ok_or_else(short)?;
-        out.push(At {
-            at,
-            data: get_data(b, seen)?,
-        });
-    }
-    Ok(out)
-}
-
-fn get_externals(b: &mut &[u8], seen: &mut Vec<Data>) -> Result<Vec<External>, String> {
-    let short = || "the request record ends early".to_string();
-    let n = get_varint(b).ok_or_else(short)?;
-    if n > b.len() as u64 {
-        return Err(short());
-    }
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let what = match get_u8(b).ok_or_else(short)? {
-            0 => String::from_utf8(get_bytes(b).ok_or_else(short)?.to_vec())
-                .map_err(|_| "a `what` that is not UTF-8".to_string())?,
-            i if usize::from(i) <= WHATS.len() => WHATS[usize::from(i) - 1].to_string(),
-            i => return Err(format!("unknown `what` code {i}")),
-        };
-        let at = get_varint(b).ok_or_else(short)?;
-        let len = get_varint(b).ok_or_else(short)?;
-        let flags = get_u8(b).ok_or_else(short)?;
-        if flags & !(FLAG_DATA | FLAG_ERRNO) != 0 {
-            return Err(format!("unknown flags {flags:#x}"));
+/// Keeps the first `n` of `ats`, moving the byte buffers of the rest to
+/// `spare`.
+fn truncate_ats(ats: &mut Vec<At>, n: usize, spare: &mut Vec<Vec<u8>>) {
+    if ats.len() > n {
+        for a in ats.drain(n..) {
+            if let Data::Bytes(v) = a.data {
+                spare.push(v);
+            }
         }
-        let data = if flags & FLAG_DATA != 0 {
-            Some(get_data(b, seen)?)
-        } else {
-            None
-        };
-        let errno = if flags & FLAG_ERRNO != 0 {
-            let e = get_zigzag(b).ok_or_else(short)?;
-            Some(i32::try_from(e).map_err(|_| format!("errno {e} out of range"))?)
-        } else {
-            None
-        };
-        out.push(External {
-            what,
-            at,
-            len,
-            data,
-            errno,
-        });
     }
-    Ok(out)
 }
 
 /// Renders a binary body as version 1's JSON payload and reply: the

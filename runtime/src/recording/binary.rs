@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The binary log format (version 2): frames, varints and CRC32C.
+//! The binary log format (versions 2 and 3): frames, varints and CRC32C.
 //!
 //! `runtime/LOG-FORMAT.md` is the specification; this module is its
 //! encoder and decoder. A log is [`MAGIC`] followed by frames, each
@@ -40,6 +40,18 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// `buf` ends inside it or it is longer than 10 bytes.
 #[inline]
 pub fn get_varint(buf: &mut &[u8]) -> Option<u64> {
+    // Most varints of a log are one byte (counts, names, small offsets).
+    if let Some((&b, rest)) = buf.split_first() {
+        if b < 0x80 {
+            *buf = rest;
+            return Some(u64::from(b));
+        }
+    }
+    get_varint_long(buf)
+}
+
+#[inline(never)]
+fn get_varint_long(buf: &mut &[u8]) -> Option<u64> {
     let mut v = 0u64;
     for (i, &b) in buf.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);
@@ -99,28 +111,28 @@ pub fn put_frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
-/// Appends one frame whose payload is written by `fill`, without a
-/// copy: the length is patched in after. `fill` must write at least the
-/// tag.
+/// Appends one frame whose payload is written by `fill`: the length is
+/// patched in after. `fill` must write at least the tag.
 pub fn put_frame_with(out: &mut Vec<u8>, fill: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
-    // Room for a 3-byte length (payloads under 2 MiB); longer ones move.
-    out.extend_from_slice(&[0, 0, 0]);
+    // Room for a 1-byte length: most records are shorter than 128 bytes,
+    // and a longer payload moves (once, by the few bytes of its length).
+    out.push(0);
     fill(out);
-    let len = (out.len() - start - 3) as u64;
-    if len < 1 << 21 {
-        // A padded varint (LEB128 allows redundant continuation groups),
-        // so the payload stays where it is.
-        let b = [
-            (len as u8 & 0x7f) | 0x80,
-            ((len >> 7) as u8 & 0x7f) | 0x80,
-            (len >> 14) as u8 & 0x7f,
-        ];
-        out[start..start + 3].copy_from_slice(&b);
+    let len = (out.len() - start - 1) as u64;
+    if len < 0x80 {
+        out[start] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(10);
-        put_varint(&mut prefix, len);
-        out.splice(start..start + 3, prefix);
+        let mut prefix = [0u8; 10];
+        let mut n = 0;
+        let mut v = len;
+        while v >= 0x80 {
+            prefix[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        prefix[n] = v as u8;
+        out.splice(start..start + 1, prefix[..=n].iter().copied());
     }
     let crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -205,11 +217,79 @@ pub struct RecordHead<'a> {
     pub body: &'a [u8],
 }
 
-/// Appends a record frame's payload (tag included) to `out`.
+/// The first format version whose records give `seq` and `time` as the
+/// difference from the record before ([`HeadCoder`]).
+pub const VERSION_DELTA_HEADS: u32 = 3;
+
+/// Writes or reads the record heads of one log in file order. From
+/// version 3 on ([`VERSION_DELTA_HEADS`]) a record's `seq` is written as
+/// `zigzag(seq - (previous seq + 1))` (0 in a dense log: one byte) and its
+/// `time` as `zigzag(time - previous time)`, both from 0 before the first
+/// record; version 2 writes both as they are. The state moves on only for
+/// a head that was written or read whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadCoder {
+    delta: bool,
+    seq: u64,
+    time: u64,
+}
+
+impl HeadCoder {
+    /// The coder of a log of format `version`.
+    pub fn new(version: u32) -> Self {
+        HeadCoder {
+            delta: version >= VERSION_DELTA_HEADS,
+            seq: 0,
+            time: 0,
+        }
+    }
+
+    /// Appends a record frame's payload (tag included) to `out`.
+    pub fn put(&mut self, out: &mut Vec<u8>, head: &RecordHead<'_>) {
+        if !self.delta {
+            return put_record(out, head);
+        }
+        out.push(TAG_RECORD);
+        put_zigzag(out, head.seq.wrapping_sub(self.seq).wrapping_sub(1) as i64);
+        put_zigzag(out, head.time.wrapping_sub(self.time) as i64);
+        put_record_rest(out, head);
+        self.seq = head.seq;
+        self.time = head.time;
+    }
+
+    /// Decodes a record frame's payload (tag included).
+    pub fn get<'a>(&mut self, payload: &'a [u8]) -> Option<RecordHead<'a>> {
+        if !self.delta {
+            return get_record(payload);
+        }
+        let mut p = payload;
+        if get_u8(&mut p)? != TAG_RECORD {
+            return None;
+        }
+        let seq = self
+            .seq
+            .wrapping_add(1)
+            .wrapping_add(get_zigzag(&mut p)? as u64);
+        let time = self.time.wrapping_add(get_zigzag(&mut p)? as u64);
+        let head = get_record_rest(p, seq, time)?;
+        self.seq = seq;
+        self.time = time;
+        Some(head)
+    }
+}
+
+/// Appends a record frame's payload (tag included) to `out`, as version
+/// 2 writes it (see [`HeadCoder`] for version 3).
 pub fn put_record(out: &mut Vec<u8>, head: &RecordHead<'_>) {
     out.push(TAG_RECORD);
     put_varint(out, head.seq);
     put_varint(out, head.time);
+    put_record_rest(out, head);
+}
+
+/// The head after `seq` and `time`, then the body: the same in every
+/// version.
+fn put_record_rest(out: &mut Vec<u8>, head: &RecordHead<'_>) {
     put_varint(out, head.latency);
     put_varint(out, head.from);
     put_varint(out, head.to);
@@ -218,15 +298,22 @@ pub fn put_record(out: &mut Vec<u8>, head: &RecordHead<'_>) {
     out.extend_from_slice(head.body);
 }
 
-/// Decodes a record frame's payload (tag included).
+/// Decodes a record frame's payload (tag included), as version 2 writes
+/// it (see [`HeadCoder`] for version 3).
 pub fn get_record(payload: &[u8]) -> Option<RecordHead<'_>> {
     let mut p = payload;
     if get_u8(&mut p)? != TAG_RECORD {
         return None;
     }
+    let seq = get_varint(&mut p)?;
+    let time = get_varint(&mut p)?;
+    get_record_rest(p, seq, time)
+}
+
+fn get_record_rest(mut p: &[u8], seq: u64, time: u64) -> Option<RecordHead<'_>> {
     Some(RecordHead {
-        seq: get_varint(&mut p)?,
-        time: get_varint(&mut p)?,
+        seq,
+        time,
         latency: get_varint(&mut p)?,
         from: get_varint(&mut p)?,
         to: get_varint(&mut p)?,
@@ -329,6 +416,59 @@ mod tests {
         assert_eq!(recs[2].seq, 3);
         assert_eq!(recs[2].time, 3000);
         assert_eq!(get_json_body(recs[2].body), Some((r#"{"i":1}"#, "null")));
+    }
+
+    #[test]
+    fn test_delta_heads_round_trip_and_a_dense_log_takes_one_byte_per_seq() {
+        let heads = [
+            (1u64, 1_000_000u64),
+            (2, 1_000_700),
+            (3, 999_000),
+            (7, 5),
+            (6, u64::MAX),
+        ];
+        for version in [2, VERSION_DELTA_HEADS] {
+            let (mut put, mut get) = (HeadCoder::new(version), HeadCoder::new(version));
+            let mut sizes = Vec::new();
+            for &(seq, time) in &heads {
+                let head = RecordHead {
+                    seq,
+                    time,
+                    latency: 300,
+                    from: 0,
+                    to: 1,
+                    kind: 2,
+                    codec: CODEC_JSON,
+                    body: b"xy",
+                };
+                let mut out = Vec::new();
+                put.put(&mut out, &head);
+                sizes.push(out.len());
+                assert_eq!(get.get(&out), Some(head), "version {version}");
+                // A record that does not decode leaves the state alone.
+                let mut copy = get;
+                assert_eq!(copy.get(&out[..2]), None);
+                assert_eq!(copy, get);
+            }
+            if version == VERSION_DELTA_HEADS {
+                // Tag, seq (1 byte), time (2: 700 ns on), latency (2),
+                // three names, codec, body.
+                assert_eq!(sizes[1], 1 + 1 + 2 + 2 + 3 + 1 + 2, "{sizes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_short_frame_has_a_one_byte_length() {
+        let mut out = Vec::new();
+        put_frame_with(&mut out, |o| o.extend_from_slice(&[TAG_RECORD; 127]));
+        assert_eq!(out.len(), 1 + 127 + 4);
+        assert_eq!(out[0], 127);
+        let mut out = Vec::new();
+        put_frame_with(&mut out, |o| o.extend_from_slice(&[TAG_RECORD; 128]));
+        assert_eq!(out.len(), 2 + 128 + 4);
+        let (p, n) = take_frame(&out).expect("ok").expect("frame");
+        assert_eq!((p.len(), n), (128, out.len()));
     }
 
     #[test]

@@ -156,6 +156,11 @@ pub struct BinRecord<'a> {
     pub codec: u8,
     /// Body.
     pub body: &'a [u8],
+    /// The name-table indices of `from`, `to` and `kind`, in that order:
+    /// a reader that keeps something per name can look it up by index
+    /// instead of by string. Index `i` names the same string for the
+    /// whole log.
+    pub names: [u32; 3],
 }
 
 /// Reads a log, JSON Lines (version 1) or binary (version 2), record by
@@ -181,6 +186,8 @@ struct BinState {
     base: u64,
     eof: bool,
     names: Vec<String>,
+    /// Decodes record heads (their `seq` and `time` may be deltas).
+    coder: binary::HeadCoder,
     render: Render,
     payload: Vec<u8>,
     reply: Vec<u8>,
@@ -262,6 +269,7 @@ impl LogReader {
                 base: 0,
                 eof: false,
                 names: Vec::new(),
+                coder: binary::HeadCoder::default(),
                 render: render_none,
                 payload: Vec::new(),
                 reply: Vec::new(),
@@ -283,6 +291,9 @@ impl LogReader {
         let text = String::from_utf8_lossy(&payload[1..]).into_owned();
         r.header = parse_header(path, &text)?;
         r.line_no = 1;
+        if let Some(b) = r.bin.as_mut() {
+            b.coder = binary::HeadCoder::new(r.header.version);
+        }
         Ok(r)
     }
 
@@ -373,6 +384,12 @@ impl LogReader {
         }
     }
 
+    /// How this reader renders bodies of codecs other than JSON
+    /// ([`LogReader::with_render`]), for [`render_line`].
+    pub fn render(&self) -> Render {
+        self.bin.as_ref().map_or(render_none, |b| b.render)
+    }
+
     /// Whether the log is the binary form.
     pub fn is_binary(&self) -> bool {
         self.bin.is_some()
@@ -382,7 +399,7 @@ impl LogReader {
     /// rendering it: `Ok(None)` at the end (and always for JSON Lines).
     /// Its line is [`LogReader::line`] after the call.
     pub fn next_binary(&mut self) -> Result<Option<BinRecord<'_>>, LogError> {
-        let (start, end) = loop {
+        let (end, head) = loop {
             let Some((start, end, offset)) = self.frame_bounds()? else {
                 return Ok(None);
             };
@@ -400,17 +417,32 @@ impl LogReader {
                         _ => "a name frame out of order or not UTF-8".to_string(),
                     }
                 }
-                binary::TAG_RECORD => match binary::get_record(payload) {
-                    None => "a record that does not decode".to_string(),
-                    Some(h)
-                        if [h.from, h.to, h.kind]
-                            .iter()
-                            .all(|&i| (i as usize) < b.names.len()) =>
-                    {
-                        break (start, end);
+                binary::TAG_RECORD => {
+                    // The coder moves on only once the record is known good.
+                    let mut coder = b.coder;
+                    match coder.get(payload) {
+                        None => "a record that does not decode".to_string(),
+                        Some(h)
+                            if [h.from, h.to, h.kind]
+                                .iter()
+                                .all(|&i| (i as usize) < b.names.len()) =>
+                        {
+                            b.coder = coder;
+                            let body_at =
+                                start + (h.body.as_ptr() as usize - payload.as_ptr() as usize);
+                            let head = (
+                                h.seq,
+                                h.time,
+                                h.latency,
+                                [h.from, h.to, h.kind],
+                                h.codec,
+                                body_at,
+                            );
+                            break (end, head);
+                        }
+                        Some(_) => "a record naming an undefined name".to_string(),
                     }
-                    Some(_) => "a record naming an undefined name".to_string(),
-                },
+                }
                 t => format!("unknown frame tag {t:#04x}"),
             };
             return Err(self.corrupt(offset, bad));
@@ -418,17 +450,20 @@ impl LogReader {
         self.line_no += 1;
         self.records += 1;
         let b = self.bin.as_ref().expect("binary");
-        let h = binary::get_record(&b.data[start..end]).expect("checked above");
+        let (seq, time, latency, [from, to, kind], codec, body_at) = head;
         let name = |i: u64| b.names[i as usize].as_str();
         Ok(Some(BinRecord {
-            seq: h.seq,
-            time: h.time,
-            latency: h.latency,
-            from: name(h.from),
-            to: name(h.to),
-            kind: name(h.kind),
-            codec: h.codec,
-            body: h.body,
+            seq,
+            time,
+            latency,
+            from: name(from),
+            to: name(to),
+            kind: name(kind),
+            codec,
+            body: &b.data[body_at..end],
+            // Checked against the table's length above, which a `Vec`
+            // keeps below `u32::MAX` for any log a reader can hold.
+            names: [from as u32, to as u32, kind as u32],
         }))
     }
 
@@ -440,6 +475,12 @@ impl LogReader {
     /// The file's size in bytes.
     pub fn file_len(&self) -> u64 {
         self.len
+    }
+
+    /// Bytes of a binary log read so far (up to the end of the last frame
+    /// read); 0 for JSON Lines.
+    pub fn position(&self) -> u64 {
+        self.bin.as_ref().map_or(0, |b| b.base + b.pos as u64)
     }
 
     /// The line number of the last line read (for a binary log, the

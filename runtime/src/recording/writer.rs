@@ -282,6 +282,8 @@ struct Out {
     names: HashMap<Box<[u8]>, u64>,
     frame: Vec<u8>,
     scratch: Vec<u8>,
+    /// Writes record heads in file order (deltas of `seq` and `time`).
+    heads: binary::HeadCoder,
     summary: Summary,
 }
 
@@ -360,7 +362,8 @@ impl Out {
                     body,
                 };
                 self.frame.clear();
-                binary::put_frame_with(&mut self.frame, |o| binary::put_record(o, &head));
+                let heads = &mut self.heads;
+                binary::put_frame_with(&mut self.frame, |o| heads.put(o, &head));
             }
         }
         self.out.write_all(&self.frame)?;
@@ -398,6 +401,7 @@ pub(super) fn write_loop(
         names: HashMap::new(),
         frame: Vec::with_capacity(4096),
         scratch: Vec::new(),
+        heads: binary::HeadCoder::new(super::FORMAT_VERSION),
         summary: Summary::default(),
     };
     let mut pending: Vec<Pending> = Vec::new();

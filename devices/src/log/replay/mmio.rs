@@ -31,7 +31,7 @@ use switchboard_runtime::{
     AccessOp, AccessReply, Completion, Device, DeviceId, GuestAccess, IrqLevel, Refused, Runtime,
 };
 
-use super::{abbreviate, Earlier, Mismatch, Msg, Replayer};
+use super::{Earlier, Mismatch, Msg, Replayer};
 use crate::models::serial::{Serial, SerialEvent, SerialInput, SerialRebuild};
 use crate::models::slow::{SlowDevice, SlowDeviceRebuild};
 
@@ -267,7 +267,7 @@ impl<D: Device> Replayer for DeviceReplayer<D> {
                 self.expected.push(RecordedIrq {
                     seq: msg.seq,
                     line: msg.line,
-                    text: abbreviate(msg.text, 200),
+                    text: msg.text.abbreviate(200),
                     level,
                 });
                 Ok(())
