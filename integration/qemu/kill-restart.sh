@@ -20,8 +20,10 @@
 #   --kills N        SIGKILLs (default 3)
 #   --interval S     seconds between kills, from fio's start (default 3)
 #   --latency-ms MS  ours: --test-latency-ms (each file operation waits MS plus a
-#                    random part of as much again; 4 I/O threads). qsd: a throttle
-#                    group with the same mean rate. Default 4
+#                    random part of as much again). qsd: a throttle group with the
+#                    same mean rate. Default 20
+#   --io-threads N   ours: --io-threads (default 16: with the random part, requests
+#                    complete far out of order)
 #   --panic-at N     ours: no SIGKILL; instead the blk handler panics once, on request N
 #                    (--test-panic-at N), and the device's supervisor restarts it in the
 #                    process (--restart-limit 3) while QEMU reconnects
@@ -38,11 +40,11 @@ H=$(cd "$(dirname "$0")" && pwd)
 PROG=kill-restart.sh
 . "$H/common.sh"
 
-BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=4 SIZE=32M DIR= TIMEOUT=600 PANIC_AT=
+BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=20 IO_THREADS=16 SIZE=32M DIR= TIMEOUT=600 PANIC_AT=
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) print_help "$0"; exit 0 ;;
-        --backend|--bin|--kills|--interval|--latency-ms|--size|--dir|--timeout|--panic-at) need_arg "$1" $# ;;
+        --backend|--bin|--kills|--interval|--latency-ms|--io-threads|--size|--dir|--timeout|--panic-at) need_arg "$1" $# ;;
     esac
     case $1 in
         --backend) BACKEND=$2; shift ;;
@@ -50,6 +52,7 @@ while [ $# -gt 0 ]; do
         --kills) KILLS=$2; shift ;;
         --interval) INTERVAL=$2; shift ;;
         --latency-ms) LAT=$2; shift ;;
+        --io-threads) IO_THREADS=$2; shift ;;
         --size) SIZE=$2; shift ;;
         --dir) DIR=$2; shift ;;
         --timeout) TIMEOUT=$2; shift ;;
@@ -64,7 +67,7 @@ if [ -n "$PANIC_AT" ]; then
     [[ $PANIC_AT =~ ^[1-9][0-9]*$ ]] || die_rc 2 "--panic-at must be a request number from 1, not '$PANIC_AT'"
     KILLS=0
 fi
-for n in KILLS INTERVAL LAT TIMEOUT; do
+for n in KILLS INTERVAL LAT IO_THREADS TIMEOUT; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die_rc 2 "--$(tr 'A-Z_' 'a-z-' <<< "$n") must be a whole number, not '${!n}'"
 done
 if [ "$BACKEND" != qsd ]; then [ -x "$BIN" ] || die_rc 2 "no switchboard binary at $BIN (build it, or pass --bin)"; fi
@@ -84,12 +87,12 @@ start_backend() {
     if [ "$BACKEND" != qsd ]; then
         local env=()
         [ "$BACKEND" = ours ] || env=(SWITCHBOARD_TEST_NO_INFLIGHT=1)
-        env "${env[@]}" RUST_LOG=${RUST_LOG:-info} "$BIN" serve blk --path "$IMG" --socket-path "$SOCK" --io-threads 4 \
+        env "${env[@]}" RUST_LOG=${RUST_LOG:-info} "$BIN" serve blk --path "$IMG" --socket-path "$SOCK" --io-threads "$IO_THREADS" \
             --test-latency-ms "$LAT" ${PANIC_AT:+--test-panic-at "$PANIC_AT" --restart-limit 3} \
             >"$log" 2>&1 &
     else
-        # The same mean rate as ours: 4 threads, LAT * 1.5 ms per operation.
-        local iops=$(( LAT > 0 ? 4000 * 2 / (3 * LAT) : 0 ))
+        # The same mean rate as ours: IO_THREADS threads, LAT * 1.5 ms per operation.
+        local iops=$(( LAT > 0 ? IO_THREADS * 1000 * 2 / (3 * LAT) : 0 ))
         local throttle=()
         [ "$iops" -gt 0 ] && throttle=(--object "throttle-group,id=tg0,x-iops-total=$iops")
         rm -f "$SOCK"
