@@ -17,7 +17,10 @@
 #
 # Env: ROUNDS (5), SECONDS_PER_RUN (5), WARMUP (1), IODEPTH (32),
 #      IMAGE_MB (1024), W (work dir, default ${TMPDIR:-/tmp}/bench-ab),
-#      OURS_ARGS (extra arguments for both `serve blk`).
+#      OURS_ARGS (extra arguments for both `serve blk`), A_BENCH_ARGS and
+#      B_BENCH_ARGS (extra blk_bench arguments for A's runs or B's; e.g.
+#      B_BENCH_ARGS=--inflight with the same binary twice measures the
+#      in-flight bookkeeping).
 # Exit 0 when every run completed, 1 otherwise, 2 on bad usage.
 set -euo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
@@ -57,8 +60,10 @@ field() { grep -o " $1=[0-9.a-z]*" <<< "$2" | head -n 1 | cut -d= -f2 || true; }
 declare -A IOPS=() CPU=()
 fail=0
 run_one() { # run_one LABEL BINARY ROUND
-    local label=$1 bin=$2 round=$3 extra=()
+    local label=$1 bin=$2 round=$3 extra=() bargs=()
     read -r -a extra <<< "${OURS_ARGS:-}"
+    local bvar=${label}_BENCH_ARGS
+    read -r -a bargs <<< "${!bvar:-}"
     SOCK=$W/$label.sock
     rm -f "$SOCK"
     "$bin" serve blk --path "$IMG" --socket-path "$SOCK" "${extra[@]}" > "$W/$label.log" 2>&1 &
@@ -71,7 +76,7 @@ run_one() { # run_one LABEL BINARY ROUND
         local out
         if out=$("$BENCH" --socket "$SOCK" --backend "$label" --rw "$rw" --iodepth "$IODEPTH" \
             --seconds "$SECONDS_PER_RUN" --warmup "$WARMUP" --pid "$PID" \
-            --verify 16 --sample 1000 --image "$IMG" 2> "$W/$label-$rw.err"); then
+            --verify 16 --sample 1000 --image "$IMG" "${bargs[@]}" 2> "$W/$label-$rw.err"); then
             IOPS[$label:$rw:$round]=$(field iops "$out")
             CPU[$label:$rw:$round]=$(field backend_cpu_us_per_io "$out")
             note "round $round $label $rw: iops=${IOPS[$label:$rw:$round]} cpu_us_per_io=${CPU[$label:$rw:$round]}"

@@ -52,7 +52,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{MemfdFlags, SealFlags};
@@ -437,22 +437,21 @@ impl QueueInflight<'_> {
         }
     }
 
-    /// Before `head`'s used entry is written.
+    /// Before `head`'s used entry is written. Release stores keep the
+    /// order of this process's writes to the region and the ring, which is
+    /// all a reader needs: the region is read only by the next backend,
+    /// after this one is gone (a killed process's stores to shared memory
+    /// are not lost), so no fence is needed.
     pub(crate) fn before_used(&self, head: u16) {
         self.last_batch_head().store(head, Ordering::Release);
-        // The frontend (or the next backend) reads the used ring only
-        // after this is visible.
-        fence(Ordering::SeqCst);
     }
 
     /// After `head`'s used entry and the used index `used_idx` are
     /// published.
     pub(crate) fn after_used(&self, head: u16, used_idx: u16) {
-        fence(Ordering::SeqCst);
         if let Some(f) = self.flag(head) {
             f.store(0, Ordering::Release);
         }
-        fence(Ordering::SeqCst);
         self.used_idx().store(used_idx, Ordering::Release);
     }
 

@@ -215,7 +215,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     let descriptors = inflight::chain_at(&mem.memory(), table, size, head);
                     tracing::debug!(queue, head, descriptors = descriptors.len(), "resubmitting");
                     let last = descriptors.last().copied();
-                    self.take_chain(queue, vring, tracked, head, descriptors, last);
+                    self.take_chain(queue, vring, tracked, head, descriptors, || last);
                 }
                 self.contain(
                     || format!("queue {queue}: end of batch"),
@@ -263,10 +263,13 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 let descriptors = chain
                     .clone()
                     .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()));
-                let last = chain
-                    .clone()
-                    .last()
-                    .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()));
+                // Walked again only for a malformed chain.
+                let last = || {
+                    chain
+                        .clone()
+                        .last()
+                        .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()))
+                };
                 used |= self.take_chain(queue, vring, tracked, head, descriptors, last);
             }
             self.contain(
@@ -299,7 +302,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         tracked: Option<&Inflight>,
         head: u16,
         descriptors: impl IntoIterator<Item = Descriptors>,
-        last: Option<Descriptors>,
+        last: impl FnOnce() -> Option<Descriptors>,
     ) -> bool {
         let completer = self.completer(queue);
         let fail_status = self.shared.device.fail_status();
@@ -344,7 +347,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 // byte if that is device-writable guest RAM (virtio-blk's
                 // status byte): the driver sees the request failed rather
                 // than an answer of nothing.
-                let len = match (fail_status, last) {
+                let len = match (fail_status, last()) {
                     (Some(status), Some((addr, dlen, true))) if dlen > 0 => {
                         let at = GuestAddr(addr.0.wrapping_add(u64::from(dlen) - 1));
                         let mut memreq = self.shared.bus.guest_memory().request();

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use clap::{Parser, ValueEnum};
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -154,6 +155,12 @@ struct Args {
     /// standard error.
     #[arg(short, long)]
     verbose: bool,
+    /// Negotiate in-flight tracking (INFLIGHT_SHMFD) as QEMU's vhost-user-blk
+    /// does: GET_INFLIGHT_FD, then SET_INFLIGHT_FD with the file returned,
+    /// so the backend's in-flight bookkeeping runs on every request. An
+    /// error if the backend does not offer it.
+    #[arg(long)]
+    inflight: bool,
 }
 
 /// The validated run.
@@ -175,6 +182,7 @@ struct Config {
     connect_timeout: Duration,
     io_timeout: Duration,
     verbose: bool,
+    inflight: bool,
 }
 
 fn duration(what: &str, secs: f64, allow_zero: bool) -> anyhow::Result<Duration> {
@@ -278,6 +286,7 @@ impl TryFrom<Args> for Config {
             connect_timeout: duration("--connect-timeout", a.connect_timeout, true)?,
             io_timeout: duration("--io-timeout", a.io_timeout, false)?,
             verbose: a.verbose,
+            inflight: a.inflight,
         })
     }
 }
@@ -470,7 +479,15 @@ impl Driver {
             let pf = fe
                 .get_protocol_features()
                 .context("GET_PROTOCOL_FEATURES")?;
-            proto = pf & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG);
+            let mut want = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIG;
+            if cfg.inflight {
+                ensure!(
+                    pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                    "--inflight: the backend does not offer INFLIGHT_SHMFD"
+                );
+                want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            proto = pf & want;
             if cfg.verbose {
                 eprintln!("blk_bench: protocol features offered {pf:?}, acked {proto:?}");
             }
@@ -482,6 +499,20 @@ impl Driver {
             }
         }
 
+        if cfg.inflight {
+            let ask = VhostUserInflight {
+                num_queues: 1,
+                queue_size: cfg.queue_size,
+                ..VhostUserInflight::default()
+            };
+            let (got, file) = fe.get_inflight_fd(&ask).context("GET_INFLIGHT_FD")?;
+            ensure!(
+                got.mmap_size > 0,
+                "GET_INFLIGHT_FD: the backend gave no file"
+            );
+            fe.set_inflight_fd(&got, file.as_raw_fd())
+                .context("SET_INFLIGHT_FD")?;
+        }
         let lay = Layout::new(cfg.queue_size, cfg.iodepth);
         let mem = memfd_memory(lay.size)?;
         let regions = mem
