@@ -14,6 +14,8 @@
 //!
 //! Built with the `fuzzing` feature (it enables the devices' mock guest).
 
+use std::time::{Duration, Instant};
+
 mod chain;
 mod stream;
 mod text;
@@ -35,3 +37,29 @@ pub const TARGETS: [(&str, Entry); 6] = [
     ("control_line", fuzz_control_line),
     ("log_reader", fuzz_log_reader),
 ];
+
+/// Whether a thread named `name` runs in this process.
+fn thread_named(name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).any(|t| {
+        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|comm| comm.trim_end() == name)
+    })
+}
+
+/// Waits until no thread named `name` runs in this process; panics if one
+/// still does after `limit`. For the threads that the code under test
+/// leaves to end on their own after an input: one that ended during the
+/// next input was reported by LeakSanitizer (which libFuzzer runs between
+/// inputs) as leaking its memory, so every input waits for its threads.
+pub(crate) fn wait_for_threads_named(name: &str, limit: Duration) {
+    let start = Instant::now();
+    while thread_named(name) {
+        assert!(
+            start.elapsed() < limit,
+            "a thread named {name} still runs after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}

@@ -8,8 +8,9 @@
 //! connection (no file descriptors: SET_MEM_TABLE and the eventfd messages
 //! are refused for want of them, everything else is decoded and handled),
 //! and the write half is shut. The server must then end the connection
-//! (it has read everything there is) within [`WAIT`], and take the next
-//! frontend: the next input's connection, or the corpus test's.
+//! (it has read everything there is) and join the connection's queue
+//! workers within [`WAIT`], and take the next frontend: the next input's
+//! connection, or the corpus test's.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use switchboard_devices::models::blk::{Blk, BlkOptions};
 use switchboard_devices::models::rng::Rng;
 
+use super::wait_for_threads_named;
 use crate::{serve_in_process, Served};
 
 /// How long the server may take to end a connection whose frontend has
@@ -59,9 +61,15 @@ fn servers() -> &'static Servers {
     })
 }
 
+/// The name vhost-user-backend gives a connection's queue worker threads.
+/// Between connections the server has none: it makes a connection's
+/// daemon, and the workers with it, only once a frontend is waiting.
+const QUEUE_WORKER: &str = "vring_worker";
+
 /// Sends `bytes` on a fresh connection to `socket`, shuts the write half,
-/// and reads until the server closes the connection; panics if it does
-/// not within [`WAIT`].
+/// reads until the server closes the connection, then waits until the
+/// server has joined the connection's queue workers; panics if either
+/// takes longer than [`WAIT`].
 fn session(socket: &Path, bytes: &[u8]) {
     let mut stream = UnixStream::connect(socket).expect("the server listens");
     stream
@@ -94,6 +102,11 @@ fn session(socket: &Path, bytes: &[u8]) {
             Err(e) => panic!("the server did not end the connection within {WAIT:?}: {e}"),
         }
     }
+    // The crate closes the socket as its request loop ends, before the
+    // server drains the queues and joins their workers (LeakSanitizer took
+    // a worker ending during the next input for a leak of its epoll event
+    // buffer and its thread's closure).
+    wait_for_threads_named(QUEUE_WORKER, WAIT);
 }
 
 /// A vhost-user message stream into the real server (see the module

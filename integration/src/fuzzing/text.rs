@@ -7,6 +7,7 @@
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use switchboard_devices::host::control::{handle_line, BusAccessRequest, CommandError, Controller};
@@ -17,6 +18,8 @@ use switchboard_devices::log::inspect::{inspect, InspectOptions};
 use switchboard_devices::log::replay::{replay, ReplayOptions};
 use switchboard_runtime::recording::{LogReader, RecordKind};
 
+use super::wait_for_threads_named;
+
 /// Where relative paths in fuzzed topologies and devices are taken from:
 /// an empty directory of this process's own, so that the checker finds
 /// the same (nothing) from one run to the next.
@@ -25,6 +28,9 @@ fn base_dir() -> &'static Path {
     DIR.get_or_init(|| tempfile::tempdir().expect("a base directory"))
         .path()
 }
+
+/// The name `replay` gives the thread that reads the log ahead.
+const REPLAY_READER: &str = "replay-reader";
 
 /// Most records a log input is read for (a log input is at most a few
 /// thousand lines anyway).
@@ -192,5 +198,10 @@ pub fn fuzz_log_reader(data: &[u8]) {
         out.clear();
         let _ = inspect(path, &stats, &mut out);
         let _ = replay(path, &ReplayOptions::default());
+        // `replay` returns once its reader thread has sent the last lines,
+        // and leaves the thread to end on its own (LeakSanitizer took one
+        // ending during the next input for a leak of its thread-local
+        // destructor list).
+        wait_for_threads_named(REPLAY_READER, Duration::from_secs(10));
     });
 }
