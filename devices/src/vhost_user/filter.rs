@@ -202,7 +202,14 @@ pub(crate) struct Interposed {
     threads: Vec<JoinHandle<()>>,
     /// The filter's end of the private socket.
     backend: UnixStream,
+    /// The frontend's socket, shut if the threads do not end by themselves
+    /// (a frontend that reads no reply leaves a write blocked).
+    frontend: UnixStream,
 }
+
+/// How long the filter may take to pass on what the crate wrote last once
+/// the crate is done, before the frontend's socket is shut under it.
+const FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Interposed {
     /// Ends the filter once the crate is done with the connection, and
@@ -211,8 +218,21 @@ impl Interposed {
     /// close: the filter's end is shut for reading instead, after which
     /// what the crate wrote last is still read and passed on, then the
     /// stream ends, the frontend's socket is shut and both threads end.
+    ///
+    /// A frontend that reads no reply can keep the filter's write to it
+    /// blocked for ever: if the threads have not ended after
+    /// [`FLUSH_GRACE`], the frontend's socket is shut, which ends the write.
     pub(crate) fn join(self) {
         let _ = self.backend.shutdown(std::net::Shutdown::Read);
+        let start = std::time::Instant::now();
+        while !self.threads.iter().all(JoinHandle::is_finished) {
+            if start.elapsed() >= FLUSH_GRACE {
+                tracing::debug!("the frontend is not taking replies: its socket is shut");
+                let _ = self.frontend.shutdown(std::net::Shutdown::Both);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         for t in self.threads {
             let _ = t.join();
         }
@@ -229,6 +249,7 @@ pub(crate) fn interpose(
     frontend.set_nonblocking(false)?;
     backend.set_nonblocking(false)?;
     let own_end = backend.try_clone()?;
+    let frontend_end = frontend.try_clone()?;
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let (up_front, up_back) = (frontend.try_clone()?, backend.try_clone()?);
     let replies = Arc::clone(&to_frontend);
@@ -262,6 +283,7 @@ pub(crate) fn interpose(
     Ok(Interposed {
         threads: vec![up, down],
         backend: own_end,
+        frontend: frontend_end,
     })
 }
 
