@@ -42,12 +42,17 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 step "docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+# A hung test fails its step with every thread's backtrace instead of
+# using up CI's time (integration/watchdog.sh). A step takes about 10
+# minutes here.
+limit=${SWITCHBOARD_TEST_LIMIT_SECS:-1800}
+
 step "tests (debug)"
-cargo test --workspace --all-features
+integration/watchdog.sh "$limit" cargo test --workspace --all-features
 
 if [ "$quick" = 0 ]; then
   step "tests (release)"
-  cargo test --workspace --all-features --release
+  integration/watchdog.sh "$limit" cargo test --workspace --all-features --release
 
   step "benchmarks build"
   cargo bench --workspace --no-run --quiet

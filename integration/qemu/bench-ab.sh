@@ -20,7 +20,11 @@
 #      OURS_ARGS (extra arguments for both `serve blk`), A_BENCH_ARGS and
 #      B_BENCH_ARGS (extra blk_bench arguments for A's runs or B's; e.g.
 #      B_BENCH_ARGS=--inflight with the same binary twice measures the
-#      in-flight bookkeeping).
+#      in-flight bookkeeping), A_SERVE_ARGS and B_SERVE_ARGS (extra
+#      `serve blk` arguments for one side; `{LOG}` in them becomes a fresh
+#      log path per run, deleted after the run, its size per request
+#      printed; e.g. B_SERVE_ARGS="--record {LOG} --record-data hash"
+#      with the same binary twice measures recording).
 # Exit 0 when every run completed, 1 otherwise, 2 on bad usage.
 set -euo pipefail
 H=$(cd "$(dirname "$0")" && pwd)
@@ -62,11 +66,15 @@ fail=0
 run_one() { # run_one LABEL BINARY ROUND
     local label=$1 bin=$2 round=$3 extra=() bargs=()
     read -r -a extra <<< "${OURS_ARGS:-}"
-    local bvar=${label}_BENCH_ARGS
+    local bvar=${label}_BENCH_ARGS svar=${label}_SERVE_ARGS sargs=() log=$W/$label-$round.rec
     read -r -a bargs <<< "${!bvar:-}"
+    read -r -a sargs <<< "${!svar:-}"
+    sargs=("${sargs[@]//\{LOG\}/$log}")
+    rm -f "$log"
+    local requests=0
     SOCK=$W/$label.sock
     rm -f "$SOCK"
-    "$bin" serve blk --path "$IMG" --socket-path "$SOCK" "${extra[@]}" > "$W/$label.log" 2>&1 &
+    "$bin" serve blk --path "$IMG" --socket-path "$SOCK" "${extra[@]}" "${sargs[@]}" > "$W/$label.log" 2>&1 &
     PID=$!
     if ! await_socket "$PID" "$SOCK" "$W/$label.log"; then
         note "$label did not start: $AWAIT_WHY"; fail=1; PID=; return
@@ -79,6 +87,7 @@ run_one() { # run_one LABEL BINARY ROUND
             --verify 16 --sample 1000 --image "$IMG" "${bargs[@]}" 2> "$W/$label-$rw.err"); then
             IOPS[$label:$rw:$round]=$(field iops "$out")
             CPU[$label:$rw:$round]=$(field backend_cpu_us_per_io "$out")
+            requests=$((requests + $(field ios "$out")))
             note "round $round $label $rw: iops=${IOPS[$label:$rw:$round]} cpu_us_per_io=${CPU[$label:$rw:$round]}"
         else
             note "$label $rw failed: $(tail -n 3 "$W/$label-$rw.err")"; fail=1
@@ -86,6 +95,12 @@ run_one() { # run_one LABEL BINARY ROUND
     done
     kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=
     rm -f "$SOCK"
+    if [ -f "$log" ]; then
+        local bytes
+        bytes=$(stat -c %s "$log")
+        note "round $round $label: log $bytes bytes for $requests requests ($(awk -v b="$bytes" -v n="$requests" 'BEGIN { if (n > 0) printf "%.1f", b / n; else print "-" }') bytes per request, warm-up included)"
+        rm -f "$log"
+    fi
 }
 
 for round in $(seq 1 "$ROUNDS"); do

@@ -467,16 +467,19 @@ fn accept_loop(
                 continue;
             }
         };
-        // The greeting goes first, before the client is listed for events:
-        // an event emitted meanwhile would otherwise come before it. (A few
-        // bytes on a fresh socket: the write does not block.)
-        if send_line(&writer, &greeting()).is_err() {
-            continue;
+        // The greeting is sent and the client listed for events under the
+        // one lock `emit` takes, so no event comes before the greeting and
+        // none emitted after the client has read it is missed. (Sending
+        // first and listing after lost an event emitted in between: a
+        // client waiting for it waited for ever.) A few bytes on a fresh
+        // socket: the write does not block while the lock is held.
+        {
+            let mut listed = clients.lock().unwrap_or_else(|e| e.into_inner());
+            if send_line(&writer, &greeting()).is_err() {
+                continue;
+            }
+            listed.push(Arc::clone(&writer));
         }
-        clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::clone(&writer));
         let (controller, clients) = (Arc::clone(controller), Arc::clone(clients));
         let spawned = thread::Builder::new()
             .name("control-client".into())
