@@ -283,6 +283,9 @@ pub struct Blk {
     /// A replayed device: no image, no I/O threads; `end_batch` runs the
     /// staged jobs on the caller's thread against their recordings.
     replay: bool,
+    /// The data buffer of a replayed device's jobs, kept from batch to
+    /// batch: a fresh one would be zero-filled for every request.
+    replay_buf: Mutex<Vec<u8>>,
     test_panic: Option<Arc<PanicFault>>,
 }
 
@@ -421,6 +424,7 @@ impl Blk {
             threads,
             io_threads: options.io_threads,
             replay: false,
+            replay_buf: Mutex::default(),
             test_panic: options.test_panic.clone(),
         })
     }
@@ -465,6 +469,7 @@ impl Blk {
             threads: Vec::new(),
             io_threads: 1,
             replay: true,
+            replay_buf: Mutex::default(),
             test_panic: None,
         })
     }
@@ -759,21 +764,20 @@ fn execute(
     match *op {
         Op::Read { offset, len } => {
             buf.resize(len, 0);
-            request.input("file-read", offset, &mut buf[..len], |b| {
+            request.input_into_guest("file-read", offset, &mut buf[..len], 0, |b| {
                 file()?.read_exact_at(b, offset)
             })?;
-            request.write_at(0, &buf[..len]).map_err(io::Error::other)?;
             Ok(len as u64)
         }
         Op::Write { offset, len } => {
             buf.resize(len, 0);
-            request
-                .read_at(HEADER_LEN, &mut buf[..len])
-                .map_err(io::Error::other)?;
-            let data = &buf[..len];
-            request.effect("file-write", offset, len as u64, Some(data), || {
-                file()?.write_all_at(data, offset)
-            })?;
+            request.read_into_effect(
+                HEADER_LEN,
+                &mut buf[..len],
+                "file-write",
+                offset,
+                |data| file()?.write_all_at(data, offset),
+            )?;
             Ok(0)
         }
         Op::Flush => {
@@ -931,7 +935,7 @@ impl VirtioDevice for Blk {
             return;
         }
         if self.replay {
-            let mut buf = Vec::new();
+            let mut buf = self.replay_buf.lock().unwrap_or_else(|e| e.into_inner());
             for job in staged.drain(..) {
                 run(job, None, &mut buf);
             }

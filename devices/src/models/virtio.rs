@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use switchboard_bus::{GuestAddr, MemRequest, MemoryError};
-use switchboard_runtime::recording::{Data, DataMode};
+use switchboard_runtime::recording::{Data, DataMode, INLINE_MAX};
 
 use switchboard_runtime::{Gate, Seq, Ticket};
 pub use tape::ReplayTape;
@@ -239,6 +239,131 @@ struct Recording {
     time: u64,
     kind: &'static str,
     trace: Trace,
+    /// Byte buffers of earlier traces, for small data to be copied into.
+    spare: Vec<Vec<u8>>,
+}
+
+/// Recordings kept for reuse by the thread that starts recordings (a
+/// queue worker): with their buffers grown, recording a request
+/// allocates nothing once the pool is warm.
+const POOL_MAX: usize = 256;
+
+thread_local! {
+    // Boxed: the boxes themselves are what is reused (a recording
+    // request's tape holds one).
+    #[allow(clippy::vec_box)]
+    static POOL: std::cell::RefCell<Vec<Box<Recording>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Recording {
+    /// `bytes` as this recording records them ([`Data::capture`]), small
+    /// data copied into a spare buffer instead of a new one.
+    fn capture(&mut self, bytes: &[u8]) -> Data {
+        if self.mode == DataMode::Value || bytes.len() <= INLINE_MAX {
+            let mut b = self.spare.pop().unwrap_or_default();
+            b.clear();
+            b.extend_from_slice(bytes);
+            return Data::Bytes(b);
+        }
+        Data::capture(self.mode, bytes)
+    }
+
+    /// Empties the trace, keeping its buffers.
+    fn clear(&mut self) {
+        let t = &mut self.trace;
+        let spare = &mut self.spare;
+        for data in t
+            .reads
+            .drain(..)
+            .chain(t.writes.drain(..))
+            .map(|a| Some(a.data))
+            .chain(
+                t.inputs
+                    .drain(..)
+                    .chain(t.effects.drain(..))
+                    .map(|e| e.data),
+            )
+            .flatten()
+        {
+            if let Data::Bytes(b) = data {
+                if spare.len() < 16 {
+                    spare.push(b);
+                }
+            }
+        }
+    }
+}
+
+/// A request's recording, taken out of it ([`Request::take_recording`]):
+/// its delivery time, message type and trace. Dropped, it goes back to
+/// its thread's pool of recordings.
+pub struct Recorded(Option<Box<Recording>>);
+
+impl Recorded {
+    /// Delivery time, ns since the recording started.
+    pub fn time(&self) -> u64 {
+        self.0.as_ref().map_or(0, |r| r.time)
+    }
+
+    /// The message type the device gave it.
+    pub fn kind(&self) -> &'static str {
+        self.0.as_ref().map_or("request", |r| r.kind)
+    }
+
+    /// What the handler exchanged with the world.
+    pub fn trace(&self) -> &Trace {
+        const EMPTY: &Trace = &Trace {
+            reads: Vec::new(),
+            inputs: Vec::new(),
+            writes: Vec::new(),
+            effects: Vec::new(),
+        };
+        self.0.as_ref().map_or(EMPTY, |r| &r.trace)
+    }
+
+    /// The trace, owned (the rest goes back to the pool).
+    pub fn into_trace(mut self) -> Trace {
+        self.0
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.trace))
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recorded")
+            .field("time", &self.time())
+            .field("kind", &self.kind())
+            .field("trace", self.trace())
+            .finish()
+    }
+}
+
+impl AsRef<Trace> for Recorded {
+    fn as_ref(&self) -> &Trace {
+        self.trace()
+    }
+}
+
+impl AsRef<Trace> for Trace {
+    fn as_ref(&self) -> &Trace {
+        self
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        let Some(mut r) = self.0.take() else { return };
+        r.clear();
+        // A thread that is ending may have dropped its pool already.
+        let _ = POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(r);
+            }
+        });
+    }
 }
 
 fn errno_of(e: &io::Error) -> i32 {
@@ -418,19 +543,30 @@ impl Request {
     /// Starts recording what the handler does with this request; `time`
     /// is its delivery time.
     pub fn record(&mut self, mode: DataMode, time: u64) {
-        self.tape = Tape::Record(Box::new(Recording {
-            mode,
-            time,
-            kind: "request",
-            trace: Trace::default(),
-        }));
+        let pooled = POOL.try_with(|p| p.borrow_mut().pop()).ok().flatten();
+        let recording = match pooled {
+            Some(mut r) => {
+                r.mode = mode;
+                r.time = time;
+                r.kind = "request";
+                r
+            }
+            None => Box::new(Recording {
+                mode,
+                time,
+                kind: "request",
+                trace: Trace::default(),
+                spare: Vec::new(),
+            }),
+        };
+        self.tape = Tape::Record(recording);
     }
 
     /// The recording made since [`Request::record`]: delivery time, type
-    /// and trace.
-    pub fn take_recording(&mut self) -> Option<(u64, &'static str, Trace)> {
+    /// and trace. It goes back to this thread's pool when dropped.
+    pub fn take_recording(&mut self) -> Option<Recorded> {
         match std::mem::replace(&mut self.tape, Tape::Off) {
-            Tape::Record(r) => Some((r.time, r.kind, r.trace)),
+            Tape::Record(r) => Some(Recorded(Some(r))),
             other => {
                 self.tape = other;
                 None
@@ -478,11 +614,12 @@ impl Request {
             Tape::Off => produce(buf),
             Tape::Record(r) => {
                 let result = produce(buf);
+                let data = result.as_ref().ok().map(|_| r.capture(buf));
                 r.trace.inputs.push(External {
                     what: Cow::Borrowed(what),
                     at,
                     len: buf.len() as u64,
-                    data: result.as_ref().ok().map(|_| Data::capture(r.mode, buf)),
+                    data,
                     errno: result.as_ref().err().map(errno_of),
                 });
                 result
@@ -543,15 +680,77 @@ impl Request {
         data: Option<&[u8]>,
         perform: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
+        self.effect_with(what, at, len, data, None, perform)
+    }
+
+    /// Reads `buf.len()` readable bytes at `offset` into `buf`, then acts
+    /// on the outside with exactly those bytes: [`Request::read_at`] then
+    /// [`Request::effect`] with `Some(buf)`, the bytes captured once when
+    /// recorded (a disk write's block is hashed once, not twice).
+    pub fn read_into_effect(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        what: &'static str,
+        at: u64,
+        perform: impl FnOnce(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.read_at(offset, buf).map_err(io::Error::other)?;
+        let reuse = match &self.tape {
+            Tape::Record(r) => r.trace.reads.last().map(|a| a.data.clone()),
+            _ => None,
+        };
+        let data: &[u8] = buf;
+        self.effect_with(what, at, data.len() as u64, Some(data), reuse, || {
+            perform(data)
+        })
+    }
+
+    /// Takes an input into `buf`, then writes exactly those bytes to the
+    /// writable buffers at `offset`: [`Request::input`] then
+    /// [`Request::write_at`], the bytes captured once when recorded (a disk
+    /// read's block is hashed once, not twice).
+    pub fn input_into_guest(
+        &mut self,
+        what: &'static str,
+        at: u64,
+        buf: &mut [u8],
+        offset: u64,
+        produce: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.input(what, at, buf, produce)?;
+        let reuse = match &self.tape {
+            Tape::Record(r) => r.trace.inputs.last().and_then(|e| e.data.clone()),
+            _ => None,
+        };
+        self.write_at_with(offset, buf, reuse)
+            .map_err(io::Error::other)
+    }
+
+    /// [`Request::effect`], with the data already captured when `reuse`
+    /// is given (recording only).
+    fn effect_with(
+        &mut self,
+        what: &'static str,
+        at: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        reuse: Option<Data>,
+        perform: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
         match &mut self.tape {
             Tape::Off => perform(),
             Tape::Record(r) => {
                 let result = perform();
+                let data = match reuse {
+                    Some(d) => Some(d),
+                    None => data.map(|d| r.capture(d)),
+                };
                 r.trace.effects.push(External {
                     what: Cow::Borrowed(what),
                     at,
                     len,
-                    data: data.map(|d| Data::capture(r.mode, d)),
+                    data,
                     errno: result.as_ref().err().map(errno_of),
                 });
                 result
@@ -655,16 +854,25 @@ impl Request {
             done += n;
         }
         if let Tape::Record(r) = &mut self.tape {
-            r.trace.reads.push(At {
-                at: offset,
-                data: Data::capture(r.mode, buf),
-            });
+            let data = r.capture(buf);
+            r.trace.reads.push(At { at: offset, data });
         }
         Ok(())
     }
 
     /// Copies `buf` into the writable buffers, starting `offset` bytes in.
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.write_at_with(offset, buf, None)
+    }
+
+    /// [`Request::write_at`], with `buf` already captured when `reuse` is
+    /// given (recording only).
+    fn write_at_with(
+        &mut self,
+        offset: u64,
+        buf: &[u8],
+        reuse: Option<Data>,
+    ) -> Result<(), MemoryError> {
         if let Tape::Replay(r) = &mut self.tape {
             Self::check_span(&self.segs[self.split as usize..], offset, buf.len() as u64)?;
             let data = r.capture(buf);
@@ -673,10 +881,11 @@ impl Request {
         }
         let spans = Self::spans(self.writable(), offset, buf.len() as u64)?;
         if let Tape::Record(r) = &mut self.tape {
-            r.trace.writes.push(At {
-                at: offset,
-                data: Data::capture(r.mode, buf),
-            });
+            let data = match reuse {
+                Some(d) => d,
+                None => r.capture(buf),
+            };
+            r.trace.writes.push(At { at: offset, data });
         }
         let Some(mem) = self.mem.as_mut() else {
             return Err(MemoryError::NotRecorded {
@@ -1102,6 +1311,107 @@ mod tests {
         assert_eq!(guest.read(HIGH_RAM_BASE, 4), [3, 4, 0xee, 0xee]);
         // The readable buffer is not writable.
         assert_eq!(guest.read(A, 4), [0, 0, 0, 0]);
+    }
+
+    /// The trace `pass` records on a fresh request over a 16-byte
+    /// readable and a 200-byte writable buffer holding `fill`.
+    fn recorded(mode: DataMode, fill: u8, pass: impl FnOnce(&mut Request)) -> Recorded {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        guest.fill(A, 16, fill);
+        driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 200)]);
+        let mut r = driver.walk_one();
+        r.record(mode, 7);
+        pass(&mut r);
+        let recorded = r.take_recording().expect("recorded");
+        assert_eq!(recorded.time(), 7);
+        recorded
+    }
+
+    fn trace_of(mode: DataMode, fill: u8, pass: impl FnOnce(&mut Request)) -> Trace {
+        recorded(mode, fill, pass).into_trace()
+    }
+
+    #[test]
+    fn test_pass_through_records_what_the_two_calls_record() {
+        // input_into_guest and read_into_effect hash a block once; the
+        // trace must still be what input + write_at and read_at + effect
+        // record, in both data modes, short or long.
+        for mode in [DataMode::Hash, DataMode::Value] {
+            for len in [8usize, 200] {
+                let data = bytes(len, 3);
+                let produce = |b: &mut [u8]| {
+                    b.copy_from_slice(&data);
+                    Ok(())
+                };
+                let joined = trace_of(mode, 0, |r| {
+                    let mut buf = vec![0; len];
+                    r.input_into_guest("file-read", 512, &mut buf, 0, produce)
+                        .expect("input");
+                });
+                let apart = trace_of(mode, 0, |r| {
+                    let mut buf = vec![0; len];
+                    r.input("file-read", 512, &mut buf, produce).expect("input");
+                    r.write_at(0, &buf).expect("write");
+                });
+                assert_eq!(joined, apart, "{mode:?}, {len} bytes in");
+                assert_eq!(joined.writes.len(), 1);
+                assert!(joined.writes[0].data.same(&Data::Bytes(data.clone())));
+
+                let n = len.min(16);
+                let joined = trace_of(mode, 9, |r| {
+                    let mut buf = vec![0; n];
+                    r.read_into_effect(0, &mut buf, "file-write", 1024, |b| {
+                        assert_eq!(b, vec![9; n].as_slice());
+                        Ok(())
+                    })
+                    .expect("effect");
+                });
+                let apart = trace_of(mode, 9, |r| {
+                    let mut buf = vec![0; n];
+                    r.read_at(0, &mut buf).expect("read");
+                    r.effect("file-write", 1024, n as u64, Some(&buf), || Ok(()))
+                        .expect("effect");
+                });
+                assert_eq!(joined, apart, "{mode:?}, {n} bytes out");
+                assert_eq!(
+                    joined.effects[0].data,
+                    Some(Data::capture(mode, &vec![9; n]))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_reused_recording_starts_empty() {
+        // Recordings go back to the thread's pool when dropped; the next
+        // request recorded on this thread must not see the last one's
+        // entries, whatever they held.
+        for _ in 0..3 {
+            let first = recorded(DataMode::Value, 1, |r| {
+                let mut buf = [0u8; 16];
+                r.read_at(0, &mut buf).expect("read");
+                r.write_at(0, &[5; 100]).expect("write");
+            });
+            assert_eq!(
+                (first.trace().reads.len(), first.trace().writes.len()),
+                (1, 1)
+            );
+            // Dropped whole: back to the pool with its entries cleared.
+            drop(first);
+            let next = recorded(DataMode::Hash, 2, |r| {
+                r.write_at(0, &[1]).expect("write");
+            });
+            assert_eq!(next.trace().reads, vec![]);
+            assert_eq!(
+                next.trace().writes,
+                vec![At {
+                    at: 0,
+                    data: Data::Bytes(vec![1])
+                }]
+            );
+            assert_eq!(next.kind(), "request");
+        }
     }
 
     #[test]

@@ -16,13 +16,15 @@ use switchboard_runtime::recording::{Body, Data};
 use crate::models::virtio::{At, DecodedRequest, External, SeenData, Trace, WHATS};
 
 /// The record of one request: what the driver put in the chain and what the
-/// device read, took in and did.
-pub(crate) struct RequestRecord {
+/// device read, took in and did. The trace is a live request's
+/// [`Recorded`](crate::models::virtio::Recorded) (back to its pool once
+/// encoded) or one read back from a log.
+pub(crate) struct RequestRecord<T = Trace> {
     pub(crate) queue: u16,
     pub(crate) head: u16,
     pub(crate) readable: Vec<u32>,
     pub(crate) writable: Vec<u32>,
-    pub(crate) trace: Trace,
+    pub(crate) trace: T,
     pub(crate) len: u32,
 }
 
@@ -47,7 +49,7 @@ pub(crate) struct RequestReply<W = Vec<At>, E = Vec<External>> {
     pub(crate) effects: E,
 }
 
-impl Body for RequestRecord {
+impl<T: AsRef<Trace> + Send + 'static> Body for RequestRecord<T> {
     fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         serde_json::to_writer(
             out,
@@ -56,8 +58,8 @@ impl Body for RequestRecord {
                 head: self.head,
                 readable: self.readable.clone(),
                 writable: self.writable.clone(),
-                reads: &self.trace.reads,
-                inputs: &self.trace.inputs,
+                reads: &self.trace.as_ref().reads,
+                inputs: &self.trace.as_ref().inputs,
             },
         )
     }
@@ -67,8 +69,8 @@ impl Body for RequestRecord {
             out,
             &RequestReply {
                 len: self.len,
-                writes: &self.trace.writes,
-                effects: &self.trace.effects,
+                writes: &self.trace.as_ref().writes,
+                effects: &self.trace.as_ref().effects,
             },
         )
     }
@@ -83,7 +85,7 @@ impl Body for RequestRecord {
                 put_varint(out, u64::from(l));
             }
         }
-        let t = &self.trace;
+        let t = self.trace.as_ref();
         put_ats(out, &t.reads, &mut seen);
         put_externals(out, &t.inputs, &mut seen);
         put_varint(out, u64::from(self.len));

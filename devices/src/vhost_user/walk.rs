@@ -39,6 +39,13 @@ use super::inflight::{self, Inflight, QueueInflight};
 use super::VhostUserServer;
 use crate::models::virtio::{Handled, Request, VirtioDevice};
 
+thread_local! {
+    /// The readable and writable length lists of the request records this
+    /// thread makes, kept between records.
+    static LENS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// A popped chain's descriptors, `(address, length, device-writable)`.
 type Descriptors = (GuestAddr, u32, bool);
 
@@ -101,27 +108,38 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         }
         tracing::trace!(queue, head = request.head(), len, "answered");
         let recorded = self.shared.record.get().and_then(|r| {
-            let (time, kind, trace) = request.take_recording()?;
+            let trace = request.take_recording()?;
+            // The length lists' buffers are this thread's, reused.
+            let (mut readable, mut writable) = LENS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+            readable.clear();
+            writable.clear();
+            readable.extend(request.readable().iter().map(|s| s.len));
+            writable.extend(request.writable().iter().map(|s| s.len));
             let record = RequestRecord {
                 queue: request.queue(),
                 head: request.head(),
-                readable: request.readable().iter().map(|s| s.len).collect(),
-                writable: request.writable().iter().map(|s| s.len).collect(),
+                readable,
+                writable,
                 trace,
                 len,
             };
-            Some((r, time, kind, record))
+            Some((r, record))
         });
         drop(request);
-        if let Some((r, time, kind, record)) = recorded {
+        if let Some((r, record)) = recorded {
+            let time = record.trace.time();
             r.journal.record_body(
                 time,
                 r.journal.now().saturating_sub(time),
                 &r.queues[queue],
                 &r.id,
-                RecordKind::Message(kind),
+                RecordKind::Message(record.trace.kind()),
                 &record,
             );
+            let RequestRecord {
+                readable, writable, ..
+            } = record;
+            LENS.with(|l| *l.borrow_mut() = (readable, writable));
         }
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
         drop(ticket);

@@ -280,6 +280,10 @@ struct Out {
     bytes: u64,
     /// Name -> index in the binary name table.
     names: HashMap<Box<[u8]>, u64>,
+    /// The last name looked up at each place of a head (from, to, type)
+    /// and its index: most records repeat their predecessor's names, so
+    /// this skips the map's hashing.
+    last: [Option<(Box<[u8]>, u64)>; 3],
     frame: Vec<u8>,
     scratch: Vec<u8>,
     /// Writes record heads in file order (deltas of `seq` and `time`).
@@ -288,6 +292,18 @@ struct Out {
 }
 
 impl Out {
+    /// The index of name `n`, at place `at` of the head.
+    fn name_at(&mut self, at: usize, n: &[u8]) -> io::Result<u64> {
+        if let Some((name, i)) = &self.last[at] {
+            if **name == *n {
+                return Ok(*i);
+            }
+        }
+        let i = self.name(n)?;
+        self.last[at] = Some((n.into(), i));
+        Ok(i)
+    }
+
     fn name(&mut self, n: &[u8]) -> io::Result<u64> {
         if let Some(&i) = self.names.get(n) {
             return Ok(i);
@@ -340,9 +356,9 @@ impl Out {
                 line.extend_from_slice(b"}\n");
             }
             LogFormat::Binary => {
-                let from = self.name(r.names[0])?;
-                let to = self.name(r.names[1])?;
-                let kind = self.name(r.names[2])?;
+                let from = self.name_at(0, r.names[0])?;
+                let to = self.name_at(1, r.names[1])?;
+                let kind = self.name_at(2, r.names[2])?;
                 let body: &[u8] = if r.codec == CODEC_JSON {
                     let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
                     self.scratch.clear();
@@ -399,6 +415,7 @@ pub(super) fn write_loop(
         format,
         bytes,
         names: HashMap::new(),
+        last: Default::default(),
         frame: Vec::with_capacity(4096),
         scratch: Vec::new(),
         heads: binary::HeadCoder::new(super::FORMAT_VERSION),
