@@ -207,11 +207,18 @@ fn devices(control: &Path) -> Vec<Value> {
     r["return"].as_array().expect("a list").clone()
 }
 
+/// The log's records, as `switchboard log --json` prints them (the log
+/// is in the default form, binary).
 fn records(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .expect("read the log")
-        .lines()
-        .skip(1)
+    let out = Command::new(switchboard_bin())
+        .arg("log")
+        .arg(log)
+        .arg("--json")
+        .output()
+        .expect("run switchboard log");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let text = String::from_utf8(out.stdout).expect("UTF-8 JSON Lines");
+    text.lines()
         .map(|l| serde_json::from_str(l).expect("a JSON record"))
         .collect()
 }

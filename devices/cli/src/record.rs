@@ -38,7 +38,7 @@ enum RecordFull {
 enum RecordFormat {
     /// JSON Lines (version 1).
     Json,
-    /// Binary frames with a CRC32C each (version 2, runtime/LOG-FORMAT.md):
+    /// Binary frames with a CRC32C each (version 3, runtime/LOG-FORMAT.md):
     /// cheaper to write and to replay, and smaller.
     Binary,
 }
@@ -47,7 +47,8 @@ enum RecordFormat {
 #[derive(Debug, Args)]
 pub(crate) struct RecordArgs {
     /// Record every message each device receives, with its reply and the
-    /// data it read, to LOG (JSON Lines, see the README). LOG must not exist.
+    /// data it read, to LOG (binary by default, see --record-format and
+    /// the README). LOG must not exist.
     #[arg(long, value_name = "LOG")]
     record: Option<PathBuf>,
     /// How bulk data (guest memory, file contents, entropy) is recorded.
@@ -60,7 +61,7 @@ pub(crate) struct RecordArgs {
     #[arg(long, default_value_t = DEFAULT_BUFFER as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     record_buffer: u64,
     /// The log's form. `switchboard log --json` shows either as JSON Lines.
-    #[arg(long, value_enum, default_value_t = RecordFormat::Json, value_name = "FORM")]
+    #[arg(long, value_enum, default_value_t = RecordFormat::Binary, value_name = "FORM")]
     record_format: RecordFormat,
 }
 

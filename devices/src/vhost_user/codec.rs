@@ -11,7 +11,7 @@ use switchboard_runtime::recording::binary::{
     get_bytes, get_u8, get_varint, get_zigzag, put_bytes, put_varint, put_zigzag,
     CODEC_VIRTIO_REQUEST,
 };
-use switchboard_runtime::recording::{Body, Data};
+use switchboard_runtime::recording::{Body, Data, INLINE_MAX};
 
 use crate::models::virtio::{At, DecodedRequest, External, SeenData, Trace, WHATS};
 
@@ -101,19 +101,40 @@ const DATA_SAME: u8 = 2;
 const FLAG_DATA: u8 = 1;
 const FLAG_ERRNO: u8 = 2;
 
-/// The hashed data of a record so far, to write a repeat as a reference.
+/// The bulk data of a record so far, to write a repeat as a reference.
 #[derive(Default)]
-struct Seen {
+struct Seen<'a> {
     /// (index among the record's DATA, len, hash), the first few.
     hashes: [(u64, u64, u128); 8],
     n: usize,
+    /// (index, bytes) of data held by value and longer than
+    /// [`INLINE_MAX`], the first few: a disk request's block passes twice
+    /// and is written once.
+    bytes: [(u64, &'a [u8]); 4],
+    nb: usize,
     count: u64,
 }
 
-fn put_data(out: &mut Vec<u8>, d: &Data, seen: &mut Seen) {
+fn put_data<'a>(out: &mut Vec<u8>, d: &'a Data, seen: &mut Seen<'a>) {
     let index = seen.count;
     seen.count += 1;
     match d {
+        Data::Bytes(b) if b.len() > INLINE_MAX => {
+            if let Some(&(k, _)) = seen.bytes[..seen.nb]
+                .iter()
+                .find(|(_, s)| s.len() == b.len() && *s == b.as_slice())
+            {
+                out.push(DATA_SAME);
+                put_varint(out, k);
+                return;
+            }
+            out.push(DATA_BYTES);
+            put_bytes(out, b);
+            if seen.nb < seen.bytes.len() {
+                seen.bytes[seen.nb] = (index, b);
+                seen.nb += 1;
+            }
+        }
         Data::Bytes(b) => {
             out.push(DATA_BYTES);
             put_bytes(out, b);
@@ -138,7 +159,7 @@ fn put_data(out: &mut Vec<u8>, d: &Data, seen: &mut Seen) {
     }
 }
 
-fn put_ats(out: &mut Vec<u8>, ats: &[At], seen: &mut Seen) {
+fn put_ats<'a>(out: &mut Vec<u8>, ats: &'a [At], seen: &mut Seen<'a>) {
     put_varint(out, ats.len() as u64);
     for a in ats {
         put_varint(out, a.at);
@@ -146,7 +167,7 @@ fn put_ats(out: &mut Vec<u8>, ats: &[At], seen: &mut Seen) {
     }
 }
 
-fn put_externals(out: &mut Vec<u8>, exts: &[External], seen: &mut Seen) {
+fn put_externals<'a>(out: &mut Vec<u8>, exts: &'a [External], seen: &mut Seen<'a>) {
     put_varint(out, exts.len() as u64);
     for e in exts {
         match WHATS.iter().position(|w| *w == e.what) {
@@ -562,6 +583,32 @@ mod tests {
             bin.len(),
             p.len()
         );
+    }
+
+    #[test]
+    fn test_a_by_value_4k_read_holds_its_block_once_and_renders_it_twice() {
+        let mut r = record(DataMode::Value);
+        r.trace.effects.clear();
+        let mut bin = Vec::new();
+        r.encode_binary(&mut bin);
+        // One 4 KiB block and a reference to it, not two blocks.
+        assert!(
+            (4096..4096 + 64).contains(&bin.len()),
+            "{} bytes",
+            bin.len()
+        );
+        let (mut p, mut q) = (Vec::new(), Vec::new());
+        render(CODEC_VIRTIO_REQUEST, &bin, &mut p, &mut q).expect("render");
+        let (jp, jq) = json(&r);
+        assert_eq!(String::from_utf8(p).expect("utf8"), jp);
+        assert_eq!(String::from_utf8(q).expect("utf8"), jq);
+        // A block that differs by one byte is not a repeat.
+        let mut other = vec![0xabu8; 4096];
+        other[4095] = 0;
+        r.trace.writes[0].data = Data::Bytes(other);
+        let mut bin = Vec::new();
+        r.encode_binary(&mut bin);
+        assert!(bin.len() > 8192, "{} bytes", bin.len());
     }
 
     #[test]

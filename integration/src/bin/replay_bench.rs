@@ -264,6 +264,13 @@ fn main() -> ExitCode {
         }
     };
     let run = || -> anyhow::Result<()> {
+        if let Some(keep) = &args.keep {
+            anyhow::ensure!(
+                keep.is_dir(),
+                "--keep {}: not a directory (it must exist)",
+                keep.display()
+            );
+        }
         let tmp = tempfile::tempdir()?;
         let dir = args
             .keep
