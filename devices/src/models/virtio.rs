@@ -232,6 +232,9 @@ enum Tape {
     Off,
     Record(Box<Recording>),
     Replay(Box<Replaying>),
+    /// A recording already written to the log, emptied, travelling back
+    /// to the thread that pools recordings ([`Request::recycle_recording`]).
+    Spent(Box<Recording>),
 }
 
 struct Recording {
@@ -272,25 +275,36 @@ impl Recording {
     fn clear(&mut self) {
         let t = &mut self.trace;
         let spare = &mut self.spare;
-        for data in t
-            .reads
-            .drain(..)
-            .chain(t.writes.drain(..))
-            .map(|a| Some(a.data))
-            .chain(
-                t.inputs
-                    .drain(..)
-                    .chain(t.effects.drain(..))
-                    .map(|e| e.data),
-            )
-            .flatten()
-        {
-            if let Data::Bytes(b) = data {
+        let mut keep = |d: Data| {
+            if let Data::Bytes(b) = d {
                 if spare.len() < 16 {
                     spare.push(b);
                 }
             }
+        };
+        for a in t.reads.drain(..) {
+            keep(a.data);
         }
+        for a in t.writes.drain(..) {
+            keep(a.data);
+        }
+        for d in t.inputs.drain(..).filter_map(|e| e.data) {
+            keep(d);
+        }
+        for d in t.effects.drain(..).filter_map(|e| e.data) {
+            keep(d);
+        }
+    }
+
+    /// Puts this recording, already empty, into this thread's pool.
+    fn pool(self: Box<Self>) {
+        // A thread that is ending may have dropped its pool already.
+        let _ = POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        });
     }
 }
 
@@ -356,13 +370,7 @@ impl Drop for Recorded {
     fn drop(&mut self) {
         let Some(mut r) = self.0.take() else { return };
         r.clear();
-        // A thread that is ending may have dropped its pool already.
-        let _ = POOL.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            if pool.len() < POOL_MAX {
-                pool.push(r);
-            }
-        });
+        r.pool();
     }
 }
 
@@ -563,7 +571,9 @@ impl Request {
     }
 
     /// The recording made since [`Request::record`]: delivery time, type
-    /// and trace. It goes back to this thread's pool when dropped.
+    /// and trace. It goes back to this thread's pool when dropped, or
+    /// with the request to the thread that started it
+    /// ([`Request::spend_recording`]).
     pub fn take_recording(&mut self) -> Option<Recorded> {
         match std::mem::replace(&mut self.tape, Tape::Off) {
             Tape::Record(r) => Some(Recorded(Some(r))),
@@ -571,6 +581,26 @@ impl Request {
                 self.tape = other;
                 None
             }
+        }
+    }
+
+    /// Gives a recording that was written to the log back to the request,
+    /// emptied, so that it returns to the pool of the thread that calls
+    /// [`Request::recycle_recording`] (the queue worker, which starts
+    /// recordings) instead of the pool of this one. The request records
+    /// nothing more.
+    pub fn spend_recording(&mut self, mut recorded: Recorded) {
+        if let Some(mut r) = recorded.0.take() {
+            r.clear();
+            self.tape = Tape::Spent(r);
+        }
+    }
+
+    /// Puts a spent recording ([`Request::spend_recording`]) into this
+    /// thread's pool.
+    pub fn recycle_recording(&mut self) {
+        if let Tape::Spent(r) = std::mem::replace(&mut self.tape, Tape::Off) {
+            r.pool();
         }
     }
 
@@ -592,7 +622,7 @@ impl Request {
     /// Names the message type (`read`, `flush`) for the log.
     pub fn set_kind(&mut self, kind: &'static str) {
         match &mut self.tape {
-            Tape::Off => {}
+            Tape::Off | Tape::Spent(_) => {}
             Tape::Record(r) => r.kind = kind,
             Tape::Replay(r) => r.kind = kind,
         }
@@ -611,7 +641,7 @@ impl Request {
         produce: impl FnOnce(&mut [u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         match &mut self.tape {
-            Tape::Off => produce(buf),
+            Tape::Off | Tape::Spent(_) => produce(buf),
             Tape::Record(r) => {
                 let result = produce(buf);
                 let data = result.as_ref().ok().map(|_| r.capture(buf));
@@ -739,7 +769,7 @@ impl Request {
         perform: impl FnOnce() -> io::Result<()>,
     ) -> io::Result<()> {
         match &mut self.tape {
-            Tape::Off => perform(),
+            Tape::Off | Tape::Spent(_) => perform(),
             Tape::Record(r) => {
                 let result = perform();
                 let data = match reuse {

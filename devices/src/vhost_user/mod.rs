@@ -243,7 +243,9 @@ struct Shared<D: VirtioDevice> {
     /// Requests answered (used entries written) since the server started.
     handled: AtomicU64,
     completions: Vec<Completions>,
-    record: OnceLock<RecordTo>,
+    /// Set once recording starts; shared with the completers, which
+    /// record each request where it is answered.
+    record: Arc<OnceLock<RecordTo>>,
     /// The connection's in-flight file (set by the message filter on
     /// SET_INFLIGHT_FD, emptied when the connection ends).
     inflight: Arc<inflight::Slot>,
@@ -251,7 +253,7 @@ struct Shared<D: VirtioDevice> {
 
 /// Where a server records its messages: the journal (the process's one
 /// log writer) and the names its records carry.
-struct RecordTo {
+pub(super) struct RecordTo {
     journal: Arc<dyn Journal>,
     /// How request data is captured, as the journal asks.
     mode: DataMode,
@@ -307,13 +309,25 @@ impl<D: VirtioDevice> VhostUserServer<D> {
     ) -> Result<Self> {
         let queues = device.num_queues().max(1);
         let workers = workers.clamp(1, queues);
+        let record: Arc<OnceLock<RecordTo>> = Arc::default();
         let completions = (0..workers)
             .map(|_| {
+                let record = Arc::clone(&record);
                 let (tx, rx) = crossbeam_channel::unbounded();
                 let event = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::CreateEventFd)?);
                 let armed = Arc::new(AtomicBool::new(false));
                 let (wake, wake_armed) = (Arc::clone(&event), Arc::clone(&armed));
-                let completer = Completer::new(move |request, len| {
+                let completer = Completer::new(move |mut request: Request, len| {
+                    // Recorded here, on the thread that answers (a blk I/O
+                    // thread), not on the queue worker, which every request
+                    // of the queue goes through. A request dropped by a
+                    // panic is left to `finish`, which may leave it in
+                    // flight instead of answering it.
+                    if !request.dropped_in_panic() {
+                        if let Some(r) = record.get() {
+                            walk::record_request(r, &mut request, len);
+                        }
+                    }
                     // The worker owns the receiver for the server's whole life.
                     let _ = tx.send((request, len));
                     // One eventfd write per wake-up, not per completion: if
@@ -390,7 +404,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 guard,
                 handled: AtomicU64::new(0),
                 completions,
-                record: OnceLock::new(),
+                record,
                 inflight: Arc::default(),
             }),
         })

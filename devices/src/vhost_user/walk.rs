@@ -36,8 +36,53 @@ use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
 use super::codec::RequestRecord;
 use super::inflight::{self, Inflight, QueueInflight};
-use super::VhostUserServer;
+use super::{RecordTo, VhostUserServer};
 use crate::models::virtio::{Handled, Request, VirtioDevice};
+
+/// Writes `request`'s recording (if it still holds one) to the log as
+/// answered with `len` bytes, and gives the emptied recording back to the
+/// request ([`Request::spend_recording`]). Called where the request is
+/// answered: by the completer on the device's I/O thread, so that the
+/// encoding is off the queue worker, or by `finish` for a request answered
+/// on the worker.
+pub(super) fn record_request(r: &RecordTo, request: &mut Request, len: u32) {
+    let Some(trace) = request.take_recording() else {
+        return;
+    };
+    // The length lists' buffers are this thread's, reused.
+    let (mut readable, mut writable) = LENS.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    readable.clear();
+    writable.clear();
+    readable.extend(request.readable().iter().map(|s| s.len));
+    writable.extend(request.writable().iter().map(|s| s.len));
+    let record = RequestRecord {
+        queue: request.queue(),
+        head: request.head(),
+        readable,
+        writable,
+        trace,
+        len,
+    };
+    let time = record.trace.time();
+    let queue = usize::from(request.queue());
+    let from = r.queues.get(queue).unwrap_or(&r.frontend);
+    r.journal.record_body(
+        time,
+        r.journal.now().saturating_sub(time),
+        from,
+        &r.id,
+        RecordKind::Message(record.trace.kind()),
+        &record,
+    );
+    let RequestRecord {
+        readable,
+        writable,
+        trace,
+        ..
+    } = record;
+    LENS.with(|l| *l.borrow_mut() = (readable, writable));
+    request.spend_recording(trace);
+}
 
 thread_local! {
     /// The readable and writable length lists of the request records this
@@ -107,40 +152,11 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             tracing::error!(queue, head = request.head(), error = %e, "write used entry");
         }
         tracing::trace!(queue, head = request.head(), len, "answered");
-        let recorded = self.shared.record.get().and_then(|r| {
-            let trace = request.take_recording()?;
-            // The length lists' buffers are this thread's, reused.
-            let (mut readable, mut writable) = LENS.with(|l| std::mem::take(&mut *l.borrow_mut()));
-            readable.clear();
-            writable.clear();
-            readable.extend(request.readable().iter().map(|s| s.len));
-            writable.extend(request.writable().iter().map(|s| s.len));
-            let record = RequestRecord {
-                queue: request.queue(),
-                head: request.head(),
-                readable,
-                writable,
-                trace,
-                len,
-            };
-            Some((r, record))
-        });
-        drop(request);
-        if let Some((r, record)) = recorded {
-            let time = record.trace.time();
-            r.journal.record_body(
-                time,
-                r.journal.now().saturating_sub(time),
-                &r.queues[queue],
-                &r.id,
-                RecordKind::Message(record.trace.kind()),
-                &record,
-            );
-            let RequestRecord {
-                readable, writable, ..
-            } = record;
-            LENS.with(|l| *l.borrow_mut() = (readable, writable));
+        if let Some(r) = self.shared.record.get() {
+            record_request(r, &mut request, len);
         }
+        request.recycle_recording();
+        drop(request);
         self.shared.handled.fetch_add(1, Ordering::Relaxed);
         drop(ticket);
     }

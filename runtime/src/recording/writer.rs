@@ -394,7 +394,10 @@ fn json_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((body.get(4..4 + n)?, body.get(4 + n..)?))
 }
 
-/// How long the idle writer sleeps between looks at the slots.
+/// How long the writer sleeps between rounds (looks at the slots), busy
+/// or idle: a busy writer that went round again at once took the slots'
+/// mutexes many times per millisecond and wrote a few records a round,
+/// on the CPUs the devices need.
 const POLL: Duration = Duration::from_millis(1);
 /// How often the writer hands what it has written to the file: at most
 /// this much (and one round of the slots) is lost when the process is
@@ -423,19 +426,30 @@ pub(super) fn write_loop(
     };
     let mut pending: Vec<Pending> = Vec::new();
     let mut spares: Vec<Vec<u8>> = Vec::new();
+    let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut flushed = Instant::now();
     // Written since the last flush.
     let mut dirty = false;
     loop {
         let last = shared.ended.load(Ordering::Acquire);
         let next = shared.next.load(Ordering::Acquire);
-        let slots: Vec<Arc<Slot>> = lock(&shared.slots).clone();
+        {
+            // Slots are only ever added, at the end.
+            let all = lock(&shared.slots);
+            if all.len() != slots.len() {
+                slots.extend(all[slots.len()..].iter().cloned());
+            }
+        }
         pending.resize_with(slots.len(), Pending::default);
+        // Whether a slot was half full: then the writer goes round again
+        // at once, so that its source does not come to wait.
+        let mut pressed = false;
         for (slot, p) in slots.iter().zip(&mut pending) {
             let mut b = lock(&slot.buf);
             if b.records == 0 {
                 continue;
             }
+            pressed |= b.records >= shared.limit / 2;
             let spare = spares.pop().unwrap_or_default();
             let full = std::mem::replace(&mut b.bytes, spare);
             b.records = 0;
@@ -486,7 +500,7 @@ pub(super) fn write_loop(
             flushed = Instant::now();
             dirty = false;
         }
-        if !wrote {
+        if !pressed {
             thread::sleep(POLL);
         }
     }
