@@ -332,6 +332,9 @@ fn test_serve_record_writes_a_header_and_log_and_replay_read_it() {
         .arg("--record")
         .arg(&log)
         .args(["--record-data", "value"])
+        // This test reads the JSON Lines form (the default is binary,
+        // which `log --json` renders; record_replay.rs covers it).
+        .args(["--record-format", "json"])
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
