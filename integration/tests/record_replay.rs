@@ -543,9 +543,9 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let (_dir, log) = setup(DataMode::Hash);
     let edited = edit(&log, 0, |l| {
         let mut v: serde_json::Value = serde_json::from_str(l).expect("header");
-        // Versions 2 and 3 are the binary form; 4 is newer than this
+        // Versions 2 to 4 are the binary form; 5 is newer than this
         // build reads.
-        v["version"] = serde_json::json!(4);
+        v["version"] = serde_json::json!(5);
         v["switchboard"] = serde_json::json!("7.1.0");
         v["compression"] = serde_json::json!("zstd");
         v.to_string()
@@ -553,7 +553,7 @@ fn test_a_log_of_a_newer_format_is_refused() {
     let out = replay(&edited, &[]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{t}");
-    assert!(t.contains(":1: log format version 4"), "{t}");
+    assert!(t.contains(":1: log format version 5"), "{t}");
     assert!(t.contains("use switchboard 7.1.0 or newer"), "{t}");
     assert!(!t.contains("divergence"), "{t}");
 }

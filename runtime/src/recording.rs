@@ -52,6 +52,7 @@ use serde::{Deserialize, Serialize};
 pub mod binary;
 mod kind;
 mod reader;
+pub mod shape;
 mod writer;
 pub use kind::{ParsedKind, RecordKind};
 pub use reader::{render_line, BinRecord, LogError, LogReader, Record, Render};
@@ -60,7 +61,7 @@ pub use reader::{render_line, BinRecord, LogError, LogReader, Record, Render};
 pub const FORMAT: &str = "switchboard-log";
 /// The newest format version this build reads, and the one of the
 /// binary logs it writes ([`LogFormat::Binary`], `LOG-FORMAT.md`).
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The version of the JSON Lines logs it writes ([`LogFormat::JsonLines`]).
 pub const JSON_LINES_VERSION: u32 = 1;
 /// Data of at most this many bytes is always recorded by value.
@@ -352,9 +353,12 @@ pub trait Body: Send + 'static {
     fn reply(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
     /// Writes payload and reply in a binary codec of `LOG-FORMAT.md` and
     /// returns the codec, or writes nothing and returns `None` to be
-    /// recorded as JSON ([`binary::CODEC_JSON`]). Called on the recording
-    /// thread for binary logs: it should not allocate.
-    fn encode_binary(&self, _out: &mut Vec<u8>) -> Option<u8> {
+    /// recorded as JSON ([`binary::CODEC_JSON`]). It writes the parts of
+    /// the body that vary from record to record through `values` (which
+    /// the caller has begun at `out.len()`), so that the rest is written
+    /// once per shape ([`shape`]). Called on the recording thread for
+    /// binary logs: it should not allocate.
+    fn encode_binary(&self, _out: &mut Vec<u8>, _values: &mut shape::Spans) -> Option<u8> {
         None
     }
 }
@@ -771,6 +775,8 @@ mod tests {
         let mut names = Vec::new();
         let mut seqs = Vec::new();
         let mut heads = binary::HeadCoder::default();
+        let mut shapes = shape::ShapeTable::default();
+        let mut body = Vec::new();
         while let Some((p, n)) = binary::take_frame(&buf[at..]).expect("frame") {
             at += n;
             match p[0] {
@@ -780,11 +786,16 @@ mod tests {
                     heads = binary::HeadCoder::new(h.version);
                 }
                 binary::TAG_NAME => names.push(String::from_utf8(p[2..].to_vec()).expect("utf8")),
+                shape::TAG_SHAPE => shapes.define(&p[1..]).expect("shape"),
                 _ => {
-                    let r = heads.get(p).expect("record");
-                    assert_eq!(names[r.kind as usize], "ping");
-                    assert_eq!(names[r.to as usize], "a");
-                    let (payload, reply) = binary::get_json_body(r.body).expect("json");
+                    let (r, at) = shapes.record(&mut heads, p, &mut body).expect("record");
+                    assert_eq!(names[r.names[2] as usize], "ping");
+                    assert_eq!(names[r.names[1] as usize], "a");
+                    let body = match at {
+                        shape::BodyAt::Values(i) => &p[i..],
+                        shape::BodyAt::Assembled => &body[..],
+                    };
+                    let (payload, reply) = binary::get_json_body(body).expect("json");
                     assert!(payload.starts_with("{\"i\":"), "{payload}");
                     assert_eq!(reply, "\"pong\"");
                     seqs.push(r.seq);

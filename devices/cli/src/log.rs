@@ -41,7 +41,7 @@ pub(crate) struct LogArgs {
     #[arg(long, value_name = "OUT", conflicts_with_all = ["device", "kind", "from", "until", "stats", "json"])]
     convert: Option<PathBuf>,
     /// The form --convert writes: json (JSON Lines, version 1) or binary
-    /// (version 3). Default: the other form than the log's.
+    /// (version 4). Default: the other form than the log's.
     #[arg(long, value_enum, value_name = "FORM", requires = "convert")]
     to: Option<Form>,
 }
@@ -51,7 +51,7 @@ pub(crate) struct LogArgs {
 enum Form {
     /// JSON Lines (version 1).
     Json,
-    /// Binary frames (version 3, runtime/LOG-FORMAT.md).
+    /// Binary frames (version 4, runtime/LOG-FORMAT.md).
     Binary,
 }
 

@@ -38,7 +38,7 @@ enum RecordFull {
 enum RecordFormat {
     /// JSON Lines (version 1).
     Json,
-    /// Binary frames with a CRC32C each (version 3, runtime/LOG-FORMAT.md):
+    /// Binary frames with a CRC32C each (version 4, runtime/LOG-FORMAT.md):
     /// cheaper to write and to replay, and smaller.
     Binary,
 }

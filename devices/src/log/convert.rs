@@ -15,12 +15,12 @@
 //! record that fails its checksum or does not parse) is converted up to
 //! the damage; the error then names the damaged record.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use switchboard_runtime::recording::binary::{self, CODEC_JSON};
+use switchboard_runtime::recording::shape::{FrameEncoder, RecordParts, Spans};
 use switchboard_runtime::recording::{render_line, LogError, LogFormat, LogReader};
 
 /// What [`convert`] wrote.
@@ -82,18 +82,18 @@ pub fn other(format: LogFormat) -> LogFormat {
     }
 }
 
-/// The output log: its file, and the binary form's name table.
+/// The output log: its file, and the binary form's names and shapes.
 struct Out {
     path: PathBuf,
     file: BufWriter<File>,
     to: LogFormat,
     bytes: u64,
-    /// Name -> index, for the binary form.
-    names: HashMap<String, u64>,
+    enc: FrameEncoder,
     frame: Vec<u8>,
     body: Vec<u8>,
-    /// Writes record heads in file order (deltas of `seq` and `time`).
-    heads: binary::HeadCoder,
+    values: Spans,
+    /// A binary body of another codec than JSON, rendered.
+    rendered: (Vec<u8>, Vec<u8>),
 }
 
 impl Out {
@@ -107,27 +107,10 @@ impl Out {
             })
     }
 
-    /// The name's index, its frame written the first time.
-    fn name(&mut self, name: &str) -> Result<u64> {
-        if let Some(&i) = self.names.get(name) {
-            return Ok(i);
-        }
-        let i = self.names.len() as u64;
-        self.names.insert(name.to_string(), i);
-        let mut frame = std::mem::take(&mut self.frame);
-        frame.clear();
-        binary::put_frame_with(&mut frame, |o| {
-            o.push(binary::TAG_NAME);
-            binary::put_varint(o, i);
-            o.extend_from_slice(name.as_bytes());
-        });
-        let written = self.write(&frame);
-        self.frame = frame;
-        written.map(|()| i)
-    }
-
-    /// One record in the binary form. `codec` and `body` as read from a
-    /// binary log; a JSON body (`payload`, `reply`) is re-encoded.
+    /// One record in the binary form. A JSON body (`payload`, `reply`) is
+    /// encoded again; so is a binary one, through its JSON form, so that
+    /// its values are known (a log of an older version is written in this
+    /// one's).
     fn record(
         &mut self,
         seq: u64,
@@ -136,40 +119,57 @@ impl Out {
         names: [&str; 3],
         body: Body<'_>,
     ) -> Result<()> {
-        let [from, to, kind] = names.map(|n| self.name(n));
-        let (from, to, kind) = (from?, to?, kind?);
-        let mut scratch = std::mem::take(&mut self.body);
-        scratch.clear();
-        let (codec, body) = match body {
-            Body::Binary(codec, body) => (codec, body),
-            Body::Json(payload, reply) => {
-                match crate::vhost_user::encode_body(payload, reply, &mut scratch) {
-                    Some(codec) => (codec, &scratch[..]),
-                    None => {
-                        scratch.clear();
-                        binary::put_json_body(&mut scratch, payload.as_bytes(), reply.as_bytes());
-                        (CODEC_JSON, &scratch[..])
-                    }
+        let mut rendered = std::mem::take(&mut self.rendered);
+        let (payload, reply) = match body {
+            Body::Json(payload, reply) => (payload, reply),
+            Body::Binary(CODEC_JSON, body) => {
+                binary::get_json_body(body).unwrap_or(("null", "null"))
+            }
+            Body::Binary(codec, body) => {
+                let (p, q) = (&mut rendered.0, &mut rendered.1);
+                p.clear();
+                q.clear();
+                match crate::vhost_user::render_body(codec, body, p, q) {
+                    Ok(()) => (
+                        std::str::from_utf8(p).unwrap_or("null"),
+                        std::str::from_utf8(q).unwrap_or("null"),
+                    ),
+                    Err(_) => ("null", "null"),
                 }
             }
         };
-        let head = binary::RecordHead {
-            seq,
-            time,
-            latency,
-            from,
-            to,
-            kind,
-            codec,
-            body,
-        };
+        let mut scratch = std::mem::take(&mut self.body);
+        scratch.clear();
+        self.values.begin(0);
+        let codec =
+            match crate::vhost_user::encode_body(payload, reply, &mut scratch, &mut self.values) {
+                Some(codec) => codec,
+                None => {
+                    scratch.clear();
+                    binary::put_json_body(&mut scratch, payload.as_bytes(), reply.as_bytes());
+                    self.values.begin(0);
+                    self.values.rest_from(0, scratch.len());
+                    CODEC_JSON
+                }
+            };
         let mut frame = std::mem::take(&mut self.frame);
         frame.clear();
-        let heads = &mut self.heads;
-        binary::put_frame_with(&mut frame, |o| heads.put(o, &head));
+        self.enc.record(
+            &mut frame,
+            &RecordParts {
+                seq,
+                time,
+                latency,
+                names: names.map(str::as_bytes),
+                codec,
+                body: &scratch,
+                spans: self.values.as_slice(),
+            },
+        );
         let written = self.write(&frame);
         self.frame = frame;
         self.body = scratch;
+        self.rendered = rendered;
         written
     }
 }
@@ -238,10 +238,11 @@ pub fn convert(input: &Path, output: &Path, to: LogFormat) -> Result<ConvertSumm
         file: BufWriter::with_capacity(1 << 20, file),
         to,
         bytes: 0,
-        names: HashMap::new(),
+        enc: FrameEncoder::default(),
         frame: Vec::new(),
-        heads: binary::HeadCoder::new(switchboard_runtime::recording::FORMAT_VERSION),
         body: Vec::new(),
+        values: Spans::default(),
+        rendered: Default::default(),
     };
     out.write(&reader.header().log_start(to))?;
     let mut records = 0u64;

@@ -20,7 +20,7 @@ use std::path::Path;
 use switchboard_runtime::recording::{LogError, LogReader};
 
 /// Opens a log of either form (JSON Lines, version 1, or binary,
-/// version 2), with the body codecs of this crate known to its reader.
+/// versions 2 to 4), with the body codecs of this crate known to its reader.
 pub fn open(path: &Path) -> Result<LogReader, LogError> {
     LogReader::open(path).map(|r| r.with_render(crate::vhost_user::render_body))
 }

@@ -11,6 +11,7 @@ use switchboard_runtime::recording::binary::{
     get_bytes, get_u8, get_varint, get_zigzag, put_bytes, put_varint, put_zigzag,
     CODEC_VIRTIO_REQUEST,
 };
+use switchboard_runtime::recording::shape::Spans;
 use switchboard_runtime::recording::{Body, Data, INLINE_MAX};
 
 use crate::models::virtio::{At, DecodedRequest, External, SeenData, Trace, WHATS};
@@ -75,10 +76,10 @@ impl<T: AsRef<Trace> + Send + 'static> Body for RequestRecord<T> {
         )
     }
 
-    fn encode_binary(&self, out: &mut Vec<u8>) -> Option<u8> {
+    fn encode_binary(&self, out: &mut Vec<u8>, v: &mut Spans) -> Option<u8> {
         let mut seen = Seen::default();
         put_varint(out, u64::from(self.queue));
-        put_varint(out, u64::from(self.head));
+        v.varint(out, u64::from(self.head));
         for lens in [&self.readable, &self.writable] {
             put_varint(out, lens.len() as u64);
             for &l in lens {
@@ -86,11 +87,11 @@ impl<T: AsRef<Trace> + Send + 'static> Body for RequestRecord<T> {
             }
         }
         let t = self.trace.as_ref();
-        put_ats(out, &t.reads, &mut seen);
-        put_externals(out, &t.inputs, &mut seen);
+        put_ats(out, v, &t.reads, &mut seen);
+        put_externals(out, v, &t.inputs, &mut seen);
         put_varint(out, u64::from(self.len));
-        put_ats(out, &t.writes, &mut seen);
-        put_externals(out, &t.effects, &mut seen);
+        put_ats(out, v, &t.writes, &mut seen);
+        put_externals(out, v, &t.effects, &mut seen);
         Some(CODEC_VIRTIO_REQUEST)
     }
 }
@@ -115,7 +116,10 @@ struct Seen<'a> {
     count: u64,
 }
 
-fn put_data<'a>(out: &mut Vec<u8>, d: &'a Data, seen: &mut Seen<'a>) {
+/// Writes one DATA. Its tag and length are the record's shape; its bytes
+/// or hash are values, but for a single byte (a status byte, nearly always
+/// the same).
+fn put_data<'a>(out: &mut Vec<u8>, v: &mut Spans, d: &'a Data, seen: &mut Seen<'a>) {
     let index = seen.count;
     seen.count += 1;
     match d {
@@ -129,15 +133,19 @@ fn put_data<'a>(out: &mut Vec<u8>, d: &'a Data, seen: &mut Seen<'a>) {
                 return;
             }
             out.push(DATA_BYTES);
-            put_bytes(out, b);
+            v.bytes(out, b);
             if seen.nb < seen.bytes.len() {
                 seen.bytes[seen.nb] = (index, b);
                 seen.nb += 1;
             }
         }
-        Data::Bytes(b) => {
+        Data::Bytes(b) if b.len() == 1 => {
             out.push(DATA_BYTES);
             put_bytes(out, b);
+        }
+        Data::Bytes(b) => {
+            out.push(DATA_BYTES);
+            v.bytes(out, b);
         }
         Data::Hash { len, hash } => {
             if let Some(&(k, _, _)) = seen.hashes[..seen.n]
@@ -150,7 +158,7 @@ fn put_data<'a>(out: &mut Vec<u8>, d: &'a Data, seen: &mut Seen<'a>) {
             }
             out.push(DATA_HASH);
             put_varint(out, *len);
-            out.extend_from_slice(&hash.to_le_bytes());
+            v.raw(out, &hash.to_le_bytes());
             if seen.n < seen.hashes.len() {
                 seen.hashes[seen.n] = (index, *len, *hash);
                 seen.n += 1;
@@ -159,15 +167,17 @@ fn put_data<'a>(out: &mut Vec<u8>, d: &'a Data, seen: &mut Seen<'a>) {
     }
 }
 
-fn put_ats<'a>(out: &mut Vec<u8>, ats: &'a [At], seen: &mut Seen<'a>) {
+fn put_ats<'a>(out: &mut Vec<u8>, v: &mut Spans, ats: &'a [At], seen: &mut Seen<'a>) {
     put_varint(out, ats.len() as u64);
     for a in ats {
         put_varint(out, a.at);
-        put_data(out, &a.data, seen);
+        put_data(out, v, &a.data, seen);
     }
 }
 
-fn put_externals<'a>(out: &mut Vec<u8>, exts: &'a [External], seen: &mut Seen<'a>) {
+/// Writes the externals: an offset in a file is a value, the rest the
+/// shape.
+fn put_externals<'a>(out: &mut Vec<u8>, v: &mut Spans, exts: &'a [External], seen: &mut Seen<'a>) {
     put_varint(out, exts.len() as u64);
     for e in exts {
         match WHATS.iter().position(|w| *w == e.what) {
@@ -177,13 +187,13 @@ fn put_externals<'a>(out: &mut Vec<u8>, exts: &'a [External], seen: &mut Seen<'a
                 put_bytes(out, e.what.as_bytes());
             }
         }
-        put_varint(out, e.at);
+        v.varint(out, e.at);
         put_varint(out, e.len);
         let flags =
             u8::from(e.data.is_some()) * FLAG_DATA + u8::from(e.errno.is_some()) * FLAG_ERRNO;
         out.push(flags);
         if let Some(d) = &e.data {
-            put_data(out, d, seen);
+            put_data(out, v, d, seen);
         }
         if let Some(errno) = e.errno {
             put_zigzag(out, i64::from(errno));
@@ -457,7 +467,14 @@ pub fn render(
 /// 1, into `out`: the codec, or `None` (and `out` as it was) when they
 /// are not a request record's or would not render back to the very same
 /// text (then the record keeps its JSON body).
-pub fn encode_json(payload: &str, reply: &str, out: &mut Vec<u8>) -> Option<u8> {
+/// Its values are marked in `values`, which the caller has begun at
+/// `out.len()`.
+pub fn encode_json(
+    payload: &str,
+    reply: &str,
+    out: &mut Vec<u8>,
+    values: &mut Spans,
+) -> Option<u8> {
     if !payload.starts_with("{\"queue\":") {
         return None;
     }
@@ -477,7 +494,7 @@ pub fn encode_json(payload: &str, reply: &str, out: &mut Vec<u8>) -> Option<u8> 
         len: r.len,
     };
     let start = out.len();
-    let codec = record.encode_binary(out)?;
+    let codec = record.encode_binary(out, values)?;
     let (mut back_p, mut back_r) = (Vec::new(), Vec::new());
     let same = render(codec, &out[start..], &mut back_p, &mut back_r).is_ok()
         && back_p == payload.as_bytes()
@@ -536,6 +553,18 @@ mod tests {
         }
     }
 
+    /// `r` in codec 1 after `prefix`, and its values.
+    fn encode(r: &RequestRecord, prefix: &[u8]) -> (Vec<u8>, Spans) {
+        let mut bin = prefix.to_vec();
+        let mut v = Spans::default();
+        v.begin(bin.len());
+        assert_eq!(
+            r.encode_binary(&mut bin, &mut v),
+            Some(CODEC_VIRTIO_REQUEST)
+        );
+        (bin, v)
+    }
+
     fn json(r: &RequestRecord) -> (String, String) {
         let (mut p, mut q) = (Vec::new(), Vec::new());
         r.payload(&mut p).expect("payload");
@@ -550,8 +579,7 @@ mod tests {
     fn test_binary_renders_as_the_json_form() {
         for mode in [DataMode::Hash, DataMode::Value] {
             let r = record(mode);
-            let mut bin = Vec::new();
-            assert_eq!(r.encode_binary(&mut bin), Some(CODEC_VIRTIO_REQUEST));
+            let (bin, _) = encode(&r, &[]);
             let (mut p, mut q) = (Vec::new(), Vec::new());
             render(CODEC_VIRTIO_REQUEST, &bin, &mut p, &mut q).expect("render");
             assert_eq!(
@@ -568,8 +596,7 @@ mod tests {
     fn test_a_hashed_4k_read_is_small_and_holds_its_block_once() {
         let mut r = record(DataMode::Hash);
         r.trace.effects.clear();
-        let mut bin = Vec::new();
-        r.encode_binary(&mut bin);
+        let (bin, _) = encode(&r, &[]);
         // The request header by value (16 bytes), the block's hash once
         // (16: the guest-memory write refers to the file read's), and
         // about 37 bytes of structure.
@@ -589,8 +616,7 @@ mod tests {
     fn test_a_by_value_4k_read_holds_its_block_once_and_renders_it_twice() {
         let mut r = record(DataMode::Value);
         r.trace.effects.clear();
-        let mut bin = Vec::new();
-        r.encode_binary(&mut bin);
+        let (bin, _) = encode(&r, &[]);
         // One 4 KiB block and a reference to it, not two blocks.
         assert!(
             (4096..4096 + 64).contains(&bin.len()),
@@ -606,8 +632,7 @@ mod tests {
         let mut other = vec![0xabu8; 4096];
         other[4095] = 0;
         r.trace.writes[0].data = Data::Bytes(other);
-        let mut bin = Vec::new();
-        r.encode_binary(&mut bin);
+        let (bin, _) = encode(&r, &[]);
         assert!(bin.len() > 8192, "{} bytes", bin.len());
     }
 
@@ -615,27 +640,104 @@ mod tests {
     fn test_a_json_request_encodes_as_codec_1_only_if_it_renders_back_the_same() {
         let (p, q) = json(&record(DataMode::Hash));
         let mut out = vec![9];
-        assert_eq!(encode_json(&p, &q, &mut out), Some(CODEC_VIRTIO_REQUEST));
-        let mut bin = vec![9];
-        record(DataMode::Hash).encode_binary(&mut bin);
+        let mut v = Spans::default();
+        v.begin(1);
+        assert_eq!(
+            encode_json(&p, &q, &mut out, &mut v),
+            Some(CODEC_VIRTIO_REQUEST)
+        );
+        let (bin, values) = encode(&record(DataMode::Hash), &[9]);
         assert_eq!(out, bin);
+        assert_eq!(v.as_slice(), values.as_slice());
         // Spacing the encoder would not write back: kept as JSON.
         let spaced = p.replacen(",", ", ", 1);
         let mut out = vec![9];
-        assert_eq!(encode_json(&spaced, &q, &mut out), None);
+        assert_eq!(encode_json(&spaced, &q, &mut out, &mut v), None);
         assert_eq!(out, [9]);
-        assert_eq!(encode_json("{\"len\":4}", "null", &mut out), None);
+        assert_eq!(encode_json("{\"len\":4}", "null", &mut out, &mut v), None);
     }
 
     #[test]
     fn test_every_cut_and_a_bad_tag_are_errors() {
-        let mut bin = Vec::new();
-        record(DataMode::Hash).encode_binary(&mut bin);
+        let (bin, _) = encode(&record(DataMode::Hash), &[]);
         for cut in 0..bin.len() {
             assert!(decode_request(&bin[..cut]).is_err(), "cut at {cut}");
         }
         let mut longer = bin.clone();
         longer.push(0);
         assert!(decode_request(&longer).is_err());
+    }
+
+    /// A blk read of 4 KiB at `sector`, from descriptor `head`, hashed.
+    fn blk_read(head: u16, sector: u64) -> RequestRecord {
+        let mut header = [0u8; 16];
+        header[8..].copy_from_slice(&sector.to_le_bytes());
+        let block: Vec<u8> = (0..4096).map(|i| (i as u64 ^ sector) as u8).collect();
+        let hashed = Data::capture(DataMode::Hash, &block);
+        RequestRecord {
+            queue: 0,
+            head,
+            readable: vec![16],
+            writable: vec![4096, 1],
+            trace: Trace {
+                reads: vec![At {
+                    at: 0,
+                    data: Data::Bytes(header.to_vec()),
+                }],
+                inputs: vec![External {
+                    what: "file-read".into(),
+                    at: sector * 512,
+                    len: 4096,
+                    data: Some(hashed.clone()),
+                    errno: None,
+                }],
+                writes: vec![
+                    At {
+                        at: 0,
+                        data: hashed,
+                    },
+                    At {
+                        at: 4096,
+                        data: Data::Bytes(vec![0]),
+                    },
+                ],
+                effects: vec![],
+            },
+            len: 4097,
+        }
+    }
+
+    #[test]
+    fn test_a_hashed_4k_read_takes_at_most_64_bytes_once_its_shape_is_known() {
+        use switchboard_runtime::recording::shape::{FrameEncoder, RecordParts};
+        let mut enc = FrameEncoder::default();
+        let mut sizes = Vec::new();
+        // Heads and sectors as a 1 GiB disk under a queue of 256 gives
+        // them, 3 us apart, answered after 60 us.
+        for (i, (head, sector)) in [(3u16, 2_000_000u64), (200, 1_234_567), (77, 8)]
+            .iter()
+            .enumerate()
+        {
+            let (body, v) = encode(&blk_read(*head, *sector), &[]);
+            let mut frames = Vec::new();
+            enc.record(
+                &mut frames,
+                &RecordParts {
+                    seq: i as u64 + 1,
+                    time: 5_000_000_000 + i as u64 * 3_000,
+                    latency: 60_000,
+                    names: [b"driver/q0", b"disk0", b"read"],
+                    codec: CODEC_VIRTIO_REQUEST,
+                    body: &body,
+                    spans: v.as_slice(),
+                },
+            );
+            sizes.push(frames.len());
+        }
+        // The first record's frames hold the names and the shape too.
+        assert!(sizes[0] > 100, "{sizes:?}");
+        // A record: length, tag, seq, time, latency, shape (6); head (2),
+        // the request header (16), the file offset (4), the hash (16); CRC (4).
+        assert!(sizes[1] <= 64 && sizes[2] <= 64, "{sizes:?}");
     }
 }

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The binary log format (versions 2 and 3): frames, varints and CRC32C.
+//! The binary log format (versions 2 to 4): frames, varints and CRC32C;
+//! version 4's shapes are in [`super::shape`].
 //!
 //! `runtime/LOG-FORMAT.md` is the specification; this module is its
 //! encoder and decoder. A log is [`MAGIC`] followed by frames, each
@@ -250,14 +251,33 @@ impl HeadCoder {
             return put_record(out, head);
         }
         out.push(TAG_RECORD);
-        put_zigzag(out, head.seq.wrapping_sub(self.seq).wrapping_sub(1) as i64);
-        put_zigzag(out, head.time.wrapping_sub(self.time) as i64);
+        self.put_seq_time(out, head.seq, head.time);
         put_record_rest(out, head);
-        self.seq = head.seq;
-        self.time = head.time;
     }
 
-    /// Decodes a record frame's payload (tag included).
+    /// Appends a record's `seq` and `time` as deltas (version 3 on) and
+    /// moves on.
+    pub fn put_seq_time(&mut self, out: &mut Vec<u8>, seq: u64, time: u64) {
+        put_zigzag(out, seq.wrapping_sub(self.seq).wrapping_sub(1) as i64);
+        put_zigzag(out, time.wrapping_sub(self.time) as i64);
+        self.seq = seq;
+        self.time = time;
+    }
+
+    /// Reads a record's `seq` and `time` as deltas (version 3 on) and
+    /// moves on; a caller that may still refuse the record works on a
+    /// copy.
+    pub fn get_seq_time(&mut self, p: &mut &[u8]) -> Option<(u64, u64)> {
+        let seq = self.seq.wrapping_add(1).wrapping_add(get_zigzag(p)? as u64);
+        let time = self.time.wrapping_add(get_zigzag(p)? as u64);
+        self.seq = seq;
+        self.time = time;
+        Some((seq, time))
+    }
+
+    /// Decodes a record frame's payload (tag included), of version 2 or
+    /// 3 (version 4's records are read by
+    /// [`ShapeTable::record`](super::shape::ShapeTable::record)).
     pub fn get<'a>(&mut self, payload: &'a [u8]) -> Option<RecordHead<'a>> {
         if !self.delta {
             return get_record(payload);
@@ -266,14 +286,10 @@ impl HeadCoder {
         if get_u8(&mut p)? != TAG_RECORD {
             return None;
         }
-        let seq = self
-            .seq
-            .wrapping_add(1)
-            .wrapping_add(get_zigzag(&mut p)? as u64);
-        let time = self.time.wrapping_add(get_zigzag(&mut p)? as u64);
+        let mut coder = *self;
+        let (seq, time) = coder.get_seq_time(&mut p)?;
         let head = get_record_rest(p, seq, time)?;
-        self.seq = seq;
-        self.time = time;
+        *self = coder;
         Some(head)
     }
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Reading a log back: [`LogReader`] reads either form (JSON Lines,
-//! version 1, or binary frames, version 2) record by record, and
+//! version 1, or binary frames, versions 2 to 4) record by record, and
 //! [`render_line`] turns a binary record into its version 1 line.
 
 use std::fs::File;
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::shape::{BodyAt, ShapeTable, TAG_SHAPE, VERSION_SHAPES};
 use super::{binary, DataMode, Header, FORMAT, FORMAT_VERSION};
 
 /// One record as read back, borrowing from its line.
@@ -163,7 +164,7 @@ pub struct BinRecord<'a> {
     pub names: [u32; 3],
 }
 
-/// Reads a log, JSON Lines (version 1) or binary (version 2), record by
+/// Reads a log, JSON Lines (version 1) or binary (versions 2 to 4), record by
 /// record.
 #[derive(Debug)]
 pub struct LogReader {
@@ -188,6 +189,10 @@ struct BinState {
     names: Vec<String>,
     /// Decodes record heads (their `seq` and `time` may be deltas).
     coder: binary::HeadCoder,
+    /// Version 4 on: the shapes met so far, and the body of the last
+    /// record put together from its shape and values.
+    shapes: Option<ShapeTable>,
+    body: Vec<u8>,
     render: Render,
     payload: Vec<u8>,
     reply: Vec<u8>,
@@ -270,6 +275,8 @@ impl LogReader {
                 eof: false,
                 names: Vec::new(),
                 coder: binary::HeadCoder::default(),
+                shapes: None,
+                body: Vec::new(),
                 render: render_none,
                 payload: Vec::new(),
                 reply: Vec::new(),
@@ -293,6 +300,9 @@ impl LogReader {
         r.line_no = 1;
         if let Some(b) = r.bin.as_mut() {
             b.coder = binary::HeadCoder::new(r.header.version);
+            if r.header.version >= VERSION_SHAPES {
+                b.shapes = Some(ShapeTable::default());
+            }
         }
         Ok(r)
     }
@@ -417,6 +427,32 @@ impl LogReader {
                         _ => "a name frame out of order or not UTF-8".to_string(),
                     }
                 }
+                TAG_SHAPE if b.shapes.is_some() => {
+                    let shapes = b.shapes.as_mut().expect("checked");
+                    match shapes.define(&payload[1..]) {
+                        Ok(()) => continue,
+                        Err(why) => why,
+                    }
+                }
+                binary::TAG_RECORD if b.shapes.is_some() => {
+                    let shapes = b.shapes.as_mut().expect("checked");
+                    // The coder moves on only once the record is known good.
+                    let mut coder = b.coder;
+                    match shapes.record(&mut coder, payload, &mut b.body) {
+                        Err(why) => why,
+                        Ok((h, _)) if h.names.iter().any(|&i| i as usize >= b.names.len()) => {
+                            "a record naming an undefined name".to_string()
+                        }
+                        Ok((h, at)) => {
+                            b.coder = coder;
+                            let body_at = match at {
+                                BodyAt::Values(i) => Some(start + i),
+                                BodyAt::Assembled => None,
+                            };
+                            break (end, (h.seq, h.time, h.latency, h.names, h.codec, body_at));
+                        }
+                    }
+                }
                 binary::TAG_RECORD => {
                     // The coder moves on only once the record is known good.
                     let mut coder = b.coder;
@@ -428,8 +464,9 @@ impl LogReader {
                                 .all(|&i| (i as usize) < b.names.len()) =>
                         {
                             b.coder = coder;
-                            let body_at =
-                                start + (h.body.as_ptr() as usize - payload.as_ptr() as usize);
+                            let body_at = Some(
+                                start + (h.body.as_ptr() as usize - payload.as_ptr() as usize),
+                            );
                             let head = (
                                 h.seq,
                                 h.time,
@@ -460,7 +497,10 @@ impl LogReader {
             to: name(to),
             kind: name(kind),
             codec,
-            body: &b.data[body_at..end],
+            body: match body_at {
+                Some(at) => &b.data[at..end],
+                None => &b.body,
+            },
             // Checked against the table's length above, which a `Vec`
             // keeps below `u32::MAX` for any log a reader can hold.
             names: [from as u32, to as u32, kind as u32],

@@ -13,11 +13,13 @@
 //!
 //! Slot form of one record (native-endian, never on disk):
 //! `len:u32 seq:u64 time:u64 latency:u64 from:u16+bytes to:u16+bytes
-//! type:u16+bytes codec:u8 body`, where a [`CODEC_JSON`] body is
-//! `payload_len:u32 payload reply`.
+//! type:u16+bytes codec:u8 body_len:u32 body span*`, where a
+//! [`CODEC_JSON`] body is `payload_len:u32 payload reply` and a span
+//! (`start:u32 end:u32 kind:u32`) is a value the codec marked in its body
+//! ([`Spans`]).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +27,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binary::{self, CODEC_JSON};
+use super::shape::{FrameEncoder, RecordParts, Span, Spans, VALUE_REST};
 use super::{Body, LogFormat, RecordKind, Summary, WhenFull};
 
 /// One thread's buffer.
@@ -37,6 +40,8 @@ pub(super) struct Slot {
 #[derive(Default)]
 struct SlotBuf {
     bytes: Vec<u8>,
+    /// The values of the record being encoded (reused).
+    spans: Spans,
     records: usize,
     /// Records dropped (gap mode) and not yet announced.
     dropped: u64,
@@ -137,7 +142,9 @@ impl Shared {
                 b.records += 1;
             }
             let seq = self.next.fetch_add(1, Ordering::AcqRel);
-            put_slot_record(&mut b.bytes, format, seq, time, latency, names, body);
+            let b = &mut *b;
+            let head = (seq, time, latency);
+            put_slot_record(&mut b.bytes, &mut b.spans, format, head, names, body);
             b.records += 1;
             return;
         })
@@ -152,10 +159,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 
 fn put_slot_record(
     out: &mut Vec<u8>,
+    spans: &mut Spans,
     format: LogFormat,
-    seq: u64,
-    time: u64,
-    latency: u64,
+    (seq, time, latency): (u64, u64, u64),
     names: [&str; 3],
     body: &dyn Body,
 ) {
@@ -169,14 +175,18 @@ fn put_slot_record(
     }
     let codec_at = out.len();
     out.push(CODEC_JSON);
+    out.extend_from_slice(&[0; 4]);
+    let body_at = out.len();
+    spans.begin(body_at);
     let binary = match format {
-        LogFormat::Binary => body.encode_binary(out),
+        LogFormat::Binary => body.encode_binary(out, spans),
         LogFormat::JsonLines => None,
     };
     match binary {
         Some(codec) => out[codec_at] = codec,
         None => {
-            out.truncate(codec_at + 1);
+            spans.begin(body_at);
+            out.truncate(body_at);
             let len_at = out.len();
             out.extend_from_slice(&[0; 4]);
             let ok = body.payload(out).is_ok();
@@ -192,6 +202,13 @@ fn put_slot_record(
             } else {
                 out[len_at..len_at + 4].copy_from_slice(&(plen as u32).to_ne_bytes());
             }
+        }
+    }
+    let body_len = (out.len() - body_at) as u32;
+    out[body_at - 4..body_at].copy_from_slice(&body_len.to_ne_bytes());
+    for s in spans.as_slice() {
+        for v in [s.start, s.end, u32::from(s.kind)] {
+            out.extend_from_slice(&v.to_ne_bytes());
         }
     }
     let len = (out.len() - start - 4) as u32;
@@ -214,7 +231,9 @@ impl Body for GapBody {
 
 fn put_gap(out: &mut Vec<u8>, seq: u64, n: u64) {
     let names = ["recorder", "recorder", RecordKind::Gap.as_str()];
-    put_slot_record(out, LogFormat::JsonLines, seq, 0, 0, names, &GapBody(n));
+    let mut spans = Spans::default();
+    let format = LogFormat::JsonLines;
+    put_slot_record(out, &mut spans, format, (seq, 0, 0), names, &GapBody(n));
 }
 
 /// One record in slot form, borrowed.
@@ -225,6 +244,8 @@ struct SlotRecord<'a> {
     names: [&'a [u8]; 3],
     codec: u8,
     body: &'a [u8],
+    /// The body's values: `start:u32 end:u32 kind:u32` each.
+    spans: &'a [u8],
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -249,13 +270,16 @@ fn slot_record(b: &[u8], at: usize) -> (SlotRecord<'_>, usize) {
         *n = &b[p + 2..p + 2 + len];
         p += 2 + len;
     }
+    let body_len = u32_at(b, p + 1);
+    let body_at = p + 5;
     let rec = SlotRecord {
         seq: u64_at(b, at + 4),
         time: u64_at(b, at + 12),
         latency: u64_at(b, at + 20),
         names,
         codec: b[p],
-        body: &b[p + 1..end],
+        body: &b[body_at..body_at + body_len],
+        spans: &b[body_at + body_len..end],
     };
     (rec, end)
 }
@@ -278,49 +302,15 @@ struct Out {
     out: BufWriter<Box<dyn Write + Send>>,
     format: LogFormat,
     bytes: u64,
-    /// Name -> index in the binary name table.
-    names: HashMap<Box<[u8]>, u64>,
-    /// The last name looked up at each place of a head (from, to, type)
-    /// and its index: most records repeat their predecessor's names, so
-    /// this skips the map's hashing.
-    last: [Option<(Box<[u8]>, u64)>; 3],
+    /// The binary form's names, shapes and record heads.
+    enc: FrameEncoder,
     frame: Vec<u8>,
     scratch: Vec<u8>,
-    /// Writes record heads in file order (deltas of `seq` and `time`).
-    heads: binary::HeadCoder,
+    spans: Vec<Span>,
     summary: Summary,
 }
 
 impl Out {
-    /// The index of name `n`, at place `at` of the head.
-    fn name_at(&mut self, at: usize, n: &[u8]) -> io::Result<u64> {
-        if let Some((name, i)) = &self.last[at] {
-            if **name == *n {
-                return Ok(*i);
-            }
-        }
-        let i = self.name(n)?;
-        self.last[at] = Some((n.into(), i));
-        Ok(i)
-    }
-
-    fn name(&mut self, n: &[u8]) -> io::Result<u64> {
-        if let Some(&i) = self.names.get(n) {
-            return Ok(i);
-        }
-        let i = self.names.len() as u64;
-        self.names.insert(n.into(), i);
-        self.frame.clear();
-        binary::put_frame_with(&mut self.frame, |o| {
-            o.push(binary::TAG_NAME);
-            binary::put_varint(o, i);
-            o.extend_from_slice(n);
-        });
-        self.out.write_all(&self.frame)?;
-        self.bytes += self.frame.len() as u64;
-        Ok(i)
-    }
-
     fn emit(&mut self, r: &SlotRecord<'_>) -> io::Result<()> {
         if r.names[0] == b"recorder" && r.names[2] == RecordKind::Gap.as_str().as_bytes() {
             if let Some((p, _)) = json_parts(r.body) {
@@ -356,30 +346,36 @@ impl Out {
                 line.extend_from_slice(b"}\n");
             }
             LogFormat::Binary => {
-                let from = self.name_at(0, r.names[0])?;
-                let to = self.name_at(1, r.names[1])?;
-                let kind = self.name_at(2, r.names[2])?;
+                self.spans.clear();
                 let body: &[u8] = if r.codec == CODEC_JSON {
                     let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
                     self.scratch.clear();
                     binary::put_json_body(&mut self.scratch, payload, reply);
+                    self.spans.push(Span {
+                        start: 0,
+                        end: self.scratch.len() as u32,
+                        kind: VALUE_REST,
+                    });
                     &self.scratch
                 } else {
+                    self.spans.extend(r.spans.chunks_exact(12).map(|c| Span {
+                        start: u32_at(c, 0) as u32,
+                        end: u32_at(c, 4) as u32,
+                        kind: u32_at(c, 8) as u8,
+                    }));
                     r.body
                 };
-                let head = binary::RecordHead {
+                self.frame.clear();
+                let parts = RecordParts {
                     seq: r.seq,
                     time: r.time,
                     latency: r.latency,
-                    from,
-                    to,
-                    kind,
+                    names: r.names,
                     codec: r.codec,
                     body,
+                    spans: &self.spans,
                 };
-                self.frame.clear();
-                let heads = &mut self.heads;
-                binary::put_frame_with(&mut self.frame, |o| heads.put(o, &head));
+                self.enc.record(&mut self.frame, &parts);
             }
         }
         self.out.write_all(&self.frame)?;
@@ -417,11 +413,10 @@ pub(super) fn write_loop(
         out,
         format,
         bytes,
-        names: HashMap::new(),
-        last: Default::default(),
+        enc: FrameEncoder::default(),
         frame: Vec::with_capacity(4096),
         scratch: Vec::new(),
-        heads: binary::HeadCoder::new(super::FORMAT_VERSION),
+        spans: Vec::new(),
         summary: Summary::default(),
     };
     let mut pending: Vec<Pending> = Vec::new();
