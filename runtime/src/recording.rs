@@ -117,6 +117,8 @@ pub struct RecordOptions {
     pub when_full: WhenFull,
     /// How the log is written.
     pub format: LogFormat,
+    /// How bulk data held by value is compressed in the binary form.
+    pub compress: Compress,
 }
 
 impl Default for RecordOptions {
@@ -126,9 +128,27 @@ impl Default for RecordOptions {
             buffer: DEFAULT_BUFFER,
             when_full: WhenFull::Wait,
             format: LogFormat::JsonLines,
+            compress: Compress::None,
         }
     }
 }
+
+/// Whether bulk data held by value is compressed in a binary log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compress {
+    /// Written as it is.
+    #[default]
+    None,
+    /// A block longer than [`INLINE_MAX`] is compressed with zstd (level
+    /// [`ZSTD_LEVEL`]) on the thread that records it, and written
+    /// compressed when that is shorter (`DATA 0x03`, `LOG-FORMAT.md`).
+    Zstd,
+}
+
+/// The zstd level of [`Compress::Zstd`]: the fastest of the usual
+/// levels, since it runs on a device's data path.
+pub const ZSTD_LEVEL: i32 = 1;
 
 /// The 128-bit XXH3 hash of `bytes` (seed 0, the default secret).
 ///
@@ -485,7 +505,11 @@ impl Recorder {
         let first = header.log_start(options.format);
         out.write_all(&first)?;
         out.flush()?;
-        let shared = Arc::new(writer::Shared::new(options.buffer, options.when_full));
+        let shared = Arc::new(writer::Shared::new(
+            options.buffer,
+            options.when_full,
+            options.compress,
+        ));
         let bytes = first.len() as u64;
         let format = options.format;
         let for_writer = Arc::clone(&shared);

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use switchboard_runtime::recording::{
-    ActorInfo, DataMode, Header, LogFormat, RecordOptions, Recorder, WhenFull, DEFAULT_BUFFER,
+    ActorInfo, Compress, DataMode, Header, LogFormat, RecordOptions, Recorder, WhenFull,
+    DEFAULT_BUFFER,
 };
 
 /// How bulk data goes into a log.
@@ -63,6 +64,20 @@ pub(crate) struct RecordArgs {
     /// The log's form. `switchboard log --json` shows either as JSON Lines.
     #[arg(long, value_enum, default_value_t = RecordFormat::Binary, value_name = "FORM")]
     record_format: RecordFormat,
+    /// Compress bulk data held by value (--record-data value) with zstd
+    /// in the binary form, where that makes it shorter. It costs CPU on
+    /// the device's threads (BENCHMARKS.md); hashed data is not affected.
+    #[arg(long, value_enum, default_value_t = RecordCompress::None, value_name = "HOW")]
+    record_compress: RecordCompress,
+}
+
+/// `--record-compress`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordCompress {
+    /// Bulk data as it is.
+    None,
+    /// zstd, level 1, block by block.
+    Zstd,
 }
 
 /// Where a log goes and how it is written; no log without `--record`.
@@ -92,6 +107,10 @@ impl From<RecordArgs> for Recording {
                     RecordFormat::Json => LogFormat::JsonLines,
                     RecordFormat::Binary => LogFormat::Binary,
                 },
+                compress: match args.record_compress {
+                    RecordCompress::None => Compress::None,
+                    RecordCompress::Zstd => Compress::Zstd,
+                },
             },
         }
     }
@@ -109,6 +128,11 @@ impl Recording {
         let Some(path) = &self.path else {
             return Ok(None);
         };
+        if self.options.compress == Compress::Zstd && self.options.format == LogFormat::JsonLines {
+            bail!(
+                "--record-compress zstd: only the binary form compresses; drop --record-format json"
+            );
+        }
         if path.exists() {
             bail!(
                 "--record {}: the file exists; remove it or choose another path (a log is never overwritten)",

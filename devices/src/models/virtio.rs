@@ -27,7 +27,7 @@ use switchboard_runtime::recording::{Data, DataMode, INLINE_MAX};
 use switchboard_runtime::{Gate, Seq, Ticket};
 pub use tape::ReplayTape;
 use tape::Replaying;
-pub(crate) use tape::{DecodedRequest, SeenData};
+pub(crate) use tape::{copy_into_spare, DecodedRequest, SeenData};
 
 /// One guest buffer of a descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,10 +263,7 @@ impl Recording {
     /// data copied into a spare buffer instead of a new one.
     fn capture(&mut self, bytes: &[u8]) -> Data {
         if self.mode == DataMode::Value || bytes.len() <= INLINE_MAX {
-            let mut b = self.spare.pop().unwrap_or_default();
-            b.clear();
-            b.extend_from_slice(bytes);
-            return Data::Bytes(b);
+            return Data::Bytes(copy_into_spare(&mut self.spare, bytes));
         }
         Data::capture(self.mode, bytes)
     }

@@ -23,7 +23,8 @@
 //!
 //! where the body is `fixed0 value0 fixed1 value1 ... trailing`, and a
 //! value is a varint ([`VALUE_VARINT`]), `len` raw bytes ([`VALUE_RAW`]),
-//! or all the values left ([`VALUE_REST`]).
+//! all the values left ([`VALUE_REST`]), or a varint length and that many
+//! bytes ([`VALUE_SIZED`]).
 
 use std::collections::HashMap;
 
@@ -41,6 +42,8 @@ pub const VALUE_VARINT: u8 = 0;
 pub const VALUE_RAW: u8 = 1;
 /// A value that is every value byte left.
 pub const VALUE_REST: u8 = 2;
+/// A value that is a varint length and that many bytes.
+pub const VALUE_SIZED: u8 = 3;
 /// A writer defines at most this many shapes; a record of a shape it
 /// meets after that holds its shape inline (index 0).
 pub const MAX_SHAPES: u64 = 1 << 14;
@@ -63,6 +66,9 @@ pub struct Span {
 pub struct Spans {
     spans: Vec<Span>,
     base: usize,
+    /// How the codec should write bulk data held by value (the
+    /// recorder's [`RecordOptions::compress`](super::RecordOptions)).
+    pub compress: super::Compress,
 }
 
 impl Spans {
@@ -103,6 +109,16 @@ impl Spans {
     pub fn bytes(&mut self, out: &mut Vec<u8>, b: &[u8]) {
         put_varint(out, b.len() as u64);
         self.raw(out, b);
+    }
+
+    /// Writes length-prefixed bytes as one value, length and all: bytes
+    /// whose length varies from record to record (compressed data).
+    #[inline]
+    pub fn sized(&mut self, out: &mut Vec<u8>, b: &[u8]) {
+        let start = out.len();
+        put_varint(out, b.len() as u64);
+        out.extend_from_slice(b);
+        self.mark(start, out.len(), VALUE_SIZED);
     }
 
     /// Marks the body from `start` (an offset in it) to its end as one
@@ -374,7 +390,7 @@ impl ShapeTable {
             self.bytes.extend_from_slice(fixed);
             let kind = get_u8(&mut k).ok_or_else(short)?;
             let len = match kind {
-                VALUE_VARINT => 0,
+                VALUE_VARINT | VALUE_SIZED => 0,
                 VALUE_RAW => u32::try_from(get_varint(&mut k).ok_or_else(short)?)
                     .map_err(|_| bad("a value longer than a frame"))?,
                 VALUE_REST if rest_at.is_none() => {
@@ -505,6 +521,16 @@ impl ShapeTable {
                     .map(|i| i + 1)
                     .ok_or_else(|| bad("a value varint that does not end"))?,
                 VALUE_RAW => piece.len as usize,
+                VALUE_SIZED => {
+                    let mut p = v;
+                    let len =
+                        get_varint(&mut p).ok_or_else(|| bad("a sized value that ends early"))?;
+                    let head = v.len() - p.len();
+                    usize::try_from(len)
+                        .ok()
+                        .and_then(|l| l.checked_add(head))
+                        .ok_or_else(|| bad("a sized value longer than a frame"))?
+                }
                 _ => v.len(),
             };
             if n > v.len() {

@@ -59,6 +59,7 @@ pub(super) struct Shared {
     /// Records a slot holds before it is full.
     limit: usize,
     when_full: WhenFull,
+    compress: super::Compress,
     /// Set by `finish`: later records are not written.
     pub(super) ended: AtomicBool,
 }
@@ -77,13 +78,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(super) fn new(limit: usize, when_full: WhenFull) -> Self {
+    pub(super) fn new(limit: usize, when_full: WhenFull, compress: super::Compress) -> Self {
         Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             next: AtomicU64::new(1),
             slots: Mutex::default(),
             limit: limit.max(1),
             when_full,
+            compress,
             ended: AtomicBool::new(false),
         }
     }
@@ -143,6 +145,7 @@ impl Shared {
             }
             let seq = self.next.fetch_add(1, Ordering::AcqRel);
             let b = &mut *b;
+            b.spans.compress = self.compress;
             let head = (seq, time, latency);
             put_slot_record(&mut b.bytes, &mut b.spans, format, head, names, body);
             b.records += 1;

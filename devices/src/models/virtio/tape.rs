@@ -171,10 +171,7 @@ impl Replaying {
     /// given the recorded hash they stand for, without hashing them.
     pub(super) fn capture(&mut self, bytes: &[u8]) -> Data {
         if self.mode == DataMode::Value || bytes.len() <= INLINE_MAX {
-            let mut b = self.spare.pop().unwrap_or_default();
-            b.clear();
-            b.extend_from_slice(bytes);
-            return Data::Bytes(b);
+            return Data::Bytes(copy_into_spare(&mut self.spare, bytes));
         }
         let len = bytes.len() as u64;
         let recorded = self
@@ -186,6 +183,16 @@ impl Replaying {
             hash: recorded.map_or_else(|| hash(bytes), |&(h, _)| h),
         }
     }
+}
+
+/// `bytes` in a buffer from `spare` (a new one when it is empty): how
+/// recording, replay and decoding hold small data without allocating
+/// once their buffers have grown.
+pub(crate) fn copy_into_spare(spare: &mut Vec<Vec<u8>>, bytes: &[u8]) -> Vec<u8> {
+    let mut b = spare.pop().unwrap_or_default();
+    b.clear();
+    b.extend_from_slice(bytes);
+    b
 }
 
 /// A virtio request record decoded in place, for replay (the binary
@@ -212,6 +219,18 @@ pub(crate) struct DecodedRequest {
 /// A DATA already read: hashed, or the bytes at `start..end` of the body.
 #[derive(Clone, Copy)]
 pub(crate) enum SeenData {
-    Hash { len: u64, hash: u128 },
-    Bytes { start: usize, end: usize },
+    Hash {
+        len: u64,
+        hash: u128,
+    },
+    Bytes {
+        start: usize,
+        end: usize,
+    },
+    /// Compressed (`DATA 0x03`): `len` bytes once decompressed.
+    Zstd {
+        start: usize,
+        end: usize,
+        len: u64,
+    },
 }
