@@ -740,6 +740,7 @@ mod tests {
             buffer: 4,
             when_full: WhenFull::Gap,
             format: LogFormat::JsonLines,
+            compress: Compress::None,
         };
         let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
             .expect("recorder");

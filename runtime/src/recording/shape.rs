@@ -49,14 +49,30 @@ pub const VALUE_SIZED: u8 = 3;
 pub const MAX_SHAPES: u64 = 1 << 14;
 
 /// One value of a body: `body[start..end]`, of kind `VALUE_*`.
+///
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
     /// Where it starts in the body.
     pub start: u32,
     /// Where it ends.
     pub end: u32,
-    /// `VALUE_VARINT`, `VALUE_RAW` or `VALUE_REST`.
-    pub kind: u8,
+    /// `VALUE_VARINT`, `VALUE_RAW`, `VALUE_REST` or `VALUE_SIZED`.
+    pub kind: u32,
+}
+
+impl Span {
+    /// The size of a span as [`Spans::put_bytes`] writes it.
+    pub const BYTES: usize = 12;
+
+    /// A span from its [`Spans::put_bytes`] form (native-endian).
+    pub fn from_bytes(b: &[u8]) -> Span {
+        let at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Span {
+            start: at(0),
+            end: at(4),
+            kind: at(8),
+        }
+    }
 }
 
 /// The values of one body as its codec writes it: a codec writes a value
@@ -78,11 +94,12 @@ impl Spans {
         self.base = base;
     }
 
+    #[inline]
     fn mark(&mut self, start: usize, end: usize, kind: u8) {
         self.spans.push(Span {
             start: (start - self.base) as u32,
             end: (end - self.base) as u32,
-            kind,
+            kind: u32::from(kind),
         });
     }
 
@@ -127,13 +144,26 @@ impl Spans {
         self.spans.push(Span {
             start: start as u32,
             end: end as u32,
-            kind: VALUE_REST,
+            kind: u32::from(VALUE_REST),
         });
     }
 
     /// The values marked so far, in body order.
     pub fn as_slice(&self) -> &[Span] {
         &self.spans
+    }
+
+    /// Appends the values marked so far to `out` as native-endian
+    /// bytes, [`Span::BYTES`] each (read back with [`Span::from_bytes`]).
+    pub fn put_bytes(&self, out: &mut Vec<u8>) {
+        out.reserve(self.spans.len() * Span::BYTES);
+        for s in &self.spans {
+            let mut b = [0u8; Span::BYTES];
+            b[..4].copy_from_slice(&s.start.to_ne_bytes());
+            b[4..8].copy_from_slice(&s.end.to_ne_bytes());
+            b[8..].copy_from_slice(&s.kind.to_ne_bytes());
+            out.extend_from_slice(&b);
+        }
     }
 }
 
@@ -156,8 +186,8 @@ fn split(
     for s in spans {
         let (start, end) = (s.start as usize, s.end as usize);
         put_bytes(key, &body[at..start]);
-        key.push(s.kind);
-        if s.kind == VALUE_RAW {
+        key.push(s.kind as u8);
+        if s.kind == u32::from(VALUE_RAW) {
             put_varint(key, (end - start) as u64);
         }
         values.extend_from_slice(&body[start..end]);

@@ -209,11 +209,7 @@ fn put_slot_record(
     }
     let body_len = (out.len() - body_at) as u32;
     out[body_at - 4..body_at].copy_from_slice(&body_len.to_ne_bytes());
-    for s in spans.as_slice() {
-        for v in [s.start, s.end, u32::from(s.kind)] {
-            out.extend_from_slice(&v.to_ne_bytes());
-        }
-    }
+    spans.put_bytes(out);
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
@@ -357,15 +353,12 @@ impl Out {
                     self.spans.push(Span {
                         start: 0,
                         end: self.scratch.len() as u32,
-                        kind: VALUE_REST,
+                        kind: u32::from(VALUE_REST),
                     });
                     &self.scratch
                 } else {
-                    self.spans.extend(r.spans.chunks_exact(12).map(|c| Span {
-                        start: u32_at(c, 0) as u32,
-                        end: u32_at(c, 4) as u32,
-                        kind: u32_at(c, 8) as u8,
-                    }));
+                    let spans = r.spans.chunks_exact(Span::BYTES);
+                    self.spans.extend(spans.map(Span::from_bytes));
                     r.body
                 };
                 self.frame.clear();
