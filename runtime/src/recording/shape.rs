@@ -10,7 +10,7 @@
 //! record's *shape*: its body with the values cut out. A shape is written
 //! once, in a shape frame, and a record then holds only its head, the
 //! index of its shape, and its values. A reader puts the body back
-//! together from the two ([`ShapeTable::assemble`]) and decodes it as it
+//! together from the two ([`ShapeTable::record`]) and decodes it as it
 //! decodes a version 3 body, so the codecs read one layout.
 //!
 //! The key of a shape (what a shape frame holds after its index, and what
