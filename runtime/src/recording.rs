@@ -374,10 +374,12 @@ pub trait Body: Send + 'static {
     /// Writes payload and reply in a binary codec of `LOG-FORMAT.md` and
     /// returns the codec, or writes nothing and returns `None` to be
     /// recorded as JSON ([`binary::CODEC_JSON`]). It writes the parts of
-    /// the body that vary from record to record through `values` (which
-    /// the caller has begun at `out.len()`), so that the rest is written
-    /// once per shape ([`shape`]). Called on the recording thread for
-    /// binary logs: it should not allocate.
+    /// the body that vary from record to record (its values) through
+    /// `values` (which the caller has begun at `out.len()`), and the rest
+    /// (its fixed bytes) to `out`: the fixed bytes and where the values
+    /// were cut are the record's shape, written once per shape
+    /// ([`shape`]). Called on the recording thread for binary logs: it
+    /// should not allocate once its buffers have grown.
     fn encode_binary(&self, _out: &mut Vec<u8>, _values: &mut shape::Spans) -> Option<u8> {
         None
     }

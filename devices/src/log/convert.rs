@@ -145,10 +145,12 @@ impl Out {
             match crate::vhost_user::encode_body(payload, reply, &mut scratch, &mut self.values) {
                 Some(codec) => codec,
                 None => {
+                    // No structure to share: the whole body is one value.
                     scratch.clear();
-                    binary::put_json_body(&mut scratch, payload.as_bytes(), reply.as_bytes());
                     self.values.begin(0);
-                    self.values.rest_from(0, scratch.len());
+                    self.values.rest_with(&scratch, |v| {
+                        binary::put_json_body(v, payload.as_bytes(), reply.as_bytes())
+                    });
                     CODEC_JSON
                 }
             };
@@ -162,8 +164,9 @@ impl Out {
                 latency,
                 names: names.map(str::as_bytes),
                 codec,
-                body: &scratch,
-                spans: self.values.as_slice(),
+                fixed: &scratch,
+                cuts: self.values.cuts(),
+                values: self.values.values(),
             },
         );
         let written = self.write(&frame);

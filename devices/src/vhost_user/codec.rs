@@ -586,8 +586,9 @@ pub fn encode_json(
     };
     let start = out.len();
     let codec = record.encode_binary(out, values)?;
-    let (mut back_p, mut back_r) = (Vec::new(), Vec::new());
-    let same = render(codec, &out[start..], &mut back_p, &mut back_r).is_ok()
+    let (mut body, mut back_p, mut back_r) = (Vec::new(), Vec::new(), Vec::new());
+    let same = values.assemble(&out[start..], &mut body).is_ok()
+        && render(codec, &body, &mut back_p, &mut back_r).is_ok()
         && back_p == payload.as_bytes()
         && back_r == reply.as_bytes();
     if !same {
@@ -644,16 +645,31 @@ mod tests {
         }
     }
 
-    /// `r` in codec 1 after `prefix`, and its values.
-    fn encode(r: &RequestRecord, prefix: &[u8]) -> (Vec<u8>, Spans) {
-        let mut bin = prefix.to_vec();
+    /// `r` in codec 1 after `prefix`, written with `compress`: its fixed
+    /// bytes (after the prefix) and its values.
+    fn encode_with(r: &RequestRecord, prefix: &[u8], compress: Compress) -> (Vec<u8>, Spans) {
+        let mut fixed = prefix.to_vec();
         let mut v = Spans::default();
-        v.begin(bin.len());
+        v.compress = compress;
+        v.begin(fixed.len());
         assert_eq!(
-            r.encode_binary(&mut bin, &mut v),
+            r.encode_binary(&mut fixed, &mut v),
             Some(CODEC_VIRTIO_REQUEST)
         );
-        (bin, v)
+        (fixed, v)
+    }
+
+    /// `r`'s codec 1 body as version 3 holds it (values in place),
+    /// written with `compress`.
+    fn body_with(r: &RequestRecord, compress: Compress) -> Vec<u8> {
+        let (fixed, v) = encode_with(r, &[], compress);
+        let mut body = Vec::new();
+        v.assemble(&fixed, &mut body).expect("the values fit");
+        body
+    }
+
+    fn body(r: &RequestRecord) -> Vec<u8> {
+        body_with(r, Compress::None)
     }
 
     fn json(r: &RequestRecord) -> (String, String) {
@@ -670,7 +686,7 @@ mod tests {
     fn test_binary_renders_as_the_json_form() {
         for mode in [DataMode::Hash, DataMode::Value] {
             let r = record(mode);
-            let (bin, _) = encode(&r, &[]);
+            let bin = body(&r);
             let (mut p, mut q) = (Vec::new(), Vec::new());
             render(CODEC_VIRTIO_REQUEST, &bin, &mut p, &mut q).expect("render");
             assert_eq!(
@@ -687,7 +703,7 @@ mod tests {
     fn test_a_hashed_4k_read_is_small_and_holds_its_block_once() {
         let mut r = record(DataMode::Hash);
         r.trace.effects.clear();
-        let (bin, _) = encode(&r, &[]);
+        let bin = body(&r);
         // The request header by value (16 bytes), the block's hash once
         // (16: the guest-memory write refers to the file read's), and
         // about 37 bytes of structure.
@@ -707,7 +723,7 @@ mod tests {
     fn test_a_by_value_4k_read_holds_its_block_once_and_renders_it_twice() {
         let mut r = record(DataMode::Value);
         r.trace.effects.clear();
-        let (bin, _) = encode(&r, &[]);
+        let bin = body(&r);
         // One 4 KiB block and a reference to it, not two blocks.
         assert!(
             (4096..4096 + 64).contains(&bin.len()),
@@ -723,7 +739,7 @@ mod tests {
         let mut other = vec![0xabu8; 4096];
         other[4095] = 0;
         r.trace.writes[0].data = Data::Bytes(other);
-        let (bin, _) = encode(&r, &[]);
+        let bin = body(&r);
         assert!(bin.len() > 8192, "{} bytes", bin.len());
     }
 
@@ -737,9 +753,10 @@ mod tests {
             encode_json(&p, &q, &mut out, &mut v),
             Some(CODEC_VIRTIO_REQUEST)
         );
-        let (bin, values) = encode(&record(DataMode::Hash), &[9]);
-        assert_eq!(out, bin);
-        assert_eq!(v.as_slice(), values.as_slice());
+        let (fixed, values) = encode_with(&record(DataMode::Hash), &[9], Compress::None);
+        assert_eq!(out, fixed);
+        assert_eq!(v.cuts(), values.cuts());
+        assert_eq!(v.values(), values.values());
         // Spacing the encoder would not write back: kept as JSON.
         let spaced = p.replacen(",", ", ", 1);
         let mut out = vec![9];
@@ -750,7 +767,7 @@ mod tests {
 
     #[test]
     fn test_every_cut_and_a_bad_tag_are_errors() {
-        let (bin, _) = encode(&record(DataMode::Hash), &[]);
+        let bin = body(&record(DataMode::Hash));
         for cut in 0..bin.len() {
             assert!(decode_request(&bin[..cut]).is_err(), "cut at {cut}");
         }
@@ -809,7 +826,7 @@ mod tests {
             .iter()
             .enumerate()
         {
-            let (body, v) = encode(&blk_read(*head, *sector), &[]);
+            let (fixed, v) = encode_with(&blk_read(*head, *sector), &[], Compress::None);
             let mut frames = Vec::new();
             enc.record(
                 &mut frames,
@@ -819,8 +836,9 @@ mod tests {
                     latency: 60_000,
                     names: [b"driver/q0", b"disk0", b"read"],
                     codec: CODEC_VIRTIO_REQUEST,
-                    body: &body,
-                    spans: v.as_slice(),
+                    fixed: &fixed,
+                    cuts: v.cuts(),
+                    values: v.values(),
                 },
             );
             sizes.push(frames.len());
@@ -836,15 +854,8 @@ mod tests {
     fn test_zstd_holds_a_compressible_block_smaller_and_renders_it_the_same() {
         let mut r = record(DataMode::Value);
         r.trace.effects.clear();
-        let (plain, _) = encode(&r, &[]);
-        let mut bin = Vec::new();
-        let mut v = Spans::default();
-        v.compress = Compress::Zstd;
-        v.begin(0);
-        assert_eq!(
-            r.encode_binary(&mut bin, &mut v),
-            Some(CODEC_VIRTIO_REQUEST)
-        );
+        let plain = body(&r);
+        let bin = body_with(&r, Compress::Zstd);
         // 4 KiB of one byte value: a few dozen bytes, held once.
         assert!(
             bin.len() < 120,
@@ -889,12 +900,8 @@ mod tests {
             .collect();
         r.trace.inputs[0].data = Some(Data::Bytes(noise.clone()));
         r.trace.writes[0].data = Data::Bytes(noise);
-        let (plain, _) = encode(&r, &[]);
-        let mut bin = Vec::new();
-        let mut v = Spans::default();
-        v.compress = Compress::Zstd;
-        v.begin(0);
-        r.encode_binary(&mut bin, &mut v);
+        let plain = body(&r);
+        let bin = body_with(&r, Compress::Zstd);
         assert_eq!(bin, plain);
     }
 }

@@ -48,39 +48,57 @@ pub const VALUE_SIZED: u8 = 3;
 /// meets after that holds its shape inline (index 0).
 pub const MAX_SHAPES: u64 = 1 << 14;
 
-/// One value of a body: `body[start..end]`, of kind `VALUE_*`.
-///
+/// Where a codec cut one value out of its body: the offset in the
+/// shape's fixed bytes where the value sat, its kind, and for a
+/// [`VALUE_RAW`] value its length. [`Spans`] holds them as bytes,
+/// [`Cut::BYTES`] each, so that the writer compares one record's cuts
+/// with the last one's as bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Span {
-    /// Where it starts in the body.
-    pub start: u32,
-    /// Where it ends.
-    pub end: u32,
+pub struct Cut {
+    /// Offset in the fixed bytes.
+    pub at: u32,
     /// `VALUE_VARINT`, `VALUE_RAW`, `VALUE_REST` or `VALUE_SIZED`.
-    pub kind: u32,
+    pub kind: u8,
+    /// A raw value's length; 0 for the other kinds.
+    pub len: u32,
 }
 
-impl Span {
-    /// The size of a span as [`Spans::put_bytes`] writes it.
-    pub const BYTES: usize = 12;
+impl Cut {
+    /// The size of a cut as [`Spans::cuts`] holds it (native-endian).
+    pub const BYTES: usize = 9;
 
-    /// A span from its [`Spans::put_bytes`] form (native-endian).
-    pub fn from_bytes(b: &[u8]) -> Span {
-        let at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        Span {
-            start: at(0),
-            end: at(4),
-            kind: at(8),
-        }
+    #[inline]
+    fn put(self, out: &mut Vec<u8>) {
+        let mut b = [0u8; Cut::BYTES];
+        b[..4].copy_from_slice(&self.at.to_ne_bytes());
+        b[4] = self.kind;
+        b[5..].copy_from_slice(&self.len.to_ne_bytes());
+        out.extend_from_slice(&b);
+    }
+
+    /// The cuts in `b` (as [`Spans::cuts`] holds them); a partial cut at
+    /// the end is ignored.
+    pub fn iter(b: &[u8]) -> impl ExactSizeIterator<Item = Cut> + '_ {
+        b.chunks_exact(Cut::BYTES).map(|c| Cut {
+            at: u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
+            kind: c[4],
+            len: u32::from_ne_bytes([c[5], c[6], c[7], c[8]]),
+        })
     }
 }
 
-/// The values of one body as its codec writes it: a codec writes a value
-/// through these methods instead of [`put_varint`] and `extend_from_slice`,
-/// and writes the rest of its body as before.
+/// The values of one body as its codec writes it. A codec writes each
+/// value through these methods instead of [`put_varint`] and
+/// `extend_from_slice`, and everything else (the body's *fixed bytes*)
+/// to its output as before. The values go to this struct's own buffer, in
+/// order, with a [`Cut`] marking where each sat among the fixed bytes: the
+/// body comes out already split into its shape and its values, which is
+/// what a version 4 record holds, so the writer copies the values and
+/// compares the fixed bytes and cuts with the last record's.
 #[derive(Debug, Default)]
 pub struct Spans {
-    spans: Vec<Span>,
+    cuts: Vec<u8>,
+    values: Vec<u8>,
     base: usize,
     /// How the codec should write bulk data held by value (the
     /// recorder's [`RecordOptions::compress`](super::RecordOptions)).
@@ -88,40 +106,41 @@ pub struct Spans {
 }
 
 impl Spans {
-    /// Starts a body that begins at `out.len() == base`.
+    /// Starts a body whose fixed bytes begin at `out.len() == base`: the
+    /// values and cuts so far are forgotten.
     pub fn begin(&mut self, base: usize) {
-        self.spans.clear();
+        self.cuts.clear();
+        self.values.clear();
         self.base = base;
     }
 
     #[inline]
-    fn mark(&mut self, start: usize, end: usize, kind: u8) {
-        self.spans.push(Span {
-            start: (start - self.base) as u32,
-            end: (end - self.base) as u32,
-            kind: u32::from(kind),
-        });
+    fn cut(&mut self, out: &[u8], kind: u8, len: usize) {
+        Cut {
+            at: out.len().saturating_sub(self.base) as u32,
+            kind,
+            len: len as u32,
+        }
+        .put(&mut self.cuts);
     }
 
     /// Writes a varint value.
     #[inline]
-    pub fn varint(&mut self, out: &mut Vec<u8>, v: u64) {
-        let start = out.len();
-        put_varint(out, v);
-        self.mark(start, out.len(), VALUE_VARINT);
+    pub fn varint(&mut self, out: &[u8], v: u64) {
+        self.cut(out, VALUE_VARINT, 0);
+        put_varint(&mut self.values, v);
     }
 
     /// Writes bytes whose length the shape holds (written before them as
     /// part of the shape, or fixed by the codec, as a hash's 16).
     #[inline]
-    pub fn raw(&mut self, out: &mut Vec<u8>, b: &[u8]) {
-        let start = out.len();
-        out.extend_from_slice(b);
-        self.mark(start, out.len(), VALUE_RAW);
+    pub fn raw(&mut self, out: &[u8], b: &[u8]) {
+        self.cut(out, VALUE_RAW, b.len());
+        self.values.extend_from_slice(b);
     }
 
-    /// Writes length-prefixed bytes: the length in the shape, the bytes a
-    /// value.
+    /// Writes length-prefixed bytes: the length to `out` (the shape), the
+    /// bytes a value.
     #[inline]
     pub fn bytes(&mut self, out: &mut Vec<u8>, b: &[u8]) {
         put_varint(out, b.len() as u64);
@@ -131,69 +150,65 @@ impl Spans {
     /// Writes length-prefixed bytes as one value, length and all: bytes
     /// whose length varies from record to record (compressed data).
     #[inline]
-    pub fn sized(&mut self, out: &mut Vec<u8>, b: &[u8]) {
-        let start = out.len();
-        put_varint(out, b.len() as u64);
-        out.extend_from_slice(b);
-        self.mark(start, out.len(), VALUE_SIZED);
+    pub fn sized(&mut self, out: &[u8], b: &[u8]) {
+        self.cut(out, VALUE_SIZED, 0);
+        put_varint(&mut self.values, b.len() as u64);
+        self.values.extend_from_slice(b);
     }
 
-    /// Marks the body from `start` (an offset in it) to its end as one
-    /// value of every byte left: a body with no structure to share.
-    pub fn rest_from(&mut self, start: usize, end: usize) {
-        self.spans.push(Span {
-            start: start as u32,
-            end: end as u32,
-            kind: u32::from(VALUE_REST),
-        });
+    /// Writes, through `f`, one value of every value byte left: a body
+    /// with no structure to share.
+    pub fn rest_with(&mut self, out: &[u8], f: impl FnOnce(&mut Vec<u8>)) {
+        self.cut(out, VALUE_REST, 0);
+        f(&mut self.values);
     }
 
-    /// The values marked so far, in body order.
-    pub fn as_slice(&self) -> &[Span] {
-        &self.spans
+    /// The cuts so far, [`Cut::BYTES`] each (read with [`Cut::iter`]).
+    pub fn cuts(&self) -> &[u8] {
+        &self.cuts
     }
 
-    /// Appends the values marked so far to `out` as native-endian
-    /// bytes, [`Span::BYTES`] each (read back with [`Span::from_bytes`]).
-    pub fn put_bytes(&self, out: &mut Vec<u8>) {
-        out.reserve(self.spans.len() * Span::BYTES);
-        for s in &self.spans {
-            let mut b = [0u8; Span::BYTES];
-            b[..4].copy_from_slice(&s.start.to_ne_bytes());
-            b[4..8].copy_from_slice(&s.end.to_ne_bytes());
-            b[8..].copy_from_slice(&s.kind.to_ne_bytes());
-            out.extend_from_slice(&b);
-        }
+    /// The values so far, in body order: what the record frame holds.
+    pub fn values(&self) -> &[u8] {
+        &self.values
+    }
+
+    /// The body as version 3 holds it: `fixed` (the bytes the codec wrote
+    /// to its output since [`Spans::begin`]) with the values put back
+    /// where they were cut. Rebuilt as a reader rebuilds it
+    /// ([`ShapeTable::record`]), so an error means the values do not fit.
+    pub fn assemble(&self, fixed: &[u8], body: &mut Vec<u8>) -> Result<(), String> {
+        let mut key = Vec::new();
+        put_key(&mut key, [0; 3], 0, fixed, &self.cuts);
+        let mut table = ShapeTable::default();
+        let shape = table.parse_key(&mut key.as_slice())?;
+        table.assemble(&shape, &self.values, body)
     }
 }
 
-/// Appends the key of `body` (cut at `spans`) to `key` and its values to
-/// `values`.
-fn split(
-    names: [u64; 3],
-    codec: u8,
-    body: &[u8],
-    spans: &[Span],
-    key: &mut Vec<u8>,
-    values: &mut Vec<u8>,
-) {
+/// Appends the key of a shape (see the module docs) to `key`: its names
+/// and codec, and the pieces of `fixed` between `cuts`.
+fn put_key(key: &mut Vec<u8>, names: [u64; 3], codec: u8, fixed: &[u8], cuts: &[u8]) {
     for n in names {
         put_varint(key, n);
     }
     key.push(codec);
-    put_varint(key, spans.len() as u64);
+    let cuts = Cut::iter(cuts);
+    put_varint(key, cuts.len() as u64);
     let mut at = 0usize;
-    for s in spans {
-        let (start, end) = (s.start as usize, s.end as usize);
-        put_bytes(key, &body[at..start]);
-        key.push(s.kind as u8);
-        if s.kind == u32::from(VALUE_RAW) {
-            put_varint(key, (end - start) as u64);
+    for c in cuts {
+        // Cuts are in order and within the fixed bytes when a codec
+        // made them through `Spans`; clamped all the same, so that a
+        // wrong one makes a wrong shape, never a panic.
+        let to = (c.at as usize).clamp(at, fixed.len());
+        put_bytes(key, &fixed[at..to]);
+        key.push(c.kind);
+        if c.kind == VALUE_RAW {
+            put_varint(key, u64::from(c.len));
         }
-        values.extend_from_slice(&body[start..end]);
-        at = end;
+        at = to;
     }
-    put_bytes(key, &body[at..]);
+    put_bytes(key, &fixed[at..]);
 }
 
 /// Writes a binary log's frames after its header (version 4): name and
@@ -207,11 +222,22 @@ pub struct FrameEncoder {
     /// this skips the map's hashing.
     last: [Option<(Box<[u8]>, u64)>; 3],
     shapes: HashMap<Box<[u8]>, u64>,
-    /// The key of the last record's shape and its index.
-    last_shape: (Vec<u8>, u64),
+    /// The last record's shape, as it came, and its index: most records
+    /// repeat their predecessor's shape, so this skips building its key.
+    last_shape: LastShape,
     heads: super::binary::HeadCoder,
+    /// The key of the last record's shape.
     key: Vec<u8>,
-    values: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct LastShape {
+    names: [u64; 3],
+    codec: u8,
+    fixed: Vec<u8>,
+    cuts: Vec<u8>,
+    /// `u64::MAX` before the first record.
+    index: u64,
 }
 
 impl Default for FrameEncoder {
@@ -220,16 +246,21 @@ impl Default for FrameEncoder {
             names: HashMap::new(),
             last: Default::default(),
             shapes: HashMap::new(),
-            last_shape: (Vec::new(), u64::MAX),
+            last_shape: LastShape {
+                names: [0; 3],
+                codec: 0,
+                fixed: Vec::new(),
+                cuts: Vec::new(),
+                index: u64::MAX,
+            },
             heads: super::binary::HeadCoder::new(VERSION_SHAPES),
             key: Vec::new(),
-            values: Vec::new(),
         }
     }
 }
 
-/// One record to encode: its head, names, codec, body and the values
-/// marked in the body.
+/// One record to encode: its head, names and codec, and its body as a
+/// codec wrote it through [`Spans`]: fixed bytes, cuts and values.
 #[derive(Clone, Copy, Debug)]
 pub struct RecordParts<'a> {
     /// Sequence number.
@@ -242,10 +273,12 @@ pub struct RecordParts<'a> {
     pub names: [&'a [u8]; 3],
     /// The body's codec.
     pub codec: u8,
-    /// The body, as version 3 holds it.
-    pub body: &'a [u8],
-    /// Its values.
-    pub spans: &'a [Span],
+    /// The body's fixed bytes.
+    pub fixed: &'a [u8],
+    /// Where its values were cut ([`Spans::cuts`]).
+    pub cuts: &'a [u8],
+    /// Its values ([`Spans::values`]).
+    pub values: &'a [u8],
 }
 
 impl FrameEncoder {
@@ -277,44 +310,53 @@ impl FrameEncoder {
         i
     }
 
+    /// The index of `r`'s shape, writing its shape frame to `out` the
+    /// first time it is met (0 past [`MAX_SHAPES`]: then `self.key` is
+    /// its key, for the record to carry).
+    fn shape_of(&mut self, out: &mut Vec<u8>, names: [u64; 3], r: &RecordParts<'_>) -> u64 {
+        let l = &mut self.last_shape;
+        if l.index != u64::MAX
+            && l.names == names
+            && l.codec == r.codec
+            && l.fixed == r.fixed
+            && l.cuts == r.cuts
+        {
+            return l.index;
+        }
+        self.key.clear();
+        put_key(&mut self.key, names, r.codec, r.fixed, r.cuts);
+        let index = match self.shapes.get(self.key.as_slice()) {
+            Some(&i) => i,
+            None if (self.shapes.len() as u64) < MAX_SHAPES => {
+                let i = self.shapes.len() as u64 + 1;
+                self.shapes.insert(self.key.as_slice().into(), i);
+                let key = &self.key;
+                put_frame_with(out, |o| {
+                    o.push(TAG_SHAPE);
+                    put_varint(o, i);
+                    o.extend_from_slice(key);
+                });
+                i
+            }
+            None => 0,
+        };
+        let l = &mut self.last_shape;
+        l.names = names;
+        l.codec = r.codec;
+        l.fixed.clear();
+        l.fixed.extend_from_slice(r.fixed);
+        l.cuts.clear();
+        l.cuts.extend_from_slice(r.cuts);
+        l.index = index;
+        index
+    }
+
     /// Appends the frames of one record to `out`: any name and shape
     /// frame it needs first, then the record frame.
     pub fn record(&mut self, out: &mut Vec<u8>, r: &RecordParts<'_>) {
         let names = [0, 1, 2].map(|i| self.name_at(out, i, r.names[i]));
-        self.key.clear();
-        self.values.clear();
-        split(
-            names,
-            r.codec,
-            r.body,
-            r.spans,
-            &mut self.key,
-            &mut self.values,
-        );
-        let shape = if self.last_shape.0 == self.key {
-            self.last_shape.1
-        } else {
-            let shape = match self.shapes.get(self.key.as_slice()) {
-                Some(&i) => i,
-                None if (self.shapes.len() as u64) < MAX_SHAPES => {
-                    let i = self.shapes.len() as u64 + 1;
-                    self.shapes.insert(self.key.as_slice().into(), i);
-                    let key = &self.key;
-                    put_frame_with(out, |o| {
-                        o.push(TAG_SHAPE);
-                        put_varint(o, i);
-                        o.extend_from_slice(key);
-                    });
-                    i
-                }
-                None => 0,
-            };
-            self.last_shape.0.clear();
-            self.last_shape.0.extend_from_slice(&self.key);
-            self.last_shape.1 = shape;
-            shape
-        };
-        let (heads, key, values) = (&mut self.heads, &self.key, &self.values);
+        let shape = self.shape_of(out, names, r);
+        let (heads, key) = (&mut self.heads, &self.key);
         put_frame_with(out, |o| {
             o.push(TAG_RECORD);
             heads.put_seq_time(o, r.seq, r.time);
@@ -323,7 +365,7 @@ impl FrameEncoder {
             if shape == 0 {
                 o.extend_from_slice(key);
             }
-            o.extend_from_slice(values);
+            o.extend_from_slice(r.values);
         });
     }
 }
@@ -397,16 +439,16 @@ impl ShapeTable {
         self.shapes.is_empty()
     }
 
-    /// Parses a key, adding its bytes and pieces to the table's (not yet
-    /// its shape list).
-    fn parse_key(&mut self, mut k: &[u8]) -> Result<Shape, String> {
+    /// Parses a key off the front of `k`, adding its bytes and pieces to
+    /// the table's (not yet its shape list); `k` is left after it.
+    fn parse_key(&mut self, k: &mut &[u8]) -> Result<Shape, String> {
         let short = || bad("a shape that ends early");
         let mut names = [0u64; 3];
         for n in &mut names {
-            *n = get_varint(&mut k).ok_or_else(short)?;
+            *n = get_varint(k).ok_or_else(short)?;
         }
-        let codec = get_u8(&mut k).ok_or_else(short)?;
-        let n = get_varint(&mut k).ok_or_else(short)?;
+        let codec = get_u8(k).ok_or_else(short)?;
+        let n = get_varint(k).ok_or_else(short)?;
         if n > k.len() as u64 {
             return Err(short());
         }
@@ -414,14 +456,14 @@ impl ShapeTable {
         let mut fixed_len = 0;
         let mut rest_at = None;
         for i in 0..n as usize {
-            let fixed = get_bytes(&mut k).ok_or_else(short)?;
+            let fixed = get_bytes(k).ok_or_else(short)?;
             fixed_len += fixed.len();
             let start = self.bytes.len() as u32;
             self.bytes.extend_from_slice(fixed);
-            let kind = get_u8(&mut k).ok_or_else(short)?;
+            let kind = get_u8(k).ok_or_else(short)?;
             let len = match kind {
                 VALUE_VARINT | VALUE_SIZED => 0,
-                VALUE_RAW => u32::try_from(get_varint(&mut k).ok_or_else(short)?)
+                VALUE_RAW => u32::try_from(get_varint(k).ok_or_else(short)?)
                     .map_err(|_| bad("a value longer than a frame"))?,
                 VALUE_REST if rest_at.is_none() => {
                     rest_at = Some(i);
@@ -436,13 +478,10 @@ impl ShapeTable {
                 len,
             });
         }
-        let trailing = get_bytes(&mut k).ok_or_else(short)?;
+        let trailing = get_bytes(k).ok_or_else(short)?;
         fixed_len += trailing.len();
         let t0 = self.bytes.len() as u32;
         self.bytes.extend_from_slice(trailing);
-        if !k.is_empty() {
-            return Err(format!("{} bytes after a shape", k.len()));
-        }
         Ok(Shape {
             names,
             codec,
@@ -464,7 +503,11 @@ impl ShapeTable {
             ));
         }
         let (np, nb) = (self.pieces.len(), self.bytes.len());
-        match self.parse_key(p) {
+        let parsed = self.parse_key(&mut p).and_then(|s| match p.len() {
+            0 => Ok(s),
+            n => Err(format!("{n} bytes after a shape")),
+        });
+        match parsed {
             Ok(s) => {
                 self.shapes.push(s);
                 Ok(())
@@ -499,10 +542,8 @@ impl ShapeTable {
         let (np, nb) = (self.pieces.len(), self.bytes.len());
         let shape = if index == 0 {
             // Inline: the key, then the values. Its length is only known
-            // by parsing it, so parse it from here and see where it ended.
-            let key =
-                get_inline_key(&mut p).ok_or_else(|| bad("an inline shape that ends early"))?;
-            self.parse_key(key)
+            // by parsing it, so parse it from here; the values follow.
+            self.parse_key(&mut p)
         } else {
             self.shapes
                 .get((index - 1) as usize)
@@ -578,47 +619,56 @@ impl ShapeTable {
     }
 }
 
-/// Splits an inline key off the front of `p` by walking its layout.
-fn get_inline_key<'a>(p: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let start = *p;
-    let mut k = *p;
-    for _ in 0..3 {
-        get_varint(&mut k)?;
-    }
-    get_u8(&mut k)?;
-    let n = get_varint(&mut k)?;
-    if n > k.len() as u64 {
-        return None;
-    }
-    for _ in 0..n {
-        get_bytes(&mut k)?;
-        if get_u8(&mut k)? == VALUE_RAW {
-            get_varint(&mut k)?;
-        }
-    }
-    get_bytes(&mut k)?;
-    let used = start.len() - k.len();
-    *p = k;
-    Some(&start[..used])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::recording::binary::{take_frame, HeadCoder};
 
-    /// A body `q head 16-bytes-of-header offset` with head, header and
-    /// offset as values.
-    fn body(head: u64, header: &[u8; 4], offset: u64, spans: &mut Spans) -> Vec<u8> {
+    /// A body `7 head 4 header 4096 offset` with head, header and offset
+    /// as values, written through `spans` after a byte that is not the
+    /// body's: its fixed bytes, and the whole body as version 3 holds it.
+    fn body(head: u64, header: &[u8; 4], offset: u64, spans: &mut Spans) -> (Vec<u8>, Vec<u8>) {
         let mut out = vec![0xEE];
         spans.begin(1);
         out.push(7);
-        spans.varint(&mut out, head);
+        spans.varint(&out, head);
         spans.bytes(&mut out, header);
         put_varint(&mut out, 4096);
-        spans.varint(&mut out, offset);
-        out[1..].to_vec()
+        spans.varint(&out, offset);
+        let mut whole = vec![7];
+        put_varint(&mut whole, head);
+        whole.push(4);
+        whole.extend_from_slice(header);
+        put_varint(&mut whole, 4096);
+        put_varint(&mut whole, offset);
+        (out[1..].to_vec(), whole)
     }
+
+    /// Encodes one record of `fixed` and `spans` onto `log`.
+    fn record(
+        enc: &mut FrameEncoder,
+        log: &mut Vec<u8>,
+        (seq, time): (u64, u64),
+        names: [&[u8]; 3],
+        fixed: &[u8],
+        spans: &Spans,
+    ) {
+        enc.record(
+            log,
+            &RecordParts {
+                seq,
+                time,
+                latency: 300,
+                names,
+                codec: 1,
+                fixed,
+                cuts: spans.cuts(),
+                values: spans.values(),
+            },
+        );
+    }
+
+    const NAMES: [&[u8]; 3] = [b"q0", b"disk0", b"read"];
 
     fn decode_all(log: &[u8]) -> Vec<(ShapedHead, Vec<u8>)> {
         let mut table = ShapeTable::default();
@@ -644,40 +694,6 @@ mod tests {
         out
     }
 
-    #[test]
-    fn test_records_of_one_shape_share_it_and_come_back_whole() {
-        let mut enc = FrameEncoder::default();
-        let mut log = Vec::new();
-        let mut bodies = Vec::new();
-        let mut spans = Spans::default();
-        for i in 0..5u64 {
-            let b = body(i * 40, &[i as u8; 4], i << 20, &mut spans);
-            enc.record(
-                &mut log,
-                &RecordParts {
-                    seq: i + 1,
-                    time: i * 1000,
-                    latency: 300,
-                    names: [b"q0", b"disk0", b"read"],
-                    codec: 1,
-                    body: &b,
-                    spans: spans.as_slice(),
-                },
-            );
-            bodies.push(b);
-        }
-        let got = decode_all(&log);
-        assert_eq!(got.len(), 5);
-        for (i, (h, b)) in got.iter().enumerate() {
-            assert_eq!(b, &bodies[i]);
-            assert_eq!((h.seq, h.time, h.codec), (i as u64 + 1, i as u64 * 1000, 1));
-            assert_eq!(h.names, [0, 1, 2]);
-        }
-        // One shape frame for all five.
-        let shapes = frames(&log).filter(|p| p[0] == TAG_SHAPE).count();
-        assert_eq!(shapes, 1);
-    }
-
     fn frames(log: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
         let mut at = 0;
         std::iter::from_fn(move || {
@@ -687,6 +703,63 @@ mod tests {
         })
     }
 
+    fn shapes_in(log: &[u8]) -> usize {
+        frames(log).filter(|p| p[0] == TAG_SHAPE).count()
+    }
+
+    #[test]
+    fn test_records_of_one_shape_share_it_and_come_back_whole() {
+        let mut enc = FrameEncoder::default();
+        let mut log = Vec::new();
+        let mut bodies = Vec::new();
+        let mut spans = Spans::default();
+        for i in 0..5u64 {
+            let (fixed, whole) = body(i * 40, &[i as u8; 4], i << 20, &mut spans);
+            let mut assembled = Vec::new();
+            spans.assemble(&fixed, &mut assembled).expect("fits");
+            assert_eq!(assembled, whole);
+            record(&mut enc, &mut log, (i + 1, i * 1000), NAMES, &fixed, &spans);
+            bodies.push(whole);
+        }
+        let got = decode_all(&log);
+        assert_eq!(got.len(), 5);
+        for (i, (h, b)) in got.iter().enumerate() {
+            assert_eq!(b, &bodies[i]);
+            assert_eq!((h.seq, h.time, h.codec), (i as u64 + 1, i as u64 * 1000, 1));
+            assert_eq!(h.names, [0, 1, 2]);
+        }
+        // One shape frame for all five.
+        assert_eq!(shapes_in(&log), 1);
+    }
+
+    #[test]
+    fn test_records_that_differ_only_in_names_or_cuts_are_other_shapes() {
+        let mut enc = FrameEncoder::default();
+        let mut log = Vec::new();
+        let mut spans = Spans::default();
+        // The same fixed bytes, the value cut after the first byte, then
+        // after the second, then after the first again under other names.
+        let fixed = [1u8, 2];
+        let mut want = Vec::new();
+        for (i, (cut, names)) in [(1, NAMES), (2, NAMES), (1, [b"q1" as &[u8], b"d", b"w"])]
+            .into_iter()
+            .enumerate()
+        {
+            spans.begin(0);
+            spans.varint(&fixed[..cut], 99);
+            let mut whole = fixed[..cut].to_vec();
+            put_varint(&mut whole, 99);
+            whole.extend_from_slice(&fixed[cut..]);
+            record(&mut enc, &mut log, (i as u64 + 1, 0), names, &fixed, &spans);
+            want.push(whole);
+        }
+        let got = decode_all(&log);
+        let bodies: Vec<_> = got.iter().map(|(_, b)| b.clone()).collect();
+        assert_eq!(bodies, want);
+        assert_eq!(got[2].0.names, [3, 4, 5]);
+        assert_eq!(shapes_in(&log), 3);
+    }
+
     #[test]
     fn test_a_body_with_no_structure_is_its_values() {
         let mut enc = FrameEncoder::default();
@@ -694,19 +767,8 @@ mod tests {
         let b = b"\x05hello{}".to_vec();
         let mut spans = Spans::default();
         spans.begin(0);
-        spans.rest_from(0, b.len());
-        enc.record(
-            &mut log,
-            &RecordParts {
-                seq: 1,
-                time: 0,
-                latency: 0,
-                names: [b"a", b"b", b"c"],
-                codec: 0,
-                body: &b,
-                spans: spans.as_slice(),
-            },
-        );
+        spans.rest_with(&[], |v| v.extend_from_slice(&b));
+        record(&mut enc, &mut log, (1, 0), NAMES, &[], &spans);
         let got = decode_all(&log);
         assert_eq!(got[0].1, b);
     }
@@ -716,19 +778,8 @@ mod tests {
         let mut enc = FrameEncoder::default();
         let mut log = Vec::new();
         let mut spans = Spans::default();
-        let b = body(3, b"abcd", 9, &mut spans);
-        enc.record(
-            &mut log,
-            &RecordParts {
-                seq: 1,
-                time: 0,
-                latency: 0,
-                names: [b"a", b"b", b"c"],
-                codec: 1,
-                body: &b,
-                spans: spans.as_slice(),
-            },
-        );
+        let (fixed, _) = body(3, b"abcd", 9, &mut spans);
+        record(&mut enc, &mut log, (1, 0), NAMES, &fixed, &spans);
         let mut table = ShapeTable::default();
         let mut heads = HeadCoder::new(VERSION_SHAPES);
         let all: Vec<_> = frames(&log).collect();
@@ -749,6 +800,12 @@ mod tests {
         longer.push(0);
         assert!(table.record(&mut heads, &longer, &mut buf).is_err());
         assert!(table.record(&mut heads, rec, &mut buf).is_ok());
+        // Values that do not fit the cuts are refused as a reader would.
+        spans.begin(0);
+        spans.raw(&[], &[1, 2]);
+        let mut one = spans;
+        one.values.pop();
+        assert!(one.assemble(&[], &mut buf).is_err());
     }
 
     #[test]
@@ -762,25 +819,21 @@ mod tests {
             let mut b = Vec::new();
             spans.begin(0);
             put_varint(&mut b, i);
-            spans.varint(&mut b, i * 7);
-            enc.record(
-                &mut log,
-                &RecordParts {
-                    seq: i + 1,
-                    time: 0,
-                    latency: 0,
-                    names: [b"a", b"b", b"c"],
-                    codec: 1,
-                    body: &b,
-                    spans: spans.as_slice(),
-                },
-            );
+            spans.varint(&b, i * 7);
+            record(&mut enc, &mut log, (i + 1, 0), NAMES, &b, &spans);
+            put_varint(&mut b, i * 7);
             bodies.push(b);
         }
+        // The last one twice: a repeat of an inline shape is inline too.
+        let i = MAX_SHAPES + 2;
+        let mut b = Vec::new();
+        put_varint(&mut b, i);
+        record(&mut enc, &mut log, (i + 2, 0), NAMES, &b, &spans);
+        put_varint(&mut b, i * 7);
+        bodies.push(b);
         let got = decode_all(&log);
         assert_eq!(got.len(), bodies.len());
         assert!(got.iter().zip(&bodies).all(|((_, g), b)| g == b));
-        let defined = frames(&log).filter(|p| p[0] == TAG_SHAPE).count() as u64;
-        assert_eq!(defined, MAX_SHAPES);
+        assert_eq!(shapes_in(&log) as u64, MAX_SHAPES);
     }
 }

@@ -13,10 +13,12 @@
 //!
 //! Slot form of one record (native-endian, never on disk):
 //! `len:u32 seq:u64 time:u64 latency:u64 from:u16+bytes to:u16+bytes
-//! type:u16+bytes codec:u8 body_len:u32 body span*`, where a
-//! [`CODEC_JSON`] body is `payload_len:u32 payload reply` and a span
-//! (`start:u32 end:u32 kind:u32`) is a value the codec marked in its body
-//! ([`Spans`]).
+//! type:u16+bytes codec:u8 body_len:u32 body cuts_len:u32 cuts values`,
+//! where a [`CODEC_JSON`] body is `payload_len:u32 payload reply` (and
+//! has no cuts or values), and a binary body is its fixed bytes, with the
+//! cuts and values its codec wrote through [`Spans`]: already split, so
+//! that the writer compares the fixed bytes and cuts with the last
+//! record's and copies the values into the record frame.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -27,7 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binary::{self, CODEC_JSON};
-use super::shape::{FrameEncoder, RecordParts, Span, Spans, VALUE_REST};
+use super::shape::{FrameEncoder, RecordParts, Spans};
 use super::{Body, LogFormat, RecordKind, Summary, WhenFull};
 
 /// One thread's buffer.
@@ -209,7 +211,10 @@ fn put_slot_record(
     }
     let body_len = (out.len() - body_at) as u32;
     out[body_at - 4..body_at].copy_from_slice(&body_len.to_ne_bytes());
-    spans.put_bytes(out);
+    // A binary body's cuts and values (none for a JSON body).
+    out.extend_from_slice(&(spans.cuts().len() as u32).to_ne_bytes());
+    out.extend_from_slice(spans.cuts());
+    out.extend_from_slice(spans.values());
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
 }
@@ -242,9 +247,12 @@ struct SlotRecord<'a> {
     latency: u64,
     names: [&'a [u8]; 3],
     codec: u8,
+    /// A JSON body (`plen:u32 payload reply`), or a binary body's fixed
+    /// bytes.
     body: &'a [u8],
-    /// The body's values: `start:u32 end:u32 kind:u32` each.
-    spans: &'a [u8],
+    /// A binary body's cuts ([`Spans::cuts`]) and values.
+    cuts: &'a [u8],
+    values: &'a [u8],
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -271,6 +279,8 @@ fn slot_record(b: &[u8], at: usize) -> (SlotRecord<'_>, usize) {
     }
     let body_len = u32_at(b, p + 1);
     let body_at = p + 5;
+    let cuts_at = body_at + body_len + 4;
+    let cuts_len = u32_at(b, cuts_at - 4);
     let rec = SlotRecord {
         seq: u64_at(b, at + 4),
         time: u64_at(b, at + 12),
@@ -278,7 +288,8 @@ fn slot_record(b: &[u8], at: usize) -> (SlotRecord<'_>, usize) {
         names,
         codec: b[p],
         body: &b[body_at..body_at + body_len],
-        spans: &b[body_at + body_len..end],
+        cuts: &b[cuts_at..cuts_at + cuts_len],
+        values: &b[cuts_at + cuts_len..end],
     };
     (rec, end)
 }
@@ -304,8 +315,8 @@ struct Out {
     /// The binary form's names, shapes and record heads.
     enc: FrameEncoder,
     frame: Vec<u8>,
-    scratch: Vec<u8>,
-    spans: Vec<Span>,
+    /// A JSON body's value, in the binary form.
+    json: Spans,
     summary: Summary,
 }
 
@@ -345,21 +356,15 @@ impl Out {
                 line.extend_from_slice(b"}\n");
             }
             LogFormat::Binary => {
-                self.spans.clear();
-                let body: &[u8] = if r.codec == CODEC_JSON {
+                let (fixed, cuts, values) = if r.codec == CODEC_JSON {
+                    // No structure to share: the whole body is one value.
                     let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
-                    self.scratch.clear();
-                    binary::put_json_body(&mut self.scratch, payload, reply);
-                    self.spans.push(Span {
-                        start: 0,
-                        end: self.scratch.len() as u32,
-                        kind: u32::from(VALUE_REST),
-                    });
-                    &self.scratch
+                    let j = &mut self.json;
+                    j.begin(0);
+                    j.rest_with(&[], |v| binary::put_json_body(v, payload, reply));
+                    (&[][..], j.cuts(), j.values())
                 } else {
-                    let spans = r.spans.chunks_exact(Span::BYTES);
-                    self.spans.extend(spans.map(Span::from_bytes));
-                    r.body
+                    (r.body, r.cuts, r.values)
                 };
                 self.frame.clear();
                 let parts = RecordParts {
@@ -368,8 +373,9 @@ impl Out {
                     latency: r.latency,
                     names: r.names,
                     codec: r.codec,
-                    body,
-                    spans: &self.spans,
+                    fixed,
+                    cuts,
+                    values,
                 };
                 self.enc.record(&mut self.frame, &parts);
             }
@@ -411,8 +417,7 @@ pub(super) fn write_loop(
         bytes,
         enc: FrameEncoder::default(),
         frame: Vec::with_capacity(4096),
-        scratch: Vec::new(),
-        spans: Vec::new(),
+        json: Spans::default(),
         summary: Summary::default(),
     };
     let mut pending: Vec<Pending> = Vec::new();
