@@ -365,8 +365,11 @@ impl Header {
     }
 }
 
-/// The payload and reply of a record, serialized on the writer thread.
-pub trait Body: Send + 'static {
+/// The payload and reply of a record, serialized by the thread that
+/// records it, into its slot. A body passed by reference
+/// ([`Recorder::record_body`]) may borrow what it describes; a boxed one
+/// ([`Entry::body`]) owns it.
+pub trait Body: Send {
     /// Writes the payload as one JSON value.
     fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
     /// Writes the reply as one JSON value.

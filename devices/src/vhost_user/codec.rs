@@ -15,20 +15,41 @@ use switchboard_runtime::recording::shape::Spans;
 use switchboard_runtime::recording::{Body, Compress, Data, INLINE_MAX, ZSTD_LEVEL};
 
 use crate::models::virtio::{
-    copy_into_spare, At, DecodedRequest, External, SeenData, Trace, WHATS,
+    copy_into_spare, At, DecodedRequest, External, SeenData, Segment, Trace, WHATS,
 };
 
 /// The record of one request: what the driver put in the chain and what the
 /// device read, took in and did. The trace is a live request's
 /// [`Recorded`](crate::models::virtio::Recorded) (back to its pool once
 /// encoded) or one read back from a log.
-pub(crate) struct RequestRecord<T = Trace> {
+pub(crate) struct RequestRecord<T = Trace, L = Vec<u32>> {
     pub(crate) queue: u16,
     pub(crate) head: u16,
-    pub(crate) readable: Vec<u32>,
-    pub(crate) writable: Vec<u32>,
+    pub(crate) readable: L,
+    pub(crate) writable: L,
     pub(crate) trace: T,
     pub(crate) len: u32,
+}
+
+/// The lengths of a request's readable or writable buffers: a live
+/// request's segments, borrowed ([`SegmentLens`]), or a list read back.
+pub(crate) trait BufLens {
+    fn lens(&self) -> impl ExactSizeIterator<Item = u32> + '_;
+}
+
+impl BufLens for Vec<u32> {
+    fn lens(&self) -> impl ExactSizeIterator<Item = u32> + '_ {
+        self.iter().copied()
+    }
+}
+
+/// A live request's segments, as their lengths.
+pub(crate) struct SegmentLens<'a>(pub(crate) &'a [Segment]);
+
+impl BufLens for SegmentLens<'_> {
+    fn lens(&self) -> impl ExactSizeIterator<Item = u32> + '_ {
+        self.0.iter().map(|s| s.len)
+    }
 }
 
 /// A request record's payload as written and read back.
@@ -52,15 +73,15 @@ pub(crate) struct RequestReply<W = Vec<At>, E = Vec<External>> {
     pub(crate) effects: E,
 }
 
-impl<T: AsRef<Trace> + Send + 'static> Body for RequestRecord<T> {
+impl<T: AsRef<Trace> + Send, L: BufLens + Send> Body for RequestRecord<T, L> {
     fn payload(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         serde_json::to_writer(
             out,
             &RequestPayload {
                 queue: self.queue,
                 head: self.head,
-                readable: self.readable.clone(),
-                writable: self.writable.clone(),
+                readable: self.readable.lens().collect(),
+                writable: self.writable.lens().collect(),
                 reads: &self.trace.as_ref().reads,
                 inputs: &self.trace.as_ref().inputs,
             },
@@ -83,8 +104,9 @@ impl<T: AsRef<Trace> + Send + 'static> Body for RequestRecord<T> {
         put_varint(out, u64::from(self.queue));
         v.varint(out, u64::from(self.head));
         for lens in [&self.readable, &self.writable] {
+            let lens = lens.lens();
             put_varint(out, lens.len() as u64);
-            for &l in lens {
+            for l in lens {
                 put_varint(out, u64::from(l));
             }
         }

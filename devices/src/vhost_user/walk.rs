@@ -34,7 +34,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 
-use super::codec::RequestRecord;
+use super::codec::{RequestRecord, SegmentLens};
 use super::inflight::{self, Inflight, QueueInflight};
 use super::{RecordTo, VhostUserServer};
 use crate::models::virtio::{Handled, Request, VirtioDevice};
@@ -49,21 +49,15 @@ pub(super) fn record_request(r: &RecordTo, request: &mut Request, len: u32) {
     let Some(trace) = request.take_recording() else {
         return;
     };
-    // The length lists' buffers are this thread's, reused.
-    let (mut readable, mut writable) = LENS.with(|l| std::mem::take(&mut *l.borrow_mut()));
-    readable.clear();
-    writable.clear();
-    readable.extend(request.readable().iter().map(|s| s.len));
-    writable.extend(request.writable().iter().map(|s| s.len));
     let record = RequestRecord {
         queue: request.queue(),
         head: request.head(),
-        readable,
-        writable,
-        trace,
+        readable: SegmentLens(request.readable()),
+        writable: SegmentLens(request.writable()),
+        trace: &trace,
         len,
     };
-    let time = record.trace.time();
+    let time = trace.time();
     let queue = usize::from(request.queue());
     let from = r.queues.get(queue).unwrap_or(&r.frontend);
     r.journal.record_body(
@@ -71,24 +65,10 @@ pub(super) fn record_request(r: &RecordTo, request: &mut Request, len: u32) {
         r.journal.now().saturating_sub(time),
         from,
         &r.id,
-        RecordKind::Message(record.trace.kind()),
+        RecordKind::Message(trace.kind()),
         &record,
     );
-    let RequestRecord {
-        readable,
-        writable,
-        trace,
-        ..
-    } = record;
-    LENS.with(|l| *l.borrow_mut() = (readable, writable));
     request.spend_recording(trace);
-}
-
-thread_local! {
-    /// The readable and writable length lists of the request records this
-    /// thread makes, kept between records.
-    static LENS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A popped chain's descriptors, `(address, length, device-writable)`.

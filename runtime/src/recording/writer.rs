@@ -453,13 +453,27 @@ pub(super) fn write_loop(
             p.chunks.push_back((full, 0));
         }
         let mut wrote = false;
-        while let Some((i, _)) = pending
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.head_seq().map(|s| (i, s)))
-            .filter(|&(_, s)| s < next)
-            .min_by_key(|&(_, s)| s)
-        {
+        // The slot the last record came from and that record's seq: when
+        // that slot's next record is the very next seq, it is the
+        // smallest of all, and the slots need not be looked through.
+        let mut run: Option<(usize, u64)> = None;
+        loop {
+            let same = run.filter(|&(i, last)| {
+                pending[i]
+                    .head_seq()
+                    .is_some_and(|s| s == last.wrapping_add(1) && s < next)
+            });
+            let Some((i, seq)) = same.map(|(i, last)| (i, last + 1)).or_else(|| {
+                pending
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, p)| p.head_seq().map(|s| (i, s)))
+                    .filter(|&(_, s)| s < next)
+                    .min_by_key(|&(_, s)| s)
+            }) else {
+                break;
+            };
+            run = Some((i, seq));
             let p = &mut pending[i];
             let Some((chunk, at)) = p.chunks.front_mut() else {
                 break;
