@@ -737,6 +737,14 @@ mod tests {
 
     #[test]
     fn test_a_full_buffer_in_gap_mode_writes_a_gap_record_with_the_count() {
+        for format in [LogFormat::JsonLines, LogFormat::Binary] {
+            gap_mode_in(format);
+        }
+    }
+
+    /// Gap mode in `format`, with records whose receiver changes now and
+    /// then (a binary slot says "the same names as the last" in a byte).
+    fn gap_mode_in(format: LogFormat) {
         let gate = Arc::new((Mutex::new(true), std::sync::Condvar::new()));
         let sink = Arc::new(Mutex::new(Vec::new()));
         let out = Gate(Arc::clone(&gate), Vec::new(), Arc::clone(&sink));
@@ -744,36 +752,51 @@ mod tests {
             data: DataMode::Hash,
             buffer: 4,
             when_full: WhenFull::Gap,
-            format: LogFormat::JsonLines,
+            format,
             compress: Compress::None,
         };
         let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
             .expect("recorder");
         *gate.0.lock().expect("lock") = false;
+        let to = |i: u64| if i % 3 == 0 { "b" } else { "a" };
         // The writer blocks in its first flush; the buffer then holds 4.
         let mut sent = 0;
         for i in 0..100 {
-            rec.record(entry(i));
+            let mut e = entry(i);
+            e.to = Arc::from(to(i));
+            rec.record(e);
             sent += 1;
         }
         *gate.0.lock().expect("lock") = true;
         gate.1.notify_all();
         let summary = rec.finish().expect("finish");
-        assert!(summary.dropped > 0, "{summary:?}");
-        let text = String::from_utf8(sink.lock().expect("lock").clone()).expect("utf8");
-        let lines: Vec<&str> = text.lines().skip(1).collect();
-        let pings = lines.iter().filter(|l| l.contains("\"ping\"")).count() as u64;
-        let gaps: u64 = lines
+        assert!(summary.dropped > 0, "{format:?}: {summary:?}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        std::fs::write(&path, &*sink.lock().expect("lock")).expect("write");
+        let (lines, err) = lines(&path);
+        assert!(err.is_none(), "{format:?}: {err:?}");
+        let records: Vec<serde_json::Value> = lines
             .iter()
-            .filter(|l| l.contains("\"gap\""))
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let pings: Vec<_> = records.iter().filter(|v| v["type"] == "ping").collect();
+        for v in &pings {
+            let i = v["payload"]["i"].as_u64().expect("i");
+            assert_eq!(v["to"], to(i), "{format:?}: {v}");
+            assert_eq!(v["from"], "me", "{format:?}: {v}");
+        }
+        let gaps: u64 = records
+            .iter()
+            .filter(|v| v["type"] == "gap")
+            .map(|v| {
+                assert_eq!(v["from"], "recorder", "{v}");
                 v["payload"]["dropped"].as_u64().expect("count")
             })
             .sum();
         // Every record is either written or counted in a gap record.
-        assert_eq!(pings + gaps, sent);
-        assert_eq!(gaps, summary.dropped);
+        assert_eq!(pings.len() as u64 + gaps, sent, "{format:?}");
+        assert_eq!(gaps, summary.dropped, "{format:?}");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use switchboard_runtime::recording::binary::{self, CODEC_JSON};
-use switchboard_runtime::recording::shape::{FrameEncoder, RecordParts, Spans};
+use switchboard_runtime::recording::shape::{FrameEncoder, Names, RecordParts, Spans};
 use switchboard_runtime::recording::{render_line, LogError, LogFormat, LogReader};
 
 /// What [`convert`] wrote.
@@ -162,7 +162,7 @@ impl Out {
                 seq,
                 time,
                 latency,
-                names: names.map(str::as_bytes),
+                names: Names::Given(names.map(str::as_bytes)),
                 codec,
                 fixed: &scratch,
                 cuts: self.values.cuts(),

@@ -839,7 +839,7 @@ mod tests {
 
     #[test]
     fn test_a_hashed_4k_read_takes_at_most_64_bytes_once_its_shape_is_known() {
-        use switchboard_runtime::recording::shape::{FrameEncoder, RecordParts};
+        use switchboard_runtime::recording::shape::{FrameEncoder, Names, RecordParts};
         let mut enc = FrameEncoder::default();
         let mut sizes = Vec::new();
         // Heads and sectors as a 1 GiB disk under a queue of 256 gives
@@ -856,7 +856,7 @@ mod tests {
                     seq: i as u64 + 1,
                     time: 5_000_000_000 + i as u64 * 3_000,
                     latency: 60_000,
-                    names: [b"driver/q0", b"disk0", b"read"],
+                    names: Names::Given([b"driver/q0", b"disk0", b"read"]),
                     codec: CODEC_VIRTIO_REQUEST,
                     fixed: &fixed,
                     cuts: v.cuts(),

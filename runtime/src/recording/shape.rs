@@ -270,7 +270,7 @@ pub struct RecordParts<'a> {
     /// Time until the reply, ns.
     pub latency: u64,
     /// Sender, receiver and message type.
-    pub names: [&'a [u8]; 3],
+    pub names: Names<'a>,
     /// The body's codec.
     pub codec: u8,
     /// The body's fixed bytes.
@@ -279,6 +279,17 @@ pub struct RecordParts<'a> {
     pub cuts: &'a [u8],
     /// Its values ([`Spans::values`]).
     pub values: &'a [u8],
+}
+
+/// A record's sender, receiver and message type.
+#[derive(Clone, Copy, Debug)]
+pub enum Names<'a> {
+    /// As bytes.
+    Given([&'a [u8]; 3]),
+    /// As the indices [`FrameEncoder::record`] gave back for an earlier
+    /// record with the same names (a writer that knows a record repeats
+    /// its predecessor's names skips looking them up).
+    Known([u64; 3]),
 }
 
 impl FrameEncoder {
@@ -352,9 +363,13 @@ impl FrameEncoder {
     }
 
     /// Appends the frames of one record to `out`: any name and shape
-    /// frame it needs first, then the record frame.
-    pub fn record(&mut self, out: &mut Vec<u8>, r: &RecordParts<'_>) {
-        let names = [0, 1, 2].map(|i| self.name_at(out, i, r.names[i]));
+    /// frame it needs first, then the record frame. Gives back the
+    /// indices of its names.
+    pub fn record(&mut self, out: &mut Vec<u8>, r: &RecordParts<'_>) -> [u64; 3] {
+        let names = match r.names {
+            Names::Given(n) => [0, 1, 2].map(|i| self.name_at(out, i, n[i])),
+            Names::Known(ids) => ids,
+        };
         let shape = self.shape_of(out, names, r);
         let (heads, key) = (&mut self.heads, &self.key);
         put_frame_with(out, |o| {
@@ -367,6 +382,7 @@ impl FrameEncoder {
             }
             o.extend_from_slice(r.values);
         });
+        names
     }
 }
 
@@ -659,7 +675,7 @@ mod tests {
                 seq,
                 time,
                 latency: 300,
-                names,
+                names: Names::Given(names),
                 codec: 1,
                 fixed,
                 cuts: spans.cuts(),
