@@ -194,6 +194,7 @@ struct Seen<'a> {
 /// Writes one DATA. Its tag and length are the record's shape; its bytes
 /// or hash are values, but for a single byte (a status byte, nearly always
 /// the same).
+#[inline(always)]
 fn put_data<'a>(out: &mut Vec<u8>, v: &mut Spans, d: &'a Data, seen: &mut Seen<'a>) {
     let index = seen.count;
     seen.count += 1;
@@ -244,6 +245,7 @@ fn put_data<'a>(out: &mut Vec<u8>, v: &mut Spans, d: &'a Data, seen: &mut Seen<'
     }
 }
 
+#[inline(always)]
 fn put_ats<'a>(out: &mut Vec<u8>, v: &mut Spans, ats: &'a [At], seen: &mut Seen<'a>) {
     put_varint(out, ats.len() as u64);
     for a in ats {
@@ -254,6 +256,7 @@ fn put_ats<'a>(out: &mut Vec<u8>, v: &mut Spans, ats: &'a [At], seen: &mut Seen<
 
 /// Writes the externals: an offset in a file is a value, the rest the
 /// shape.
+#[inline(always)]
 fn put_externals<'a>(out: &mut Vec<u8>, v: &mut Spans, exts: &'a [External], seen: &mut Seen<'a>) {
     put_varint(out, exts.len() as u64);
     for e in exts {

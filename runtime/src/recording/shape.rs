@@ -67,7 +67,7 @@ impl Cut {
     /// The size of a cut as [`Spans::cuts`] holds it (native-endian).
     pub const BYTES: usize = 9;
 
-    #[inline]
+    #[inline(always)]
     fn put(self, out: &mut Vec<u8>) {
         let mut b = [0u8; Cut::BYTES];
         b[..4].copy_from_slice(&self.at.to_ne_bytes());
@@ -114,7 +114,7 @@ impl Spans {
         self.base = base;
     }
 
-    #[inline]
+    #[inline(always)]
     fn cut(&mut self, out: &[u8], kind: u8, len: usize) {
         Cut {
             at: out.len().saturating_sub(self.base) as u32,
@@ -125,7 +125,7 @@ impl Spans {
     }
 
     /// Writes a varint value.
-    #[inline]
+    #[inline(always)]
     pub fn varint(&mut self, out: &[u8], v: u64) {
         self.cut(out, VALUE_VARINT, 0);
         put_varint(&mut self.values, v);
@@ -133,7 +133,7 @@ impl Spans {
 
     /// Writes bytes whose length the shape holds (written before them as
     /// part of the shape, or fixed by the codec, as a hash's 16).
-    #[inline]
+    #[inline(always)]
     pub fn raw(&mut self, out: &[u8], b: &[u8]) {
         self.cut(out, VALUE_RAW, b.len());
         self.values.extend_from_slice(b);
@@ -141,7 +141,7 @@ impl Spans {
 
     /// Writes length-prefixed bytes: the length to `out` (the shape), the
     /// bytes a value.
-    #[inline]
+    #[inline(always)]
     pub fn bytes(&mut self, out: &mut Vec<u8>, b: &[u8]) {
         put_varint(out, b.len() as u64);
         self.raw(out, b);
