@@ -440,8 +440,8 @@ fn json_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
 /// or idle: a busy writer that went round again at once took the slots'
 /// mutexes many times per millisecond and wrote a few records a round,
 /// on the CPUs the devices need. At 1 ms, the wake-ups and `write`s of a
-/// writer keeping up with 130,000 requests a second cost 0.28 us of
-/// system time per request; at 4 ms, 0.08 us (BENCHMARKS.md).
+/// writer keeping up with 130,000 requests a second took about 0.2 us of
+/// system time per request more than at 4 ms (BENCHMARKS.md).
 const POLL: Duration = Duration::from_millis(4);
 /// How often the writer hands what it has written to the file: at most
 /// this much (and one round of the slots) is lost when the process is
