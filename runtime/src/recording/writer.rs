@@ -266,8 +266,8 @@ const NAMES_SAME: u8 = 1;
 fn put_gap(out: &mut Vec<u8>, last: &mut Option<[String; 3]>, seq: u64, n: u64) {
     let names = ["recorder", "recorder", RecordKind::Gap.as_str()];
     let mut spans = Spans::default();
-    // Its names are given in full (a JSON body's record is never written
-    // with `NAMES_SAME`), and become the slot's last.
+    // Written as for a JSON Lines log, so its names are given in full
+    // (never `NAMES_SAME`), and they become the slot's last.
     let format = LogFormat::JsonLines;
     let to = (out, &mut spans, last);
     put_slot_record(to, format, (seq, 0, 0), names, &GapBody(n));
