@@ -147,10 +147,7 @@ impl Out {
                 None => {
                     // No structure to share: the whole body is one value.
                     scratch.clear();
-                    self.values.begin(0);
-                    self.values.rest_with(&scratch, |v| {
-                        binary::put_json_body(v, payload.as_bytes(), reply.as_bytes())
-                    });
+                    self.values.json_body(payload.as_bytes(), reply.as_bytes());
                     CODEC_JSON
                 }
             };

@@ -163,6 +163,15 @@ impl Spans {
         f(&mut self.values);
     }
 
+    /// Begins a body with no fixed bytes whose one value is a JSON
+    /// payload and reply ([`put_json_body`](super::binary::put_json_body)):
+    /// a [`CODEC_JSON`](super::binary::CODEC_JSON) body, which has no
+    /// structure to share.
+    pub fn json_body(&mut self, payload: &[u8], reply: &[u8]) {
+        self.begin(0);
+        self.rest_with(&[], |v| super::binary::put_json_body(v, payload, reply));
+    }
+
     /// The cuts so far, [`Cut::BYTES`] each (read with [`Cut::iter`]).
     pub fn cuts(&self) -> &[u8] {
         &self.cuts

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::binary::{self, CODEC_JSON};
+use super::binary::CODEC_JSON;
 use super::shape::{FrameEncoder, Names, RecordParts, Spans};
 use super::{Body, LogFormat, RecordKind, Summary, WhenFull};
 
@@ -186,10 +186,7 @@ fn put_slot_record(
     out.extend_from_slice(&latency.to_ne_bytes());
     // The binary writer keeps each slot's last names; the JSON Lines one
     // writes them out every time, so it gets them every time.
-    let same = format == LogFormat::Binary
-        && last
-            .as_ref()
-            .is_some_and(|l| l[0] == names[0] && l[1] == names[1] && l[2] == names[2]);
+    let same = format == LogFormat::Binary && last.as_ref().is_some_and(|l| *l == names);
     if same {
         out.push(NAMES_SAME);
     } else {
@@ -404,8 +401,7 @@ impl Out {
                     // No structure to share: the whole body is one value.
                     let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
                     let j = &mut self.json;
-                    j.begin(0);
-                    j.rest_with(&[], |v| binary::put_json_body(v, payload, reply));
+                    j.json_body(payload, reply);
                     (&[][..], j.cuts(), j.values())
                 } else {
                     (r.body, r.cuts, r.values)
