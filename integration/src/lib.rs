@@ -133,10 +133,23 @@ pub fn serve_in_process<D: switchboard_devices::models::virtio::VirtioDevice>(
 }
 
 impl<D: switchboard_devices::models::virtio::VirtioDevice> Served<D> {
-    /// Stops serving; asserts that nothing was left in flight, that serving
-    /// ended without an error and that the socket file is gone.
+    /// The requests in flight once every admission that is ending has
+    /// ended: a frontend sees a request's used entry before the server has
+    /// recorded it and dropped its admission (see `finish` in the server's
+    /// `walk.rs`), so this waits up to 10 s for the count to reach zero.
+    pub fn settled_in_flight(&self) -> u64 {
+        let _ = self.server.gate().wait_idle(
+            switchboard_runtime::gate::Lanes::All,
+            Some(std::time::Duration::from_secs(10)),
+        );
+        self.server.in_flight()
+    }
+
+    /// Stops serving; asserts that nothing was left in flight (see
+    /// [`Served::settled_in_flight`]), that serving ended without an error
+    /// and that the socket file is gone.
     pub fn finish(mut self) {
-        assert_eq!(self.server.in_flight(), 0, "requests left in flight");
+        assert_eq!(self.settled_in_flight(), 0, "requests left in flight");
         self.stop.stop();
         if let Some(t) = self.serving.take() {
             t.join().expect("server thread").expect("serve");

@@ -580,7 +580,7 @@ fn test_bad_requests_get_the_right_status_and_the_device_keeps_serving() {
     let (st, _) = one(&mut fe, T_IN, 5, &[0u8; 512], true);
     assert_eq!(st, VIRTIO_BLK_S_OK);
     assert_eq!(std::fs::read(&b.image).expect("read image"), before);
-    assert_eq!(b.served.server.in_flight(), 0);
+    assert_eq!(b.served.settled_in_flight(), 0);
 }
 
 #[test]

@@ -211,7 +211,7 @@ fn test_malformed_chains_get_an_empty_answer_and_the_backend_stays_up() {
     fe.kick(0).expect("kick");
     let used = fe.wait_used(0, 4, Duration::from_secs(10)).expect("used");
     assert_eq!(used, vec![(bad, 0), (edge, 0), (order, 0), (good, 16)]);
-    assert_eq!(b.served.server.in_flight(), 0);
+    assert_eq!(b.served.settled_in_flight(), 0);
     b.served.stop.stop();
 }
 
