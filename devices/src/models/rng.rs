@@ -70,23 +70,34 @@ pub struct RngRebuild {
 /// returns the bytes written. The entropy is an input of the request, so
 /// it is recorded and a replay gets the same bytes.
 fn fill(request: &mut Request, limit: u64) -> u32 {
+    thread_local! {
+        /// The entropy on its way to the guest: one buffer per thread,
+        /// zeroed for each request, so that a request allocates nothing.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     request.set_kind("entropy");
     let n = request.writable_len().min(limit).min(MAX_FILL) as usize;
-    let mut buf = vec![0u8; n];
-    if let Err(e) = request.input("entropy", 0, &mut buf, |b| {
-        getrandom::fill(b)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO)))
-    }) {
-        tracing::error!(error = %e, "getrandom failed; answering with no bytes");
-        return 0;
-    }
-    match request.write_at(0, &buf) {
-        Ok(()) => n as u32,
-        Err(e) => {
-            tracing::warn!(error = %e, "write entropy to the guest");
-            0
+    BUF.with_borrow_mut(|buf| {
+        // Zeroed, so that no byte of an earlier request's entropy can
+        // reach this one's guest.
+        buf.clear();
+        buf.resize(n, 0);
+        if let Err(e) = request.input("entropy", 0, buf, |b| {
+            getrandom::fill(b).map_err(|e| {
+                std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
+            })
+        }) {
+            tracing::error!(error = %e, "getrandom failed; answering with no bytes");
+            return 0;
         }
-    }
+        match request.write_at(0, buf) {
+            Ok(()) => n as u32,
+            Err(e) => {
+                tracing::warn!(error = %e, "write entropy to the guest");
+                0
+            }
+        }
+    })
 }
 
 impl Rng {

@@ -53,6 +53,19 @@ pub fn get_varint(buf: &mut &[u8]) -> Option<u64> {
 
 #[inline(never)]
 fn get_varint_long(buf: &mut &[u8]) -> Option<u64> {
+    // Ten bytes at hand (a varint's most): an unrolled loop with no bounds
+    // checks. A record's head has two or three varints of a few bytes.
+    if let Some(a) = buf.first_chunk::<10>() {
+        let mut v = 0u64;
+        for (i, &b) in a.iter().enumerate() {
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                *buf = &buf[i + 1..];
+                return Some(v);
+            }
+        }
+        return None;
+    }
     let mut v = 0u64;
     for (i, &b) in buf.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);
@@ -411,6 +424,22 @@ mod tests {
             assert_eq!(get_varint(&mut b), Some(v));
             assert!(b.is_empty());
             assert_eq!(get_varint(&mut &out[..out.len() - 1]), None);
+        }
+        // With ten bytes or more at hand (a record's head, mid-frame) the
+        // reader takes another path: the same values, the rest left.
+        for v in [128, 300, 1 << 21, 1 << 35, 1 << 56, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            out.extend_from_slice(&[0xAB; 12]);
+            let mut b = &out[..];
+            assert_eq!(get_varint(&mut b), Some(v));
+            assert_eq!(b, &[0xAB; 12]);
+        }
+        // Ten continuation bytes are no varint, however many follow.
+        for extra in [0, 1, 5] {
+            let mut out = vec![0x80; 10];
+            out.extend(std::iter::repeat_n(0x01, extra));
+            assert_eq!(get_varint(&mut &out[..]), None, "{extra} bytes after");
         }
         for v in [0i64, -1, 1, i64::MIN, i64::MAX, -5] {
             let mut out = Vec::new();
