@@ -53,25 +53,25 @@ pub fn get_varint(buf: &mut &[u8]) -> Option<u64> {
 
 #[inline(never)]
 fn get_varint_long(buf: &mut &[u8]) -> Option<u64> {
-    // Ten bytes at hand (a varint's most): an unrolled loop with no bounds
-    // checks. A record's head has two or three varints of a few bytes.
-    if let Some(a) = buf.first_chunk::<10>() {
-        let mut v = 0u64;
-        for (i, &b) in a.iter().enumerate() {
-            v |= u64::from(b & 0x7f) << (7 * i);
-            if b < 0x80 {
-                *buf = &buf[i + 1..];
-                return Some(v);
-            }
-        }
-        return None;
-    }
+    // Ten bytes at hand (a varint's most): the loop runs over a slice of a
+    // known length, unrolled with no bounds checks. A record's head has
+    // two or three varints of a few bytes.
+    let (v, n) = match buf.first_chunk::<10>() {
+        Some(a) => varint_prefix(a),
+        None => varint_prefix(buf),
+    }?;
+    *buf = &buf[n..];
+    Some(v)
+}
+
+/// The varint at the front of `b` and its length in bytes.
+#[inline(always)]
+fn varint_prefix(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
-    for (i, &b) in buf.iter().enumerate().take(10) {
-        v |= u64::from(b & 0x7f) << (7 * i);
-        if b < 0x80 {
-            *buf = &buf[i + 1..];
-            return Some(v);
+    for (i, &x) in b.iter().enumerate().take(10) {
+        v |= u64::from(x & 0x7f) << (7 * i);
+        if x < 0x80 {
+            return Some((v, i + 1));
         }
     }
     None
