@@ -214,19 +214,91 @@ pub(super) fn serve_supervised(
                 tracing::info!(device = id, "stopped during the backoff: not restarted");
                 return Ok(());
             }
-            supervised.restarts.fetch_add(1, Ordering::AcqRel);
+            // The restart is counted only once it has its outcome: while
+            // `make` runs, `status` still sees the failed instance, and
+            // with the restart already counted it would say the limit was
+            // reached (and `serve`, seeing every device stopped, would end).
+            // On success the fresh instance is current before the count.
             match make() {
                 Ok(next) => {
                     *supervised.current.lock().unwrap_or_else(|e| e.into_inner()) =
                         Arc::clone(&next.served);
+                    supervised.restarts.fetch_add(1, Ordering::AcqRel);
                     tracing::info!(device = id, restart = done + 1, "restarted");
                     break next;
                 }
                 Err(e) => {
+                    supervised.restarts.fetch_add(1, Ordering::AcqRel);
                     tracing::error!(device = id, error = %e, restart = done + 1, "the restart failed");
                     reason = format!("restart {} failed: {e}", done + 1);
                 }
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread;
+
+    use super::*;
+    use crate::host::topology::RestartLimits;
+
+    struct Fake(Gate);
+
+    impl Served for Fake {
+        fn in_flight(&self) -> u64 {
+            0
+        }
+        fn handled(&self) -> u64 {
+            0
+        }
+        fn gate(&self) -> &Gate {
+            &self.0
+        }
+    }
+
+    /// An instance whose serving ends at once, with its gate failed if
+    /// `failure` is given.
+    fn instance(failure: Option<&str>) -> Instance {
+        let gate = Gate::running("fake", 1, 1);
+        if let Some(reason) = failure {
+            gate.fail(reason);
+        }
+        Instance {
+            served: Arc::new(Fake(gate)),
+            serve: Box::new(|_, _| Ok(())),
+        }
+    }
+
+    #[test]
+    fn test_a_device_being_rebuilt_shows_restarting_not_its_limit_reached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = vhost_user::bind(&dir.path().join("d.sock")).expect("bind");
+        let first = instance(Some("boom"));
+        let mut limits = RestartLimits::new(1);
+        limits.backoff_ms = 0;
+        let supervised = Supervised::new(RestartPolicy::Limited(limits), &first);
+        let stop = StopHandle::default();
+        let (building, rebuilt) = (mpsc::channel(), mpsc::channel::<()>());
+        let make: Make = Box::new(move || {
+            building.0.send(()).expect("send");
+            rebuilt.1.recv().expect("recv");
+            Ok(instance(None))
+        });
+        thread::scope(|s| {
+            let serving =
+                s.spawn(|| serve_supervised(&supervised, "d", socket, &stop, first, make));
+            building.1.recv().expect("make is called");
+            // The last restart allowed is under way: not yet given up.
+            let during = (supervised.status(false), supervised.restarts());
+            rebuilt.0.send(()).expect("send");
+            serving.join().expect("join").expect("served");
+            assert_eq!(during, ((RESTARTING.to_string(), Some("boom".into())), 0));
+        });
+        assert_eq!(supervised.restarts(), 1);
+        let (state, failure) = supervised.status(false);
+        assert_eq!((state.as_str(), failure), ("running", None));
     }
 }
