@@ -27,6 +27,8 @@
 #   --panic-at N     ours: no SIGKILL; instead the blk handler panics once, on request N
 #                    (--test-panic-at N), and the device's supervisor restarts it in the
 #                    process (--restart-limit 3) while QEMU reconnects
+#   --record LOG     ours with --panic-at: record the run to LOG (--record LOG
+#                    --record-data hash), across the restart, for replay
 #   --size SIZE      fio's size (default 32M)
 #   --dir DIR        keep the guest's and backends' logs here (default: a new temp dir)
 #   --timeout S      the guest's timeout (default 600)
@@ -40,11 +42,11 @@ H=$(cd "$(dirname "$0")" && pwd)
 PROG=kill-restart.sh
 . "$H/common.sh"
 
-BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=20 IO_THREADS=16 SIZE=32M DIR= TIMEOUT=600 PANIC_AT=
+BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=20 IO_THREADS=16 SIZE=32M DIR= TIMEOUT=600 PANIC_AT= RECORD=
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) print_help "$0"; exit 0 ;;
-        --backend|--bin|--kills|--interval|--latency-ms|--io-threads|--size|--dir|--timeout|--panic-at) need_arg "$1" $# ;;
+        --backend|--bin|--kills|--interval|--latency-ms|--io-threads|--size|--dir|--timeout|--panic-at|--record) need_arg "$1" $# ;;
     esac
     case $1 in
         --backend) BACKEND=$2; shift ;;
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
         --dir) DIR=$2; shift ;;
         --timeout) TIMEOUT=$2; shift ;;
         --panic-at) PANIC_AT=$2; shift ;;
+        --record) RECORD=$2; shift ;;
         *) die_rc 2 "unknown option '$1' (see --help)" ;;
     esac
     shift
@@ -67,6 +70,8 @@ if [ -n "$PANIC_AT" ]; then
     [[ $PANIC_AT =~ ^[1-9][0-9]*$ ]] || die_rc 2 "--panic-at must be a request number from 1, not '$PANIC_AT'"
     KILLS=0
 fi
+# One process records: a SIGKILLed backend's successor would need a log of its own.
+[ -z "$RECORD" ] || [ -n "$PANIC_AT" ] || die_rc 2 "--record needs --panic-at"
 for n in KILLS INTERVAL LAT IO_THREADS TIMEOUT; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die_rc 2 "--$(tr 'A-Z_' 'a-z-' <<< "$n") must be a whole number, not '${!n}'"
 done
@@ -89,7 +94,7 @@ start_backend() {
         [ "$BACKEND" = ours ] || env=(SWITCHBOARD_TEST_NO_INFLIGHT=1)
         env "${env[@]}" RUST_LOG=${RUST_LOG:-info} "$BIN" serve blk --path "$IMG" --socket-path "$SOCK" --io-threads "$IO_THREADS" \
             --test-latency-ms "$LAT" ${PANIC_AT:+--test-panic-at "$PANIC_AT" --restart-limit 3} \
-            >"$log" 2>&1 &
+            ${RECORD:+--record "$RECORD" --record-data hash} >"$log" 2>&1 &
     else
         # The same mean rate as ours: IO_THREADS threads, LAT * 1.5 ms per operation.
         local iops=$(( LAT > 0 ? IO_THREADS * 1000 * 2 / (3 * LAT) : 0 ))

@@ -350,6 +350,7 @@ struct Out {
     bytes: u64,
     /// The binary form's names, shapes and record heads.
     enc: FrameEncoder,
+    /// Frames not yet handed to `out` (at most [`BATCH`] and one record).
     frame: Vec<u8>,
     /// A JSON body's value, in the binary form.
     json: Spans,
@@ -374,11 +375,11 @@ impl Out {
             }
         }
         self.summary.records += 1;
+        let at = self.frame.len();
         match self.format {
             LogFormat::JsonLines => {
                 let (payload, reply) = json_parts(r.body).unwrap_or((b"null", b"null"));
                 let line = &mut self.frame;
-                line.clear();
                 let _ = write!(
                     line,
                     "{{\"seq\":{},\"time\":{},\"latency\":{},\"from\":",
@@ -406,7 +407,6 @@ impl Out {
                 } else {
                     (r.body, r.cuts, r.values)
                 };
-                self.frame.clear();
                 let parts = RecordParts {
                     seq: r.seq,
                     time: r.time,
@@ -420,11 +420,36 @@ impl Out {
                 *ids = self.enc.record(&mut self.frame, &parts);
             }
         }
-        self.out.write_all(&self.frame)?;
-        self.bytes += self.frame.len() as u64;
+        self.bytes += (self.frame.len() - at) as u64;
+        if self.frame.len() >= BATCH {
+            self.write_frames()?;
+        }
         Ok(())
     }
+
+    /// Hands the frames gathered so far to the file, straight from
+    /// `frame`: `out`'s buffer is emptied first, so that they are not
+    /// copied into it.
+    fn write_frames(&mut self) -> io::Result<()> {
+        if !self.frame.is_empty() {
+            self.out.flush()?;
+            self.out.get_mut().write_all(&self.frame)?;
+            self.frame.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes everything gathered and flushes the file.
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_frames()?;
+        self.out.flush()
+    }
 }
+
+/// The frames the writer gathers before one `write`: as large as the
+/// file's buffer was, so that a busy writer makes as few `write`s, and
+/// each record is copied once (into `Out::frame`) instead of twice.
+const BATCH: usize = 1 << 18;
 
 /// A slot-form JSON body's payload and reply.
 fn json_parts(body: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -458,7 +483,7 @@ pub(super) fn write_loop(
         format,
         bytes,
         enc: FrameEncoder::default(),
-        frame: Vec::with_capacity(4096),
+        frame: Vec::with_capacity(BATCH + 4096),
         json: Spans::default(),
         summary: Summary::default(),
     };
@@ -548,7 +573,7 @@ pub(super) fn write_loop(
         }
         dirty |= wrote;
         if dirty && (!wrote || flushed.elapsed() >= FLUSH_EVERY) {
-            out.out.flush()?;
+            out.flush()?;
             flushed = Instant::now();
             dirty = false;
         }
@@ -556,7 +581,7 @@ pub(super) fn write_loop(
             thread::sleep(POLL);
         }
     }
-    out.out.flush()?;
+    out.flush()?;
     out.summary.bytes = out.bytes;
     Ok(out.summary)
 }
