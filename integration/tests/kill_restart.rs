@@ -14,7 +14,9 @@
 //!   I/O breaks (the kernel's `is not a head` and I/O errors, or fio
 //!   hanging), which shows the test can fail.
 //! - The blk handler panics once mid-run: the supervisor restarts the
-//!   device in the process, QEMU reconnects, the guest sees 0 I/O errors.
+//!   device in the process, QEMU reconnects, the guest sees 0 I/O errors,
+//!   and the run's message log (`failed`, the fresh `added`, `resubmit`)
+//!   replays with 0 divergences.
 //!
 //! A fault that panics on every request stopping at the restart limit,
 //! with the reason in `query-devices`, is `restart.rs`.
@@ -130,7 +132,18 @@ fn test_without_inflight_tracking_the_same_kills_break_the_guests_io() {
 fn test_a_blk_handler_panicking_once_is_restarted_and_the_guest_sees_no_error() {
     setup();
     let dir = tempfile::tempdir().expect("tempdir");
-    let (summary, all, ok) = kill_restart(dir.path(), &["--backend", "ours", "--panic-at", "2000"]);
+    let log = dir.path().join("rec.log");
+    let (summary, all, ok) = kill_restart(
+        dir.path(),
+        &[
+            "--backend",
+            "ours",
+            "--panic-at",
+            "2000",
+            "--record",
+            log.to_str().expect("utf-8 path"),
+        ],
+    );
     assert!(ok, "{summary}\n{all}");
     for want in ["restarts=1 ", "guest_ok=1", "io_errors=0", "host_verify=ok"] {
         assert!(summary.contains(want), "{want} not in: {summary}\n{all}");
@@ -141,4 +154,32 @@ fn test_a_blk_handler_panicking_once_is_restarted_and_the_guest_sees_no_error() 
         "{logs}"
     );
     assert!(logs.contains("in-flight requests recovered"), "{logs}");
+    // The log, recorded across the restart, replays: the failure, the
+    // fresh instance and the resubmitted requests included.
+    let out = Command::new(switchboard_bin())
+        .arg("replay")
+        .arg(&log)
+        .output()
+        .expect("run replay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(" 0 divergences"), "{text}");
+    assert!(
+        text.contains("blk0 failed at seq ") && text.contains("request 2000 panics"),
+        "{text}"
+    );
+    let listed = Command::new(switchboard_bin())
+        .arg("log")
+        .arg(&log)
+        .output()
+        .expect("run log");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(" resubmit "),
+        "no resubmit record:\n{listed}"
+    );
 }

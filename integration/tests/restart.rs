@@ -296,4 +296,12 @@ fn test_serve_restarts_a_device_whose_memfd_shrank_and_its_log_replays() {
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("0 divergences"), "{text}");
+    // Both failures are in the log, with their reasons, and replay names
+    // them.
+    let failed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" failed at seq "))
+        .collect();
+    assert_eq!(failed.len(), 2, "{text}");
+    assert!(failed.iter().all(|l| l.contains("memory")), "{text}");
 }

@@ -82,6 +82,9 @@ fn print_replayed(r: &ReplayReport) {
     for (id, (n, why)) in &r.not_replayable {
         say!("  {id}: {n} messages not replayed: {why}");
     }
+    for (seq, id, reason) in &r.failures {
+        say!("  {id} failed at seq {seq}: {reason}");
+    }
     if r.gaps > 0 {
         say!(
             "  {} gaps in the log: {} records were dropped while recording and could not be checked",

@@ -82,6 +82,10 @@ pub struct ReplayReport {
     pub gaps: u64,
     /// Records lost in gaps.
     pub dropped: u64,
+    /// Device failures the log records (`failed`), in order: seq, device,
+    /// reason. Replay goes on past them (a restarted device's `added`
+    /// rebuilds it).
+    pub failures: Vec<(u64, String, String)>,
 }
 
 impl ReplayReport {
@@ -645,6 +649,16 @@ impl<'p> Run<'p> {
                  nor an `added` record describes"
             )));
         };
+        if parsed_kind == ParsedKind::Known(RecordKind::Failed) {
+            #[derive(serde::Deserialize)]
+            struct Failed {
+                reason: String,
+            }
+            let reason = serde_json::from_str::<Failed>(msg.body.raw().0)
+                .map_or_else(|e| format!("<no reason: {e}>"), |f| f.reason);
+            self.report.failures.push((seq, to.to_string(), reason));
+            return Ok(Step::Next);
+        }
         let path = self.path;
         let actor = &mut self.actors[slot].1;
         let diverged_here = |actor: &Actor, m: Mismatch| {

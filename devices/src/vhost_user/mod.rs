@@ -444,6 +444,21 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         // The `added` record goes first: nothing of the device's can be
         // recorded before it.
         to.journal.record(added);
+        // Its failure (a contained panic, a shrunk memfd) is a `failed`
+        // record with the reason, written where the failure is caught: a
+        // restart shows as `failed` then the fresh instance's `added`.
+        let (journal, actor) = (Arc::clone(&to.journal), Arc::clone(&to.id));
+        self.gate().on_fail(move |reason| {
+            journal.record(Entry::json(
+                journal.now(),
+                0,
+                Arc::from("switchboard"),
+                Arc::clone(&actor),
+                RecordKind::Failed,
+                serde_json::json!({ "reason": reason }),
+                serde_json::Value::Null,
+            ));
+        });
         self.shared.record.set(to).is_ok()
     }
 

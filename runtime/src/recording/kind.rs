@@ -35,7 +35,8 @@ pub enum RecordKind {
     ResetDevice,
     /// A descriptor chain that could not be parsed.
     Malformed,
-    /// A device was failed (a contained panic), with the reason.
+    /// A device was failed (a contained panic, a shrunk memfd), with the
+    /// reason (payload `{"reason": ...}`); written for vhost-user devices.
     Failed,
     /// An interrupt message a device sent (one-way).
     Irq,
