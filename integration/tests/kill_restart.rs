@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::Command;
 
 use switchboard_integration::qemu::{self, setup};
-use switchboard_integration::switchboard_bin;
+use switchboard_integration::{output_text, switchboard_bin};
 
 /// Runs kill-restart.sh; returns its summary line, and all its output.
 fn kill_restart(dir: &Path, args: &[&str]) -> (String, String, bool) {
@@ -161,11 +161,7 @@ fn test_a_blk_handler_panicking_once_is_restarted_and_the_guest_sees_no_error() 
         .arg(&log)
         .output()
         .expect("run replay");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(" 0 divergences"), "{text}");
     assert!(
