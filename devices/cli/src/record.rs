@@ -58,7 +58,9 @@ pub(crate) struct RecordArgs {
     /// When the log's buffer is full: wait, or drop and mark a gap.
     #[arg(long, value_enum, default_value_t = RecordFull::Wait, value_name = "WHAT")]
     record_full: RecordFull,
-    /// Records the log's buffer holds.
+    /// Records each recording thread's buffer holds before it is full (a
+    /// buffer is also full at 16 MiB, whichever comes first); see
+    /// --record-full.
     #[arg(long, default_value_t = DEFAULT_BUFFER as u64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
     record_buffer: u64,
     /// The log's form. `switchboard log --json` shows either as JSON Lines.

@@ -6,7 +6,8 @@
 //! buffer behind a mutex that only that thread and the writer take. A
 //! record takes its `seq` from the shared counter *inside* its slot's
 //! mutex and is encoded there, in the slot form below; the writer swaps
-//! every slot's buffer for an empty one, and since it read the counter
+//! every slot's buffer for an emptied one it took from that slot before,
+//! and since it read the counter
 //! first, every seq below what it read is in a buffer it holds. It merges
 //! the slots in seq order up to there and writes the log (JSON Lines or
 //! binary frames: `LOG-FORMAT.md`).
@@ -131,7 +132,9 @@ impl Shared {
                 return;
             }
             let mut b = lock(&slot.buf);
-            if b.records >= self.limit {
+            // Full at its record limit, or at `BUFFER_BYTES` (by value, a
+            // record is a whole block); a record alone may be larger.
+            if b.records >= self.limit || b.bytes.len() >= super::BUFFER_BYTES {
                 match self.when_full {
                     WhenFull::Wait => {
                         drop(b);
@@ -334,6 +337,10 @@ struct Pending {
     chunks: VecDeque<(Vec<u8>, usize)>,
     /// The name indices of the last record written from the slot.
     ids: [u64; 3],
+    /// The slot's written buffers, emptied, to give back to that same
+    /// slot: each keeps the capacity its slot grew it to, so that a busy
+    /// slot is not handed a quiet one's small buffer to grow again.
+    spares: Vec<Vec<u8>>,
 }
 
 impl Pending {
@@ -488,7 +495,6 @@ pub(super) fn write_loop(
         summary: Summary::default(),
     };
     let mut pending: Vec<Pending> = Vec::new();
-    let mut spares: Vec<Vec<u8>> = Vec::new();
     let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut flushed = Instant::now();
     // Written since the last flush.
@@ -512,8 +518,8 @@ pub(super) fn write_loop(
             if b.records == 0 {
                 continue;
             }
-            pressed |= b.records >= shared.limit / 2;
-            let spare = spares.pop().unwrap_or_default();
+            pressed |= b.records >= shared.limit / 2 || b.bytes.len() >= super::BUFFER_BYTES / 2;
+            let spare = p.spares.pop().unwrap_or_default();
             let full = std::mem::replace(&mut b.bytes, spare);
             b.records = 0;
             drop(b);
@@ -552,7 +558,7 @@ pub(super) fn write_loop(
             if end >= chunk.len() {
                 if let Some((mut c, _)) = p.chunks.pop_front() {
                     c.clear();
-                    spares.push(c);
+                    p.spares.push(c);
                 }
             }
         }
