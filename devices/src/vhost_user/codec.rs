@@ -260,7 +260,14 @@ fn put_ats<'a>(out: &mut Vec<u8>, v: &mut Spans, ats: &'a [At], seen: &mut Seen<
 fn put_externals<'a>(out: &mut Vec<u8>, v: &mut Spans, exts: &'a [External], seen: &mut Seen<'a>) {
     put_varint(out, exts.len() as u64);
     for e in exts {
-        match WHATS.iter().position(|w| *w == e.what) {
+        // A device's own name is one of `WHATS` itself: found by address
+        // first, without comparing bytes.
+        let what = &*e.what;
+        let known = WHATS
+            .iter()
+            .position(|w| std::ptr::eq(*w, what))
+            .or_else(|| WHATS.iter().position(|w| *w == what));
+        match known {
             Some(i) => out.push(i as u8 + 1),
             None => {
                 out.push(0);

@@ -225,11 +225,13 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                     let state = vring.get_ref();
                     (state.get_queue().desc_table(), state.get_queue().size())
                 };
+                let time = self.delivery_time();
                 for head in heads {
                     let descriptors = inflight::chain_at(&mem.memory(), table, size, head);
                     tracing::debug!(queue, head, descriptors = descriptors.len(), "resubmitting");
                     let last = descriptors.last().copied();
-                    self.take_chain(queue, vring, tracked, head, descriptors, || last);
+                    let chain = (head, descriptors, || last);
+                    self.take_chain(queue, vring, tracked, time, chain);
                 }
                 self.contain(
                     || format!("queue {queue}: end of batch"),
@@ -271,6 +273,9 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 }
             }
             let mut used = false;
+            // One clock read per batch: the chains of a batch were all
+            // delivered when the ring was read.
+            let time = self.delivery_time();
             for chain in chains {
                 let head = chain.head_index();
                 // Walked straight into the request: no allocation per chain.
@@ -284,7 +289,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                         .last()
                         .map(|d| (GuestAddr(d.addr().0), d.len(), d.is_write_only()))
                 };
-                used |= self.take_chain(queue, vring, tracked, head, descriptors, last);
+                used |= self.take_chain(queue, vring, tracked, time, (head, descriptors, last));
             }
             self.contain(
                 || format!("queue {queue}: end of batch"),
@@ -306,17 +311,26 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         Ok(())
     }
 
-    /// One popped (or resubmitted) chain: admitted and handed to the
-    /// device, refused, or answered as malformed. Whether a used entry was
-    /// written.
+    /// The delivery time of the chains read from a ring now, for their
+    /// records (0 when not recording).
+    fn delivery_time(&self) -> u64 {
+        self.shared.record.get().map_or(0, |r| r.journal.now())
+    }
+
+    /// One popped (or resubmitted) chain `(head, descriptors, last)`,
+    /// delivered at `time`: admitted and handed to the device, refused, or
+    /// answered as malformed. Whether a used entry was written.
     fn take_chain(
         &self,
         queue: usize,
         vring: &VringRwLock,
         tracked: Option<&Inflight>,
-        head: u16,
-        descriptors: impl IntoIterator<Item = Descriptors>,
-        last: impl FnOnce() -> Option<Descriptors>,
+        time: u64,
+        (head, descriptors, last): (
+            u16,
+            impl IntoIterator<Item = Descriptors>,
+            impl FnOnce() -> Option<Descriptors>,
+        ),
     ) -> bool {
         let completer = self.completer(queue);
         let fail_status = self.shared.device.fail_status();
@@ -324,7 +338,6 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let admitted = self.shared.gate.admit(queue, seq, MessageKind::Request);
         let memreq = self.shared.bus.guest_memory().request();
         let record = self.shared.record.get();
-        let time = record.map(|r| r.journal.now()).unwrap_or(0);
         match Request::new(queue as u16, head, descriptors, memreq) {
             Ok(mut request) => {
                 let ticket = match admitted {
