@@ -82,18 +82,17 @@ fn fill(request: &mut Request, limit: u64) -> u32 {
         // reach this one's guest.
         buf.clear();
         buf.resize(n, 0);
-        if let Err(e) = request.input("entropy", 0, buf, |b| {
+        // Taken as an input and written to the guest in one step, so that
+        // a recording captures (hashes or copies) the entropy once.
+        let filled = request.input_into_guest("entropy", 0, buf, 0, |b| {
             getrandom::fill(b).map_err(|e| {
                 std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::EIO))
             })
-        }) {
-            tracing::error!(error = %e, "getrandom failed; answering with no bytes");
-            return 0;
-        }
-        match request.write_at(0, buf) {
+        });
+        match filled {
             Ok(()) => n as u32,
             Err(e) => {
-                tracing::warn!(error = %e, "write entropy to the guest");
+                tracing::warn!(error = %e, "fill the request with entropy; answering with no bytes");
                 0
             }
         }
