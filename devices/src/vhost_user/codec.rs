@@ -260,8 +260,11 @@ fn put_ats<'a>(out: &mut Vec<u8>, v: &mut Spans, ats: &'a [At], seen: &mut Seen<
 fn put_externals<'a>(out: &mut Vec<u8>, v: &mut Spans, exts: &'a [External], seen: &mut Seen<'a>) {
     put_varint(out, exts.len() as u64);
     for e in exts {
-        // A device's own name is one of `WHATS` itself: found by address
-        // first, without comparing bytes.
+        // Looked for by address first: a device names its `what` with a
+        // literal equal to an entry of `WHATS`, and equal literals are
+        // usually merged into one, so this finds it without comparing
+        // bytes; the byte compare finds it when they are not (and a name
+        // read back from a JSON log, which may be owned).
         let what = &*e.what;
         let known = WHATS
             .iter()
