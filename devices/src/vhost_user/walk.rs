@@ -32,7 +32,7 @@ use switchboard_runtime::recording::{Entry, RecordKind};
 use switchboard_runtime::{MessageKind, State};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use super::codec::{RequestRecord, SegmentLens};
 use super::inflight::{self, Inflight, QueueInflight};
@@ -186,12 +186,27 @@ impl<D: VirtioDevice> VhostUserServer<D> {
         let before = ring.next_avail();
         ring.set_next_avail(found.next_avail);
         if !found.resubmit.is_empty() || before != found.next_avail || found.cleared_last {
+            // What a restore from the used index alone would have got
+            // wrong: the heads in the ring from `used` on, against the
+            // heads really in flight.
+            let ring_heads: Option<Vec<u16>> = (0..found.next_avail.wrapping_sub(used))
+                .map(|k| {
+                    let slot = u64::from(used.wrapping_add(k) % ring.size().max(1));
+                    mem.read_obj::<u16>(GuestAddress(ring.avail_ring() + 4 + 2 * slot))
+                        .ok()
+                        .map(u16::from_le)
+                })
+                .collect();
+            let out_of_ring_order = ring_heads
+                .as_deref()
+                .map(|heads| out_of_ring_order(heads, &found.resubmit));
             tracing::info!(
                 queue,
                 used_idx = used,
                 next_avail = found.next_avail,
                 frontend_base = before,
                 resubmit = ?found.resubmit,
+                out_of_ring_order = ?out_of_ring_order,
                 cleared_last = found.cleared_last,
                 "in-flight requests recovered"
             );
@@ -440,5 +455,36 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 self.signal(vring);
             }
         }
+    }
+}
+
+/// The heads in flight (`resubmit`) that are not among `ring_heads`, the
+/// available ring's entries from the used index to the recovered next
+/// position: the requests a frontend without in-flight tracking, which
+/// restores the ring from the used index, would lose (and for each, a
+/// completed request it would run again). Zero when the requests completed
+/// in ring order.
+fn out_of_ring_order(ring_heads: &[u16], resubmit: &[u16]) -> usize {
+    resubmit.iter().filter(|h| !ring_heads.contains(h)).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::out_of_ring_order;
+
+    #[test]
+    fn test_requests_completed_in_ring_order_leave_nothing_out_of_ring_order() {
+        // The ring from the used index holds 7, 3, 9; the same heads are
+        // in flight, in another counter order.
+        assert_eq!(out_of_ring_order(&[7, 3, 9], &[9, 7, 3]), 0);
+    }
+
+    #[test]
+    fn test_a_request_held_while_later_ones_completed_is_out_of_ring_order() {
+        // Heads 5 and 1, before the used index in ring order, are still
+        // in flight; 3 and 9, after them, completed. The ring from the
+        // used index holds 7, 3, 9, and only 7 of them is in flight.
+        assert_eq!(out_of_ring_order(&[7, 3, 9], &[5, 7, 1]), 2);
+        assert_eq!(out_of_ring_order(&[], &[]), 0);
     }
 }
