@@ -5,7 +5,13 @@
 # survive? A Linux guest runs fio random writes with crc32c verification
 # (guest test blk-fio-verify) on a vhost-user-blk disk whose file I/O is
 # slowed, so that about 32 requests are always in flight and complete out
-# of order. Once fio runs, the backend is killed with SIGKILL KILLS times,
+# of order: each file operation waits the latency plus a random part of as
+# much again, and every 16th (--slow-every) waits ten times the latency, so
+# that at any instant some request is held while later ones complete. (With
+# random waits alone, a guest slowed by other guests on the same CPUs can
+# keep few requests in flight, and a kill can then find the completed
+# requests in ring order: the control run's guest then survives by luck.)
+# Once fio runs, the backend is killed with SIGKILL KILLS times,
 # INTERVAL seconds apart, and restarted on the same socket each time while
 # QEMU reconnects (chardev reconnect=1). Afterwards fio on the host checks
 # the image file against what the guest's fio wrote (--verify_only).
@@ -24,6 +30,8 @@
 #                    same mean rate. Default 20
 #   --io-threads N   ours: --io-threads (default 16: with the random part, requests
 #                    complete far out of order)
+#   --slow-every N   ours: --test-slow-every (every Nth file operation waits ten times
+#                    the latency; default 16; 0: none)
 #   --panic-at N     ours: no SIGKILL; instead the blk handler panics once, on request N
 #                    (--test-panic-at N), and the device's supervisor restarts it in the
 #                    process (--restart-limit 3) while QEMU reconnects
@@ -42,11 +50,11 @@ H=$(cd "$(dirname "$0")" && pwd)
 PROG=kill-restart.sh
 . "$H/common.sh"
 
-BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=20 IO_THREADS=16 SIZE=32M DIR= TIMEOUT=600 PANIC_AT= RECORD=
+BACKEND= BIN=target/debug/switchboard KILLS=3 INTERVAL=3 LAT=20 IO_THREADS=16 SLOW_EVERY=16 SIZE=32M DIR= TIMEOUT=600 PANIC_AT= RECORD=
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) print_help "$0"; exit 0 ;;
-        --backend|--bin|--kills|--interval|--latency-ms|--io-threads|--size|--dir|--timeout|--panic-at|--record) need_arg "$1" $# ;;
+        --backend|--bin|--kills|--interval|--latency-ms|--io-threads|--slow-every|--size|--dir|--timeout|--panic-at|--record) need_arg "$1" $# ;;
     esac
     case $1 in
         --backend) BACKEND=$2; shift ;;
@@ -55,6 +63,7 @@ while [ $# -gt 0 ]; do
         --interval) INTERVAL=$2; shift ;;
         --latency-ms) LAT=$2; shift ;;
         --io-threads) IO_THREADS=$2; shift ;;
+        --slow-every) SLOW_EVERY=$2; shift ;;
         --size) SIZE=$2; shift ;;
         --dir) DIR=$2; shift ;;
         --timeout) TIMEOUT=$2; shift ;;
@@ -72,7 +81,7 @@ if [ -n "$PANIC_AT" ]; then
 fi
 # One process records: a SIGKILLed backend's successor would need a log of its own.
 [ -z "$RECORD" ] || [ -n "$PANIC_AT" ] || die_rc 2 "--record needs --panic-at"
-for n in KILLS INTERVAL LAT IO_THREADS TIMEOUT; do
+for n in KILLS INTERVAL LAT IO_THREADS SLOW_EVERY TIMEOUT; do
     [[ ${!n} =~ ^[0-9]+$ ]] || die_rc 2 "--$(tr 'A-Z_' 'a-z-' <<< "$n") must be a whole number, not '${!n}'"
 done
 if [ "$BACKEND" != qsd ]; then [ -x "$BIN" ] || die_rc 2 "no switchboard binary at $BIN (build it, or pass --bin)"; fi
@@ -90,10 +99,11 @@ start_backend() {
     local log=$DIR/backend.$1.log
     rm -f "$SOCK"
     if [ "$BACKEND" != qsd ]; then
-        local env=()
+        local env=() slow=()
         [ "$BACKEND" = ours ] || env=(SWITCHBOARD_TEST_NO_INFLIGHT=1)
+        [ "$SLOW_EVERY" = 0 ] || [ "$LAT" = 0 ] || slow=(--test-slow-every "$SLOW_EVERY")
         env "${env[@]}" RUST_LOG=${RUST_LOG:-info} "$BIN" serve blk --path "$IMG" --socket-path "$SOCK" --io-threads "$IO_THREADS" \
-            --test-latency-ms "$LAT" ${PANIC_AT:+--test-panic-at "$PANIC_AT" --restart-limit 3} \
+            --test-latency-ms "$LAT" "${slow[@]}" ${PANIC_AT:+--test-panic-at "$PANIC_AT" --restart-limit 3} \
             ${RECORD:+--record "$RECORD" --record-data hash} >"$log" 2>&1 &
     else
         # The same mean rate as ours: IO_THREADS threads, LAT * 1.5 ms per operation.

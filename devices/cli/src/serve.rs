@@ -68,6 +68,12 @@ pub(crate) enum Device {
         /// complete out of order).
         #[arg(long, value_name = "MS", hide = true)]
         test_latency_ms: Option<u64>,
+        /// Test only: with --test-latency-ms, every Nth file operation
+        /// (counted over the device) waits ten times MS instead, so that
+        /// some request is always held while later ones complete.
+        #[arg(long, value_name = "N", hide = true, requires = "test_latency_ms",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        test_slow_every: Option<u64>,
         /// Test only: the request handler panics on request N (counted over
         /// the process, restarts included), once.
         #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..))]
@@ -297,6 +303,7 @@ impl TryFrom<Device> for ServeConfig {
                 workers,
                 serial,
                 test_latency_ms,
+                test_slow_every,
                 test_panic_at,
                 test_panic_every,
                 socket,
@@ -321,6 +328,7 @@ impl TryFrom<Device> for ServeConfig {
                             io_threads: usize::from(io_threads),
                             serial,
                             latency: std::time::Duration::from_millis(test_latency_ms.unwrap_or(0)),
+                            latency_slow_every: test_slow_every.unwrap_or(0),
                             test_panic: test_panic_at.map(|at| {
                                 std::sync::Arc::new(PanicFault::new(at, test_panic_every))
                             }),
@@ -392,14 +400,15 @@ impl ServeConfig {
 
     /// What the topology cannot say about the device on `socket`.
     fn tuning(&self, socket: Option<BoundSocket>) -> Tuning {
-        let (queue_size, io_threads, latency, test_panic) = match &self.model {
+        let (queue_size, io_threads, latency, latency_slow_every, test_panic) = match &self.model {
             Model::Blk { options, .. } => (
                 Some(options.queue_size),
                 Some(options.io_threads),
                 options.latency,
+                options.latency_slow_every,
                 options.test_panic.clone(),
             ),
-            Model::Rng { .. } => (None, None, std::time::Duration::ZERO, None),
+            Model::Rng { .. } => (None, None, std::time::Duration::ZERO, 0, None),
         };
         Tuning {
             serving: Serving {
@@ -409,6 +418,7 @@ impl ServeConfig {
             queue_size,
             io_threads,
             latency,
+            latency_slow_every,
             test_panic,
         }
     }

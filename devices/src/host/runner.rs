@@ -172,6 +172,9 @@ pub struct Tuning {
     /// virtio-blk, **test only**: latency added to every file operation
     /// ([`BlkOptions::latency`]).
     pub latency: std::time::Duration,
+    /// virtio-blk, **test only**: every Nth file operation waits ten
+    /// times `latency` ([`BlkOptions::latency_slow_every`]).
+    pub latency_slow_every: u64,
     /// virtio-blk, **test only**: a panic fault ([`BlkOptions::test_panic`]).
     pub test_panic: Option<std::sync::Arc<crate::models::blk::PanicFault>>,
 }
@@ -187,6 +190,7 @@ impl Tuning {
             options.io_threads = n;
         }
         options.latency = self.latency;
+        options.latency_slow_every = self.latency_slow_every;
         options.test_panic.clone_from(&self.test_panic);
         options
     }

@@ -162,6 +162,12 @@ pub struct BlkOptions {
     /// again, so that requests on several I/O threads complete out of
     /// order. Zero by default.
     pub latency: std::time::Duration,
+    /// With `latency`: every Nth file operation (counted over the device's
+    /// I/O threads) waits ten times `latency` instead, so that at any
+    /// moment some request is held while later ones complete (a test of
+    /// in-flight recovery needs completions out of order at the instant a
+    /// backend is killed). Zero, the default: none.
+    pub latency_slow_every: u64,
     /// **Test only**: makes the request handler panic (see [`PanicFault`]).
     pub test_panic: Option<Arc<PanicFault>>,
 }
@@ -209,6 +215,7 @@ impl Default for BlkOptions {
             io_threads: 4,
             serial: None,
             latency: std::time::Duration::ZERO,
+            latency_slow_every: 0,
             test_panic: None,
         }
     }
@@ -258,6 +265,8 @@ struct PoolQueue {
 struct PoolShared {
     queue: Mutex<PoolQueue>,
     ready: Condvar,
+    /// File operations taken, for [`BlkOptions::latency_slow_every`].
+    taken: std::sync::atomic::AtomicU64,
 }
 
 impl PoolShared {
@@ -405,7 +414,10 @@ impl Blk {
         let threads = (0..options.io_threads)
             .map(|i| {
                 let (pool, file) = (Arc::clone(&pool), Arc::clone(&file));
-                let latency = options.latency;
+                let latency = Latency {
+                    base: options.latency,
+                    slow_every: options.latency_slow_every,
+                };
                 thread::Builder::new()
                     .name(format!("blk-io{i}"))
                     .spawn(move || io_thread(&pool, &file, latency))
@@ -682,7 +694,33 @@ fn jitter(max: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_nanos(x % nanos)
 }
 
-fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
+/// The test latency of an I/O thread's file operations
+/// ([`BlkOptions::latency`], [`BlkOptions::latency_slow_every`]).
+#[derive(Clone, Copy)]
+struct Latency {
+    base: std::time::Duration,
+    slow_every: u64,
+}
+
+impl Latency {
+    /// Waits before the pool's next file operation.
+    fn wait(self, pool: &PoolShared) {
+        if self.base.is_zero() {
+            return;
+        }
+        let n = pool
+            .taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if self.slow_every != 0 && n % self.slow_every == 0 {
+            thread::sleep(self.base * 10);
+        } else {
+            thread::sleep(self.base + jitter(self.base));
+        }
+    }
+}
+
+fn io_thread(pool: &PoolShared, file: &File, latency: Latency) {
     let mut buf: Vec<u8> = Vec::new();
     let mut gate: Option<switchboard_runtime::Gate> = None;
     loop {
@@ -698,9 +736,7 @@ fn io_thread(pool: &PoolShared, file: &File, latency: std::time::Duration) {
                 q = pool.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        if !latency.is_zero() {
-            thread::sleep(latency + jitter(latency));
-        }
+        latency.wait(pool);
         // The device's gate, kept for a failure: cloned once per thread,
         // not once per job (a clone per job would bounce its count between
         // this thread and the queue worker).
