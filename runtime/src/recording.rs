@@ -58,6 +58,7 @@ pub mod shape;
 mod writer;
 pub use kind::{ParsedKind, RecordKind};
 pub use reader::{render_line, BinRecord, LogError, LogReader, Record, Render};
+pub use writer::Until;
 
 /// The `format` field of a header.
 pub const FORMAT: &str = "switchboard-log";
@@ -127,6 +128,9 @@ pub struct RecordOptions {
     pub format: LogFormat,
     /// How bulk data held by value is compressed in the binary form.
     pub compress: Compress,
+    /// **Test only**: the stage after which a record is dropped
+    /// ([`Until`]), to measure where recording's cost goes.
+    pub until: Until,
 }
 
 impl Default for RecordOptions {
@@ -137,6 +141,7 @@ impl Default for RecordOptions {
             when_full: WhenFull::Wait,
             format: LogFormat::JsonLines,
             compress: Compress::None,
+            until: Until::Whole,
         }
     }
 }
@@ -479,6 +484,7 @@ struct Inner {
     shared: Arc<writer::Shared>,
     mode: DataMode,
     format: LogFormat,
+    until: Until,
     start: Instant,
     writer: Mutex<Option<thread::JoinHandle<io::Result<Summary>>>>,
     path: PathBuf,
@@ -522,6 +528,7 @@ impl Recorder {
             options.buffer,
             options.when_full,
             options.compress,
+            options.until == Until::Slot,
         ));
         let bytes = first.len() as u64;
         let format = options.format;
@@ -534,6 +541,7 @@ impl Recorder {
                 shared,
                 mode: options.data,
                 format,
+                until: options.until,
                 start: Instant::now(),
                 writer: Mutex::new(Some(writer)),
                 path: path.to_path_buf(),
@@ -590,6 +598,11 @@ impl Recorder {
         if inner.shared.ended.load(Ordering::Acquire) {
             tracing::debug!(%to, %kind, "record after the log was closed; not written");
             return;
+        }
+        match inner.until {
+            Until::Whole | Until::Slot => {}
+            Until::Capture => return,
+            Until::Encode => return writer::encode_only(inner.format, body),
         }
         inner
             .shared
@@ -780,6 +793,7 @@ mod tests {
                 when_full: WhenFull::Gap,
                 format,
                 compress: Compress::None,
+                until: Until::Whole,
             };
             let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
                 .expect("recorder");
@@ -830,6 +844,7 @@ mod tests {
             when_full: WhenFull::Gap,
             format,
             compress: Compress::None,
+            until: Until::Whole,
         };
         let rec = Recorder::to_writer(Box::new(out), Path::new("mem"), &header(), options)
             .expect("recorder");

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use clap::Args;
 use switchboard_runtime::recording::{
-    ActorInfo, Compress, DataMode, Header, LogFormat, RecordOptions, Recorder, WhenFull,
+    ActorInfo, Compress, DataMode, Header, LogFormat, RecordOptions, Recorder, Until, WhenFull,
     DEFAULT_BUFFER,
 };
 
@@ -71,6 +71,31 @@ pub(crate) struct RecordArgs {
     /// the device's threads (BENCHMARKS.md); hashed data is not affected.
     #[arg(long, value_enum, default_value_t = RecordCompress::None, value_name = "HOW")]
     record_compress: RecordCompress,
+    /// Test only: drop each record given to the recorder after STAGE
+    /// instead of writing it, to measure where recording's cost goes
+    /// (integration/qemu/record-stages.sh). The log then lacks those
+    /// records: it is not a recording of the run.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "STAGE",
+        requires = "record",
+        hide = true
+    )]
+    test_record_until: Option<RecordUntil>,
+}
+
+/// `--test-record-until`: the stage after which a record is dropped.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RecordUntil {
+    /// As it reaches the recorder: the device built it (its data hashed
+    /// or copied), nothing more.
+    Capture,
+    /// Once encoded into a buffer of the recording thread's own.
+    Encode,
+    /// Once in the recording thread's buffer with its seq: the log writer
+    /// takes it and drops it.
+    Slot,
 }
 
 /// `--record-compress`.
@@ -112,6 +137,12 @@ impl From<RecordArgs> for Recording {
                 compress: match args.record_compress {
                     RecordCompress::None => Compress::None,
                     RecordCompress::Zstd => Compress::Zstd,
+                },
+                until: match args.test_record_until {
+                    None => Until::Whole,
+                    Some(RecordUntil::Capture) => Until::Capture,
+                    Some(RecordUntil::Encode) => Until::Encode,
+                    Some(RecordUntil::Slot) => Until::Slot,
                 },
             },
         }

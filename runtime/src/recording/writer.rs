@@ -35,6 +35,28 @@ use super::binary::CODEC_JSON;
 use super::shape::{FrameEncoder, Names, RecordParts, Spans};
 use super::{Body, LogFormat, RecordKind, Summary, WhenFull};
 
+/// **Test only**: how far a record given to [`Recorder::record_body`](super::Recorder::record_body)
+/// goes, to measure what each stage of recording costs (`serve
+/// --test-record-until`, `integration/qemu/record-stages.sh`). Anything but
+/// [`Until::Whole`] leaves a log without those records: not a recording
+/// of the run, and not for replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Until {
+    /// Written to the log: recording as it is.
+    #[default]
+    Whole,
+    /// Dropped as it reaches the recorder: the source built it (a virtio
+    /// request's trace, its data hashed or copied) and nothing more.
+    Capture,
+    /// Encoded (its body, in the log's form) into a buffer of the
+    /// recording thread's own, then dropped: no seq, no slot, no writer.
+    Encode,
+    /// Put in the recording thread's slot with its seq, as a record to
+    /// write; the writer takes the slots' buffers and walks their records,
+    /// but writes none.
+    Slot,
+}
+
 /// One thread's buffer.
 pub(super) struct Slot {
     buf: Mutex<SlotBuf>,
@@ -68,6 +90,9 @@ pub(super) struct Shared {
     limit: usize,
     when_full: WhenFull,
     compress: super::Compress,
+    /// [`Until::Slot`](super::Until::Slot): the writer drops the records
+    /// it takes instead of writing them.
+    drop_taken: bool,
     /// Set by `finish`: later records are not written.
     pub(super) ended: AtomicBool,
 }
@@ -86,7 +111,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub(super) fn new(limit: usize, when_full: WhenFull, compress: super::Compress) -> Self {
+    pub(super) fn new(
+        limit: usize,
+        when_full: WhenFull,
+        compress: super::Compress,
+        drop_taken: bool,
+    ) -> Self {
         Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             next: AtomicU64::new(1),
@@ -94,6 +124,7 @@ impl Shared {
             limit: limit.max(1),
             when_full,
             compress,
+            drop_taken,
             ended: AtomicBool::new(false),
         }
     }
@@ -163,6 +194,27 @@ impl Shared {
             return;
         })
     }
+}
+
+thread_local! {
+    /// The buffers [`encode_only`] encodes into, reused.
+    static SCRATCH: RefCell<(Vec<u8>, Spans)> = RefCell::default();
+}
+
+/// Encodes `body` as a record of a `format` log holds it, into a buffer
+/// of this thread's, and forgets it ([`Until::Encode`](super::Until::Encode)).
+pub(super) fn encode_only(format: LogFormat, body: &dyn Body) {
+    let _ = SCRATCH.try_with(|s| {
+        let (out, spans) = &mut *s.borrow_mut();
+        out.clear();
+        spans.begin(0);
+        let binary = format == LogFormat::Binary && body.encode_binary(out, spans).is_some();
+        if !binary {
+            out.clear();
+            let _ = body.payload(out).and_then(|()| body.reply(out));
+        }
+        std::hint::black_box((&*out, spans.values()));
+    });
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -552,7 +604,11 @@ pub(super) fn write_loop(
                 break;
             };
             let (rec, end) = slot_record(chunk, *at);
-            out.emit(&rec, &mut p.ids)?;
+            if shared.drop_taken {
+                std::hint::black_box(&rec);
+            } else {
+                out.emit(&rec, &mut p.ids)?;
+            }
             wrote = true;
             *at = end;
             if end >= chunk.len() {
@@ -590,4 +646,90 @@ pub(super) fn write_loop(
     out.flush()?;
     out.summary.bytes = out.bytes;
     Ok(out.summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::{
+        ActorInfo, DataMode, Entry, Header, JsonBody, RecordOptions, Recorder, Until,
+    };
+    use super::*;
+
+    /// A sink that keeps what the writer wrote.
+    struct Keep(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Keep {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn header() -> Header {
+        Header::new(
+            "test".into(),
+            DataMode::Hash,
+            serde_json::json!({}),
+            vec![ActorInfo {
+                id: "a".into(),
+                kind: "test".into(),
+                rebuild: Some(serde_json::json!({})),
+                not_replayable: None,
+            }],
+        )
+    }
+
+    /// The bytes of a log of 100 records given to a recorder that stops
+    /// them after `until`, and the number of records it says it wrote.
+    fn log_until(header: &Header, format: LogFormat, until: Until) -> (Vec<u8>, u64) {
+        let sink = Arc::new(Mutex::new(Vec::new()));
+        let options = RecordOptions {
+            data: DataMode::Hash,
+            format,
+            until,
+            ..RecordOptions::default()
+        };
+        let out = Box::new(Keep(Arc::clone(&sink)));
+        let rec = Recorder::to_writer(out, Path::new("mem"), header, options).expect("recorder");
+        for i in 0..100 {
+            rec.record(Entry {
+                time: i,
+                latency: 1,
+                from: Arc::from("me"),
+                to: Arc::from("a"),
+                kind: RecordKind::Message("ping"),
+                body: Box::new(JsonBody {
+                    payload: serde_json::json!({ "i": i }),
+                    reply: serde_json::json!("pong"),
+                }),
+            });
+        }
+        let summary = rec.finish().expect("finish");
+        let bytes = lock(&sink).clone();
+        (bytes, summary.records)
+    }
+
+    #[test]
+    fn test_a_record_stopped_at_a_stage_is_not_written_and_a_whole_one_is() {
+        let header = header();
+        for format in [LogFormat::JsonLines, LogFormat::Binary] {
+            let start = header.log_start(format);
+            let (whole, n) = log_until(&header, format, Until::Whole);
+            assert_eq!(n, 100, "{format:?}");
+            assert!(whole.len() > start.len() + 100, "{format:?}");
+            for until in [Until::Capture, Until::Encode, Until::Slot] {
+                // The header alone.
+                assert_eq!(
+                    log_until(&header, format, until),
+                    (start.clone(), 0),
+                    "{format:?} {until:?}"
+                );
+            }
+        }
+    }
 }
