@@ -633,7 +633,7 @@ impl Recorder {
 mod tests {
     use super::*;
 
-    fn header() -> Header {
+    pub(super) fn header() -> Header {
         Header::new(
             "test".into(),
             DataMode::Value,
@@ -647,7 +647,7 @@ mod tests {
         )
     }
 
-    fn entry(i: u64) -> Entry {
+    pub(super) fn entry(i: u64) -> Entry {
         Entry {
             time: i,
             latency: 1,

@@ -652,9 +652,8 @@ pub(super) fn write_loop(
 mod tests {
     use std::path::Path;
 
-    use super::super::{
-        ActorInfo, DataMode, Entry, Header, JsonBody, RecordOptions, Recorder, Until,
-    };
+    use super::super::tests::{entry, header};
+    use super::super::{DataMode, Header, RecordOptions, Recorder, Until};
     use super::*;
 
     /// A sink that keeps what the writer wrote.
@@ -670,20 +669,6 @@ mod tests {
         }
     }
 
-    fn header() -> Header {
-        Header::new(
-            "test".into(),
-            DataMode::Hash,
-            serde_json::json!({}),
-            vec![ActorInfo {
-                id: "a".into(),
-                kind: "test".into(),
-                rebuild: Some(serde_json::json!({})),
-                not_replayable: None,
-            }],
-        )
-    }
-
     /// The bytes of a log of 100 records given to a recorder that stops
     /// them after `until`, and the number of records it says it wrote.
     fn log_until(header: &Header, format: LogFormat, until: Until) -> (Vec<u8>, u64) {
@@ -697,17 +682,7 @@ mod tests {
         let out = Box::new(Keep(Arc::clone(&sink)));
         let rec = Recorder::to_writer(out, Path::new("mem"), header, options).expect("recorder");
         for i in 0..100 {
-            rec.record(Entry {
-                time: i,
-                latency: 1,
-                from: Arc::from("me"),
-                to: Arc::from("a"),
-                kind: RecordKind::Message("ping"),
-                body: Box::new(JsonBody {
-                    payload: serde_json::json!({ "i": i }),
-                    reply: serde_json::json!("pong"),
-                }),
-            });
+            rec.record(entry(i));
         }
         let summary = rec.finish().expect("finish");
         let bytes = lock(&sink).clone();
