@@ -9,8 +9,9 @@
 //! every slot's buffer for an emptied one it took from that slot before,
 //! and since it read the counter
 //! first, every seq below what it read is in a buffer it holds. It merges
-//! the slots in seq order up to there and writes the log (JSON Lines or
-//! binary frames: `LOG-FORMAT.md`).
+//! the slots in seq order up to there (by seq: those not yet written are
+//! dense, [`merge_by_index`]) and writes the log (JSON Lines or binary
+//! frames: `LOG-FORMAT.md`).
 //!
 //! Slot form of one record (native-endian, never on disk):
 //! `len:u32 seq:u64 time:u64 latency:u64 names:u8 [from:u16+bytes
@@ -529,6 +530,161 @@ const POLL: Duration = Duration::from_millis(4);
 /// an idle one flushes as soon as it finds nothing new.
 const FLUSH_EVERY: Duration = Duration::from_millis(4);
 
+/// Where a record is among the writer's pending buffers: its slot, the
+/// buffer's place in that slot's queue, and its offset in the buffer.
+#[derive(Clone, Copy, Default)]
+struct Place {
+    slot: u32,
+    chunk: u32,
+    at: u32,
+}
+
+const NOWHERE: Place = Place {
+    slot: u32::MAX,
+    chunk: 0,
+    at: 0,
+};
+
+/// Hands `emit` every pending record of seq below `next`, in seq order,
+/// and drops them from `pending`; whether there was one.
+///
+/// The seqs below `next` that are not yet written are dense (every seq is
+/// taken under a slot's mutex and put in that slot at once, and
+/// everything below the last round's `next` was written then), so each
+/// record's place is found by its seq: one pass over each slot's records
+/// and one over `order`, instead of comparing the slots' next seqs for
+/// every record. `None`, with nothing emitted, if the seqs are not dense
+/// after all: [`merge_by_scan`] then merges them.
+fn merge_by_index(
+    pending: &mut [Pending],
+    next: u64,
+    order: &mut Vec<Place>,
+    emit: &mut impl FnMut(&mut [u64; 3], &SlotRecord<'_>) -> io::Result<()>,
+) -> io::Result<Option<bool>> {
+    let Some(base) = pending
+        .iter()
+        .filter_map(Pending::head_seq)
+        .filter(|&s| s < next)
+        .min()
+    else {
+        return Ok(Some(false));
+    };
+    let n = (next - base) as usize;
+    if n > u32::MAX as usize || pending.len() > u32::MAX as usize {
+        return Ok(None);
+    }
+    order.clear();
+    order.resize(n, NOWHERE);
+    let mut found = 0usize;
+    for (i, p) in pending.iter().enumerate() {
+        'slot: for (k, (chunk, at)) in p.chunks.iter().enumerate() {
+            let mut at = if k == 0 { *at } else { 0 };
+            while at < chunk.len() {
+                let seq = u64_at(chunk, at + 4);
+                if seq >= next {
+                    // A slot's records are in seq order: the rest are later.
+                    break 'slot;
+                }
+                let Some(place) = seq
+                    .checked_sub(base)
+                    .and_then(|d| order.get_mut(d as usize))
+                else {
+                    return Ok(None);
+                };
+                if place.slot != u32::MAX || at > u32::MAX as usize || k > u32::MAX as usize {
+                    return Ok(None);
+                }
+                *place = Place {
+                    slot: i as u32,
+                    chunk: k as u32,
+                    at: at as u32,
+                };
+                found += 1;
+                at += 4 + u32_at(chunk, at);
+            }
+        }
+    }
+    if found != n {
+        return Ok(None);
+    }
+    // Where each slot's first record not written now begins.
+    let mut ends: Vec<Option<(usize, usize)>> = vec![None; pending.len()];
+    for place in order.iter() {
+        let p = &mut pending[place.slot as usize];
+        let chunk = &p.chunks[place.chunk as usize].0;
+        let (rec, end) = slot_record(chunk, place.at as usize);
+        emit(&mut p.ids, &rec)?;
+        ends[place.slot as usize] = Some((place.chunk as usize, end));
+    }
+    for (p, end) in pending.iter_mut().zip(ends) {
+        let Some((k, end)) = end else { continue };
+        for _ in 0..k {
+            if let Some((mut c, _)) = p.chunks.pop_front() {
+                c.clear();
+                p.spares.push(c);
+            }
+        }
+        if let Some((chunk, at)) = p.chunks.front_mut() {
+            *at = end;
+            if end >= chunk.len() {
+                if let Some((mut c, _)) = p.chunks.pop_front() {
+                    c.clear();
+                    p.spares.push(c);
+                }
+            }
+        }
+    }
+    Ok(Some(true))
+}
+
+/// Hands `emit` every pending record of seq below `next`, in seq order,
+/// by looking for the smallest next seq among the slots each time; drops
+/// them from `pending`, and says whether there was one.
+fn merge_by_scan(
+    pending: &mut [Pending],
+    next: u64,
+    emit: &mut impl FnMut(&mut [u64; 3], &SlotRecord<'_>) -> io::Result<()>,
+) -> io::Result<bool> {
+    let mut wrote = false;
+    // The slot the last record came from and that record's seq: when
+    // that slot's next record is the very next seq, it is the
+    // smallest of all, and the slots need not be looked through.
+    let mut run: Option<(usize, u64)> = None;
+    loop {
+        let same = run.filter(|&(i, last)| {
+            pending[i]
+                .head_seq()
+                .is_some_and(|s| s == last.wrapping_add(1) && s < next)
+        });
+        let Some((i, seq)) = same.map(|(i, last)| (i, last + 1)).or_else(|| {
+            pending
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.head_seq().map(|s| (i, s)))
+                .filter(|&(_, s)| s < next)
+                .min_by_key(|&(_, s)| s)
+        }) else {
+            break;
+        };
+        run = Some((i, seq));
+        let p = &mut pending[i];
+        let Some((chunk, at)) = p.chunks.front_mut() else {
+            break;
+        };
+        let (rec, end) = slot_record(chunk, *at);
+        emit(&mut p.ids, &rec)?;
+        wrote = true;
+        *at = end;
+        if end >= chunk.len() {
+            if let Some((mut c, _)) = p.chunks.pop_front() {
+                c.clear();
+                p.spares.push(c);
+            }
+        }
+    }
+    Ok(wrote)
+}
+
 /// The writer thread: merges the slots into the log until the recording
 /// ends, then writes what is left (and the gap counts still owed).
 pub(super) fn write_loop(
@@ -547,6 +703,7 @@ pub(super) fn write_loop(
         summary: Summary::default(),
     };
     let mut pending: Vec<Pending> = Vec::new();
+    let mut order: Vec<Place> = Vec::new();
     let mut slots: Vec<Arc<Slot>> = Vec::new();
     let mut flushed = Instant::now();
     // Written since the last flush.
@@ -577,47 +734,18 @@ pub(super) fn write_loop(
             drop(b);
             p.chunks.push_back((full, 0));
         }
-        let mut wrote = false;
-        // The slot the last record came from and that record's seq: when
-        // that slot's next record is the very next seq, it is the
-        // smallest of all, and the slots need not be looked through.
-        let mut run: Option<(usize, u64)> = None;
-        loop {
-            let same = run.filter(|&(i, last)| {
-                pending[i]
-                    .head_seq()
-                    .is_some_and(|s| s == last.wrapping_add(1) && s < next)
-            });
-            let Some((i, seq)) = same.map(|(i, last)| (i, last + 1)).or_else(|| {
-                pending
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, p)| p.head_seq().map(|s| (i, s)))
-                    .filter(|&(_, s)| s < next)
-                    .min_by_key(|&(_, s)| s)
-            }) else {
-                break;
-            };
-            run = Some((i, seq));
-            let p = &mut pending[i];
-            let Some((chunk, at)) = p.chunks.front_mut() else {
-                break;
-            };
-            let (rec, end) = slot_record(chunk, *at);
+        let mut emit = |ids: &mut [u64; 3], rec: &SlotRecord<'_>| {
             if shared.drop_taken {
-                std::hint::black_box(&rec);
+                std::hint::black_box(rec);
+                Ok(())
             } else {
-                out.emit(&rec, &mut p.ids)?;
+                out.emit(rec, ids)
             }
-            wrote = true;
-            *at = end;
-            if end >= chunk.len() {
-                if let Some((mut c, _)) = p.chunks.pop_front() {
-                    c.clear();
-                    p.spares.push(c);
-                }
-            }
-        }
+        };
+        let wrote = match merge_by_index(&mut pending, next, &mut order, &mut emit)? {
+            Some(wrote) => wrote,
+            None => merge_by_scan(&mut pending, next, &mut emit)?,
+        };
         if last {
             // Counts still owed, as gap records after everything.
             let mut seq = next;
@@ -705,6 +833,95 @@ mod tests {
                     "{format:?} {until:?}"
                 );
             }
+        }
+    }
+
+    /// Slots holding the records of `seqs` (each slot's in order), in
+    /// buffers of at most `per_chunk` records each.
+    fn pending_of(seqs: &[&[u64]], per_chunk: usize) -> Vec<Pending> {
+        seqs.iter()
+            .map(|slot| {
+                let mut p = Pending::default();
+                for part in slot.chunks(per_chunk) {
+                    let mut b = Vec::new();
+                    for &seq in part {
+                        put_gap(&mut b, &mut None, seq, seq * 10);
+                    }
+                    p.chunks.push_back((b, 0));
+                }
+                p
+            })
+            .collect()
+    }
+
+    type Merge = fn(&mut [Pending], u64, &mut Vec<(usize, u64)>) -> io::Result<bool>;
+
+    fn by_index(p: &mut [Pending], next: u64, got: &mut Vec<(usize, u64)>) -> io::Result<bool> {
+        let mut order = Vec::new();
+        let mut emit = |ids: &mut [u64; 3], r: &SlotRecord<'_>| {
+            // Which slot: the test stores it in the slot's ids.
+            got.push((ids[0] as usize, r.seq));
+            Ok(())
+        };
+        Ok(merge_by_index(p, next, &mut order, &mut emit)?.expect("dense seqs"))
+    }
+
+    fn by_scan(p: &mut [Pending], next: u64, got: &mut Vec<(usize, u64)>) -> io::Result<bool> {
+        let mut emit = |ids: &mut [u64; 3], r: &SlotRecord<'_>| {
+            got.push((ids[0] as usize, r.seq));
+            Ok(())
+        };
+        merge_by_scan(p, next, &mut emit)
+    }
+
+    #[test]
+    fn test_both_merges_write_every_record_below_next_once_in_seq_order() {
+        let slots: [&[u64]; 3] = [&[1, 4, 5, 9, 12], &[2, 3, 7, 10], &[6, 8, 11, 13]];
+        for per_chunk in [1, 2, 10] {
+            for (name, merge) in [("index", by_index as Merge), ("scan", by_scan as Merge)] {
+                let mut pending = pending_of(&slots, per_chunk);
+                for (i, p) in pending.iter_mut().enumerate() {
+                    p.ids[0] = i as u64;
+                }
+                let mut got = Vec::new();
+                // Two rounds: up to 9, then the rest.
+                assert!(merge(&mut pending, 9, &mut got).expect("merge"), "{name}");
+                let seqs: Vec<u64> = got.iter().map(|&(_, s)| s).collect();
+                assert_eq!(seqs, (1..9).collect::<Vec<_>>(), "{name} {per_chunk}");
+                for &(slot, seq) in &got {
+                    assert!(slots[slot].contains(&seq), "{name}: {seq} from slot {slot}");
+                }
+                let heads: Vec<_> = pending.iter().map(Pending::head_seq).collect();
+                assert_eq!(heads, [Some(9), Some(10), Some(11)], "{name} {per_chunk}");
+                got.clear();
+                assert!(merge(&mut pending, 14, &mut got).expect("merge"), "{name}");
+                let seqs: Vec<u64> = got.iter().map(|&(_, s)| s).collect();
+                assert_eq!(seqs, (9..14).collect::<Vec<_>>(), "{name} {per_chunk}");
+                assert!(pending.iter().all(|p| p.chunks.is_empty()), "{name}");
+                // Emptied buffers go back to their slot.
+                assert!(pending.iter().all(|p| !p.spares.is_empty()), "{name}");
+                assert!(!merge(&mut pending, 14, &mut got).expect("merge"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_seqs_that_are_not_dense_are_left_to_the_scan_and_nothing_is_lost() {
+        // 3 is missing, and 2 is in two slots.
+        for slots in [[&[1, 4][..], &[2, 5][..]], [&[1, 2][..], &[2, 3][..]]] {
+            let mut pending = pending_of(&slots, 10);
+            let mut order = Vec::new();
+            let mut n = 0;
+            let mut emit = |_: &mut [u64; 3], _: &SlotRecord<'_>| {
+                n += 1;
+                Ok(())
+            };
+            let r = merge_by_index(&mut pending, 6, &mut order, &mut emit).expect("merge");
+            assert!(r.is_none());
+            assert_eq!(n, 0, "nothing emitted");
+            let mut got = Vec::new();
+            assert!(by_scan(&mut pending, 6, &mut got).expect("scan"));
+            assert_eq!(got.len(), 4, "every record written by the scan");
         }
     }
 }
