@@ -7,6 +7,7 @@
 # stages (`--test-record-until`, test only):
 #
 #   none     not recorded (the baseline)
+#   hash     the request's data hashed (once per block), nothing built
 #   capture  the request's trace built, its data hashed, then dropped
 #   encode   ... and encoded into a buffer of the recording thread's own
 #   slot     ... and put in the thread's slot with its seq; the log writer
@@ -30,7 +31,7 @@ SB=$1 BENCH=$2 RW=${3:-randread} ROUNDS=${4:-8}
 case "$ROUNDS" in ''|*[!0-9]*) echo "record-stages.sh: ROUNDS must be a number, not '$ROUNDS'" >&2; exit 2;; esac
 [ "$ROUNDS" -ge 2 ] || { echo "record-stages.sh: ROUNDS must be at least 2 (the first is left out)" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd)
-SIDES=(none capture encode slot whole)
+SIDES=(none hash capture encode slot whole)
 args_of() {
     case $1 in
         none) ;;

@@ -122,6 +122,11 @@ pub trait Journal: Send + Sync + 'static {
     fn data_mode(&self) -> Option<DataMode> {
         None
     }
+    /// How far a record goes in this journal's recorder (test only:
+    /// [`RecordOptions::until`](crate::recording::RecordOptions::until)).
+    fn record_until(&self) -> crate::recording::Until {
+        crate::recording::Until::Whole
+    }
 }
 
 /// One record kept by [`MemoryJournal`].
@@ -332,5 +337,9 @@ impl Journal for RecordJournal {
 
     fn data_mode(&self) -> Option<DataMode> {
         Some(self.recorder.data_mode())
+    }
+
+    fn record_until(&self) -> crate::recording::Until {
+        self.recorder.until()
     }
 }

@@ -554,6 +554,11 @@ impl Recorder {
         self.inner.mode
     }
 
+    /// How far a record goes (test only: [`RecordOptions::until`]).
+    pub fn until(&self) -> Until {
+        self.inner.until
+    }
+
     /// Nanoseconds since the recording started.
     pub fn now(&self) -> u64 {
         self.inner.start.elapsed().as_nanos() as u64
@@ -601,7 +606,7 @@ impl Recorder {
         }
         match inner.until {
             Until::Whole | Until::Slot => {}
-            Until::Capture => return,
+            Until::Capture | Until::Hash => return,
             Until::Encode => return writer::encode_only(inner.format, body),
         }
         inner

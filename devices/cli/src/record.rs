@@ -88,6 +88,9 @@ pub(crate) struct RecordArgs {
 /// `--test-record-until`: the stage after which a record is dropped.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum RecordUntil {
+    /// Before it is built: a virtio request's data is hashed, once per
+    /// block, and nothing else is made of it.
+    Hash,
     /// As it reaches the recorder: the device built it (its data hashed
     /// or copied), nothing more.
     Capture,
@@ -140,6 +143,7 @@ impl From<RecordArgs> for Recording {
                 },
                 until: match args.test_record_until {
                     None => Until::Whole,
+                    Some(RecordUntil::Hash) => Until::Hash,
                     Some(RecordUntil::Capture) => Until::Capture,
                     Some(RecordUntil::Encode) => Until::Encode,
                     Some(RecordUntil::Slot) => Until::Slot,

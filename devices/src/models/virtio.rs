@@ -232,6 +232,10 @@ enum Tape {
     Off,
     Record(Box<Recording>),
     Replay(Box<Replaying>),
+    /// Test only ([`Until::Hash`](switchboard_runtime::recording::Until)):
+    /// data longer than [`INLINE_MAX`] is hashed as recording by hash
+    /// hashes it, once per block, and nothing is kept.
+    HashOnly,
     /// A recording already written to the log, emptied, travelling back
     /// to the thread that pools recordings ([`Request::recycle_recording`]).
     Spent(Box<Recording>),
@@ -376,6 +380,18 @@ impl Drop for Recorded {
         r.pool();
     }
 }
+
+/// Hashes `bytes` as a recording by hash would (only data longer than
+/// [`INLINE_MAX`]; shorter is copied), and forgets the hash
+/// ([`Tape::HashOnly`]).
+fn hash_only(bytes: &[u8]) {
+    if bytes.len() > INLINE_MAX {
+        std::hint::black_box(switchboard_runtime::recording::hash(bytes));
+    }
+}
+
+/// A `reuse` for [`Tape::HashOnly`]: the bytes were hashed already.
+const HASHED: Option<Data> = Some(Data::Hash { len: 0, hash: 0 });
 
 fn errno_of(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
@@ -551,6 +567,12 @@ impl Request {
         }
     }
 
+    /// Test only: hashes the data this request moves as recording by hash
+    /// would, and records nothing ([`Until::Hash`](switchboard_runtime::recording::Until)).
+    pub fn hash_only(&mut self) {
+        self.tape = Tape::HashOnly;
+    }
+
     /// Starts recording what the handler does with this request; `time`
     /// is its delivery time.
     pub fn record(&mut self, mode: DataMode, time: u64) {
@@ -625,7 +647,7 @@ impl Request {
     /// Names the message type (`read`, `flush`) for the log.
     pub fn set_kind(&mut self, kind: &'static str) {
         match &mut self.tape {
-            Tape::Off | Tape::Spent(_) => {}
+            Tape::Off | Tape::Spent(_) | Tape::HashOnly => {}
             Tape::Record(r) => r.kind = kind,
             Tape::Replay(r) => r.kind = kind,
         }
@@ -645,6 +667,13 @@ impl Request {
     ) -> io::Result<()> {
         match &mut self.tape {
             Tape::Off | Tape::Spent(_) => produce(buf),
+            Tape::HashOnly => {
+                let result = produce(buf);
+                if result.is_ok() {
+                    hash_only(buf);
+                }
+                result
+            }
             Tape::Record(r) => {
                 let result = produce(buf);
                 let data = result.as_ref().ok().map(|_| r.capture(buf));
@@ -731,6 +760,7 @@ impl Request {
         self.read_at(offset, buf).map_err(io::Error::other)?;
         let reuse = match &self.tape {
             Tape::Record(r) => r.trace.reads.last().map(|a| a.data.clone()),
+            Tape::HashOnly => HASHED,
             _ => None,
         };
         let data: &[u8] = buf;
@@ -754,6 +784,7 @@ impl Request {
         self.input(what, at, buf, produce)?;
         let reuse = match &self.tape {
             Tape::Record(r) => r.trace.inputs.last().and_then(|e| e.data.clone()),
+            Tape::HashOnly => HASHED,
             _ => None,
         };
         self.write_at_with(offset, buf, reuse)
@@ -773,6 +804,12 @@ impl Request {
     ) -> io::Result<()> {
         match &mut self.tape {
             Tape::Off | Tape::Spent(_) => perform(),
+            Tape::HashOnly => {
+                if let (Some(d), None) = (data, &reuse) {
+                    hash_only(d);
+                }
+                perform()
+            }
             Tape::Record(r) => {
                 let result = perform();
                 let data = match reuse {
@@ -886,9 +923,13 @@ impl Request {
             mem.read(addr, &mut buf[done..done + n])?;
             done += n;
         }
-        if let Tape::Record(r) = &mut self.tape {
-            let data = r.capture(buf);
-            r.trace.reads.push(At { at: offset, data });
+        match &mut self.tape {
+            Tape::Record(r) => {
+                let data = r.capture(buf);
+                r.trace.reads.push(At { at: offset, data });
+            }
+            Tape::HashOnly => hash_only(buf),
+            _ => {}
         }
         Ok(())
     }
@@ -913,12 +954,16 @@ impl Request {
             return Ok(());
         }
         let spans = Self::spans(self.writable(), offset, buf.len() as u64)?;
-        if let Tape::Record(r) = &mut self.tape {
-            let data = match reuse {
-                Some(d) => d,
-                None => r.capture(buf),
-            };
-            r.trace.writes.push(At { at: offset, data });
+        match &mut self.tape {
+            Tape::Record(r) => {
+                let data = match reuse {
+                    Some(d) => d,
+                    None => r.capture(buf),
+                };
+                r.trace.writes.push(At { at: offset, data });
+            }
+            Tape::HashOnly if reuse.is_none() => hash_only(buf),
+            _ => {}
         }
         let Some(mem) = self.mem.as_mut() else {
             return Err(MemoryError::NotRecorded {
@@ -1413,6 +1458,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn test_a_hash_only_request_moves_its_data_and_leaves_no_recording() {
+        let guest = MockGuest::new();
+        let mut driver = MockDriver::new(&guest, 0);
+        guest.fill(A, 16, 4);
+        driver.add_chain(&[Desc::r(A, 16), Desc::w(B, 200)]);
+        let mut r = driver.walk_one();
+        r.hash_only();
+        let mut header = [0u8; 16];
+        r.read_at(0, &mut header).expect("read");
+        assert_eq!(header, [4; 16]);
+        let mut block = vec![0u8; 150];
+        r.input_into_guest("file-read", 0, &mut block, 0, |b| {
+            b.fill(7);
+            Ok(())
+        })
+        .expect("input");
+        r.write_at(150, &[0]).expect("status");
+        r.effect("flush", 0, 0, None, || Ok(())).expect("effect");
+        assert!(r.take_recording().is_none());
+        assert_eq!(guest.read(B, 151), [&[7u8; 150][..], &[0]].concat());
     }
 
     #[test]

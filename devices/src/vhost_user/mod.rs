@@ -69,7 +69,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use actix::Recipient;
 use switchboard_runtime::journal::Journal;
-use switchboard_runtime::recording::{DataMode, Entry, RecordKind};
+use switchboard_runtime::recording::{DataMode, Entry, RecordKind, Until};
 use switchboard_runtime::{
     panic_message, DeviceFailed, DeviceId, Gate, GateDrainError, Lanes, MessageKind, Pending,
     Refused, Runtime, State, Ticket,
@@ -257,6 +257,9 @@ pub(super) struct RecordTo {
     journal: Arc<dyn Journal>,
     /// How request data is captured, as the journal asks.
     mode: DataMode,
+    /// Test only ([`Until::Hash`]): a request's data is hashed, and no
+    /// trace or record is made of it.
+    hash_only: bool,
     /// The device's actor id: the `to` of its records.
     id: Arc<str>,
     /// The sender of each queue's requests: `driver/q0`, ...
@@ -433,6 +436,7 @@ impl<D: VirtioDevice> VhostUserServer<D> {
             serde_json::Value::Null,
         );
         let to = RecordTo {
+            hash_only: journal.record_until() == Until::Hash,
             journal,
             mode,
             id: Arc::from(id),

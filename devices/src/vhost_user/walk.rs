@@ -365,7 +365,11 @@ impl<D: VirtioDevice> VhostUserServer<D> {
                 };
                 request.admitted(ticket, completer, fail_status);
                 if let Some(r) = record {
-                    request.record(r.mode, time);
+                    if r.hash_only {
+                        request.hash_only();
+                    } else {
+                        request.record(r.mode, time);
+                    }
                 }
                 // A panic drops the request, whose guard answers it
                 // through the completer.

@@ -49,6 +49,11 @@ pub enum Until {
     /// Dropped as it reaches the recorder: the source built it (a virtio
     /// request's trace, its data hashed or copied) and nothing more.
     Capture,
+    /// Not even built: a virtio request's source hashes the data it moves
+    /// (as recording by hash does, once per block) and builds no trace and
+    /// no record; any other record is dropped as it reaches the recorder.
+    /// What hashing alone costs.
+    Hash,
     /// Encoded (its body, in the log's form) into a buffer of the
     /// recording thread's own, then dropped: no seq, no slot, no writer.
     Encode,
@@ -825,7 +830,7 @@ mod tests {
             let (whole, n) = log_until(&header, format, Until::Whole);
             assert_eq!(n, 100, "{format:?}");
             assert!(whole.len() > start.len() + 100, "{format:?}");
-            for until in [Until::Capture, Until::Encode, Until::Slot] {
+            for until in [Until::Hash, Until::Capture, Until::Encode, Until::Slot] {
                 // The header alone.
                 assert_eq!(
                     log_until(&header, format, until),
