@@ -406,6 +406,24 @@ impl Pending {
         let (b, at) = self.chunks.front()?;
         Some(u64_at(b, at + 4))
     }
+
+    /// Drops the first buffer, written, keeping it (emptied) for reuse.
+    fn retire_front(&mut self) {
+        if let Some((mut c, _)) = self.chunks.pop_front() {
+            c.clear();
+            self.spares.push(c);
+        }
+    }
+
+    /// The first buffer is written up to `end`; retired if that is all.
+    fn consumed_to(&mut self, end: usize) {
+        if let Some((chunk, at)) = self.chunks.front_mut() {
+            *at = end;
+            if end >= chunk.len() {
+                self.retire_front();
+            }
+        }
+    }
 }
 
 /// What the writer does to the output.
@@ -624,20 +642,9 @@ fn merge_by_index(
     for (p, end) in pending.iter_mut().zip(ends) {
         let Some((k, end)) = end else { continue };
         for _ in 0..k {
-            if let Some((mut c, _)) = p.chunks.pop_front() {
-                c.clear();
-                p.spares.push(c);
-            }
+            p.retire_front();
         }
-        if let Some((chunk, at)) = p.chunks.front_mut() {
-            *at = end;
-            if end >= chunk.len() {
-                if let Some((mut c, _)) = p.chunks.pop_front() {
-                    c.clear();
-                    p.spares.push(c);
-                }
-            }
-        }
+        p.consumed_to(end);
     }
     Ok(Some(true))
 }
@@ -673,19 +680,13 @@ fn merge_by_scan(
         };
         run = Some((i, seq));
         let p = &mut pending[i];
-        let Some((chunk, at)) = p.chunks.front_mut() else {
+        let Some((chunk, at)) = p.chunks.front() else {
             break;
         };
         let (rec, end) = slot_record(chunk, *at);
         emit(&mut p.ids, &rec)?;
         wrote = true;
-        *at = end;
-        if end >= chunk.len() {
-            if let Some((mut c, _)) = p.chunks.pop_front() {
-                c.clear();
-                p.spares.push(c);
-            }
-        }
+        p.consumed_to(end);
     }
     Ok(wrote)
 }
